@@ -1,0 +1,11 @@
+//! Guest-visible devices of colo-vmm.
+//!
+//! Everything a vCPU reaches by port I/O or MMIO is a [`bus::BusDevice`]
+//! placed on a [`bus::Bus`]. The legacy PC devices live in [`legacy`]. This
+//! crate never depends on `vmm`: the VMM wires devices to KVM (irqfds,
+//! eventfds) and to its own lifecycle through the small types exported here.
+
+pub mod bus;
+pub mod legacy;
+
+pub use bus::{Bus, BusDevice, BusError};

@@ -1,0 +1,206 @@
+//! The Intel MultiProcessor (MP 1.4) table that tells the guest its CPUs,
+//! its IOAPIC and how the ISA IRQs are wired.
+//!
+//! Layout at `base`: the 16-byte floating pointer structure, then the
+//! configuration table: header, one processor entry per vCPU, the ISA bus,
+//! the IOAPIC, an interrupt entry per ISA IRQ to the IOAPIC pin of the same
+//! number, and the two local interrupt entries (ExtINT on LINT0, NMI on LINT1).
+
+use super::layout::{IOAPIC_ADDR, LAPIC_ADDR};
+
+const FLOATING_SIGNATURE: &[u8; 4] = b"_MP_";
+const TABLE_SIGNATURE: &[u8; 4] = b"PCMP";
+const SPEC_REVISION: u8 = 4;
+const FLOATING_LEN: usize = 16;
+const HEADER_LEN: usize = 44;
+const PROCESSOR_ENTRY_LEN: usize = 20;
+const SHORT_ENTRY_LEN: usize = 8;
+
+const ENTRY_PROCESSOR: u8 = 0;
+const ENTRY_BUS: u8 = 1;
+const ENTRY_IOAPIC: u8 = 2;
+const ENTRY_IO_INTERRUPT: u8 = 3;
+const ENTRY_LOCAL_INTERRUPT: u8 = 4;
+
+const CPU_ENABLED: u8 = 1 << 0;
+const CPU_BOOTSTRAP: u8 = 1 << 1;
+const IOAPIC_ENABLED: u8 = 1;
+const LAPIC_VERSION: u8 = 0x14;
+const IOAPIC_VERSION: u8 = 0x11;
+const ISA_IRQS: u8 = 16;
+
+const INT_TYPE_INT: u8 = 0;
+const INT_TYPE_NMI: u8 = 1;
+const INT_TYPE_EXTINT: u8 = 3;
+
+/// CPU signature of the processor entries: family 6 (as our CPUID reports
+/// family/model elsewhere, this is informational only).
+const CPU_SIGNATURE: u32 = 0x600;
+/// Feature flags of the processor entries: FPU and APIC present.
+const CPU_FEATURES: u32 = (1 << 0) | (1 << 9);
+
+/// Errors building the MP table.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MpTableError {
+    #[error("the MP table for {0} vCPUs does not fit in {1} bytes")]
+    TooLarge(u8, usize),
+    #[error("an MP table needs at least one vCPU")]
+    NoCpus,
+}
+
+/// Bytes of the table for `vcpus` vCPUs.
+pub fn size(vcpus: u8) -> usize {
+    FLOATING_LEN
+        + HEADER_LEN
+        + PROCESSOR_ENTRY_LEN * usize::from(vcpus)
+        + SHORT_ENTRY_LEN * (2 + usize::from(ISA_IRQS) + 2)
+}
+
+/// Sum of bytes that makes `bytes` add up to zero, as MP checksums do.
+fn checksum(bytes: &[u8]) -> u8 {
+    0u8.wrapping_sub(bytes.iter().fold(0u8, |acc, b| acc.wrapping_add(*b)))
+}
+
+/// Builds the table for `vcpus` vCPUs, to be written at guest address `base`
+/// into an area of `room` bytes. APIC IDs are the vCPU indexes; the IOAPIC
+/// takes the next ID.
+pub fn build(base: u32, vcpus: u8, room: usize) -> Result<Vec<u8>, MpTableError> {
+    if vcpus == 0 {
+        return Err(MpTableError::NoCpus);
+    }
+    if size(vcpus) > room {
+        return Err(MpTableError::TooLarge(vcpus, room));
+    }
+    let ioapic_id = vcpus;
+    let table_addr = base + FLOATING_LEN as u32;
+
+    let mut entries = Vec::new();
+    for cpu in 0..vcpus {
+        let flags = CPU_ENABLED | if cpu == 0 { CPU_BOOTSTRAP } else { 0 };
+        entries.extend_from_slice(&[ENTRY_PROCESSOR, cpu, LAPIC_VERSION, flags]);
+        entries.extend_from_slice(&CPU_SIGNATURE.to_le_bytes());
+        entries.extend_from_slice(&CPU_FEATURES.to_le_bytes());
+        entries.extend_from_slice(&[0; 8]);
+    }
+    entries.extend_from_slice(&[ENTRY_BUS, 0]);
+    entries.extend_from_slice(b"ISA   ");
+    entries.extend_from_slice(&[ENTRY_IOAPIC, ioapic_id, IOAPIC_VERSION, IOAPIC_ENABLED]);
+    entries.extend_from_slice(&IOAPIC_ADDR.to_le_bytes());
+    for irq in 0..ISA_IRQS {
+        // type, irq type, flags (bus default polarity/trigger), source bus,
+        // source IRQ, destination IOAPIC, destination pin.
+        entries.extend_from_slice(&[
+            ENTRY_IO_INTERRUPT,
+            INT_TYPE_INT,
+            0,
+            0,
+            0,
+            irq,
+            ioapic_id,
+            irq,
+        ]);
+    }
+    // LINT0 of every local APIC (0xff) is ExtINT, LINT1 is NMI.
+    entries.extend_from_slice(&[ENTRY_LOCAL_INTERRUPT, INT_TYPE_EXTINT, 0, 0, 0, 0, 0xff, 0]);
+    entries.extend_from_slice(&[ENTRY_LOCAL_INTERRUPT, INT_TYPE_NMI, 0, 0, 0, 0, 0xff, 1]);
+    let entry_count = u16::from(vcpus) + 2 + u16::from(ISA_IRQS) + 2;
+
+    let mut header = Vec::with_capacity(HEADER_LEN);
+    header.extend_from_slice(TABLE_SIGNATURE);
+    header.extend_from_slice(&((HEADER_LEN + entries.len()) as u16).to_le_bytes());
+    header.push(SPEC_REVISION);
+    header.push(0); // checksum, below
+    header.extend_from_slice(b"COLO-VMM");
+    header.extend_from_slice(b"MICROVM     ");
+    header.extend_from_slice(&0u32.to_le_bytes()); // no OEM table
+    header.extend_from_slice(&0u16.to_le_bytes());
+    header.extend_from_slice(&entry_count.to_le_bytes());
+    header.extend_from_slice(&LAPIC_ADDR.to_le_bytes());
+    header.extend_from_slice(&[0; 4]); // no extended entries
+    debug_assert_eq!(header.len(), HEADER_LEN);
+    let mut table = header;
+    table.extend_from_slice(&entries);
+    table[7] = checksum(&table);
+
+    let mut floating = Vec::with_capacity(FLOATING_LEN);
+    floating.extend_from_slice(FLOATING_SIGNATURE);
+    floating.extend_from_slice(&table_addr.to_le_bytes());
+    floating.extend_from_slice(&[1, SPEC_REVISION, 0, 0, 0, 0, 0, 0]);
+    floating[10] = checksum(&floating);
+
+    floating.extend_from_slice(&table);
+    Ok(floating)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sum(bytes: &[u8]) -> u8 {
+        bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b))
+    }
+
+    /// Parses a table the way a guest does and returns (APIC IDs, BSP flags,
+    /// IOAPIC ID, IOAPIC address, number of IO interrupt entries).
+    fn parse(base: u32, bytes: &[u8]) -> (Vec<u8>, Vec<bool>, u8, u32, usize) {
+        assert_eq!(&bytes[..4], b"_MP_");
+        assert_eq!(sum(&bytes[..16]), 0, "floating pointer checksum");
+        let table_addr = u32::from_le_bytes(bytes[4..8].try_into().unwrap());
+        let table = &bytes[(table_addr - base) as usize..];
+        assert_eq!(&table[..4], b"PCMP");
+        let len = u16::from_le_bytes(table[4..6].try_into().unwrap()) as usize;
+        assert_eq!(sum(&table[..len]), 0, "table checksum");
+        let count = u16::from_le_bytes(table[34..36].try_into().unwrap());
+        assert_eq!(
+            u32::from_le_bytes(table[36..40].try_into().unwrap()),
+            LAPIC_ADDR
+        );
+        let (mut ids, mut bsp, mut ioapic, mut irqs) = (vec![], vec![], (0, 0), 0);
+        let mut at = HEADER_LEN;
+        for _ in 0..count {
+            match table[at] {
+                ENTRY_PROCESSOR => {
+                    ids.push(table[at + 1]);
+                    bsp.push(table[at + 3] & CPU_BOOTSTRAP != 0);
+                    at += PROCESSOR_ENTRY_LEN;
+                }
+                ENTRY_IOAPIC => {
+                    ioapic = (
+                        table[at + 1],
+                        u32::from_le_bytes(table[at + 4..at + 8].try_into().unwrap()),
+                    );
+                    at += SHORT_ENTRY_LEN;
+                }
+                ENTRY_IO_INTERRUPT => {
+                    assert_eq!(table[at + 5], table[at + 7], "ISA IRQ n goes to pin n");
+                    irqs += 1;
+                    at += SHORT_ENTRY_LEN;
+                }
+                ENTRY_BUS | ENTRY_LOCAL_INTERRUPT => at += SHORT_ENTRY_LEN,
+                other => panic!("unknown entry type {other}"),
+            }
+        }
+        assert_eq!(at, len);
+        (ids, bsp, ioapic.0, ioapic.1, irqs)
+    }
+
+    #[test]
+    fn one_and_many_cpus() {
+        for vcpus in [1u8, 2, 8] {
+            let bytes = build(0x9fc00, vcpus, 1024).unwrap();
+            assert_eq!(bytes.len(), size(vcpus));
+            let (ids, bsp, ioapic_id, ioapic_addr, irqs) = parse(0x9fc00, &bytes);
+            assert_eq!(ids, (0..vcpus).collect::<Vec<_>>());
+            assert_eq!(bsp.iter().filter(|b| **b).count(), 1);
+            assert!(bsp[0]);
+            assert_eq!((ioapic_id, ioapic_addr, irqs), (vcpus, IOAPIC_ADDR, 16));
+        }
+    }
+
+    #[test]
+    fn refuses_what_does_not_fit() {
+        assert_eq!(build(0, 0, 1024), Err(MpTableError::NoCpus));
+        assert_eq!(build(0, 64, 1024), Err(MpTableError::TooLarge(64, 1024)));
+        assert!(build(0, 32, 1024).is_ok());
+    }
+}

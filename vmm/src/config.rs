@@ -1,0 +1,413 @@
+//! The VM's configuration: command-line flags, an optional TOML file, and
+//! the validation that runs before any KVM object exists.
+//!
+//! Precedence: a flag given on the command line wins over the same setting
+//! in `--config FILE`, which wins over the default.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use clap::{Parser, ValueEnum};
+use serde::Deserialize;
+
+use crate::vm::cpuid::CpuTemplate;
+
+/// Default guest RAM.
+pub const DEFAULT_MEM_MIB: u64 = 128;
+/// Default number of vCPUs.
+pub const DEFAULT_VCPUS: u8 = 1;
+/// Most vCPUs a VM may have (bounded by the MP table's room in base memory).
+pub const MAX_VCPUS: u8 = 32;
+/// Most guest RAM: 1 TiB.
+pub const MAX_MEM_MIB: u64 = 1 << 20;
+/// Default kernel command line.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+
+/// What this `vmm` is in a COLO pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// A single VM, no fault tolerance.
+    Standalone,
+    /// The COLO primary: serves clients, sends checkpoints.
+    Primary,
+    /// The COLO secondary: runs the replica, takes over on failover.
+    Secondary,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Standalone => "standalone",
+            Role::Primary => "primary",
+            Role::Secondary => "secondary",
+        })
+    }
+}
+
+/// Where the guest's serial console goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SerialOutput {
+    /// The `vmm` process's standard output.
+    Stdout,
+    /// A file, created or truncated.
+    File(PathBuf),
+}
+
+impl SerialOutput {
+    /// `stdout`, or else a file path.
+    pub fn from_arg(s: &str) -> Self {
+        match s {
+            "stdout" => SerialOutput::Stdout,
+            path => SerialOutput::File(PathBuf::from(path)),
+        }
+    }
+}
+
+impl std::str::FromStr for SerialOutput {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self::from_arg(s))
+    }
+}
+
+/// Command-line interface of `vmm`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "vmm",
+    version,
+    about = "A KVM microVMM with COLO fault tolerance"
+)]
+pub struct Cli {
+    /// Role of this VMM.
+    #[arg(long, value_enum)]
+    pub role: Option<Role>,
+    /// TOML file with the same settings as the flags; flags override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Guest kernel: an ELF vmlinux (or a bzImage) booted by the 64-bit Linux boot protocol.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk loaded for the kernel.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line [default: "console=ttyS0 reboot=k panic=1"].
+    #[arg(long, value_name = "STR")]
+    pub cmdline: Option<String>,
+    /// Guest RAM in MiB [default: 128].
+    #[arg(long, value_name = "N")]
+    pub mem_mib: Option<u64>,
+    /// Number of vCPUs [default: 1].
+    #[arg(long, value_name = "N")]
+    pub vcpus: Option<u8>,
+    /// Serial console destination: `stdout` or a file path [default: stdout].
+    #[arg(long, value_name = "stdout|PATH")]
+    pub serial: Option<SerialOutput>,
+    /// CPU template: which CPUID features the guest sees [default: host].
+    #[arg(long, value_enum, value_name = "NAME")]
+    pub cpu_template: Option<CpuTemplate>,
+    /// Track dirty pages from boot (KVM dirty log on every memory slot).
+    #[arg(long)]
+    pub track_dirty_pages: bool,
+}
+
+/// The settings a `--config` file may hold. Unknown keys are refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileConfig {
+    pub role: Option<Role>,
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: Option<String>,
+    pub mem_mib: Option<u64>,
+    pub vcpus: Option<u8>,
+    pub serial: Option<String>,
+    pub cpu_template: Option<CpuTemplate>,
+    pub track_dirty_pages: Option<bool>,
+}
+
+/// A complete, validated VM configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmConfig {
+    pub role: Role,
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub mem_mib: u64,
+    pub vcpus: u8,
+    pub serial: SerialOutput,
+    pub cpu_template: CpuTemplate,
+    pub track_dirty_pages: bool,
+}
+
+/// Kernel image formats `vmm` boots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelFormat {
+    Elf,
+    BzImage,
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    ReadFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}")]
+    ParseFile {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("no kernel given: pass --kernel PATH or set `kernel` in the config file")]
+    MissingKernel,
+    #[error("cannot open kernel {path}")]
+    OpenKernel {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("kernel {0} is neither an ELF vmlinux nor a bzImage")]
+    UnknownKernelFormat(PathBuf),
+    #[error("cannot open initrd {path}")]
+    OpenInitrd {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("guest memory must be at least 1 MiB (got --mem-mib 0)")]
+    ZeroMemory,
+    #[error("guest memory of {0} MiB is more than the supported {MAX_MEM_MIB} MiB")]
+    TooMuchMemory(u64),
+    #[error("a VM needs at least one vCPU (got --vcpus 0)")]
+    ZeroVcpus,
+    #[error("{0} vCPUs requested; at most {MAX_VCPUS} are supported")]
+    TooManyVcpus(u8),
+    #[error("kernel command line is {0} bytes; the limit is {max}", max = crate::arch::layout::CMDLINE_MAX_SIZE - 1)]
+    CmdlineTooLong(usize),
+    #[error("kernel command line contains a NUL byte")]
+    CmdlineNul,
+    #[error("--role {0} is not built yet: only --role standalone runs a VM for now")]
+    RoleNotBuilt(Role),
+}
+
+impl VmConfig {
+    /// Merges `cli` over the file it names (if any) over the defaults, and
+    /// validates the result.
+    pub fn from_cli(cli: &Cli) -> Result<Self, ConfigError> {
+        let file = match &cli.config {
+            Some(path) => load_file(path)?,
+            None => FileConfig::default(),
+        };
+        Self::merge(cli, file)
+    }
+
+    fn merge(cli: &Cli, file: FileConfig) -> Result<Self, ConfigError> {
+        let config = VmConfig {
+            role: cli.role.or(file.role).unwrap_or(Role::Standalone),
+            kernel: cli
+                .kernel
+                .clone()
+                .or(file.kernel)
+                .ok_or(ConfigError::MissingKernel)?,
+            initrd: cli.initrd.clone().or(file.initrd),
+            cmdline: cli
+                .cmdline
+                .clone()
+                .or(file.cmdline)
+                .unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
+            mem_mib: cli.mem_mib.or(file.mem_mib).unwrap_or(DEFAULT_MEM_MIB),
+            vcpus: cli.vcpus.or(file.vcpus).unwrap_or(DEFAULT_VCPUS),
+            serial: cli
+                .serial
+                .clone()
+                .or_else(|| file.serial.as_deref().map(SerialOutput::from_arg))
+                .unwrap_or(SerialOutput::Stdout),
+            cpu_template: cli.cpu_template.or(file.cpu_template).unwrap_or_default(),
+            track_dirty_pages: cli.track_dirty_pages || file.track_dirty_pages.unwrap_or(false),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks everything that can be checked without KVM, so that a bad
+    /// setting is reported before any VM is created.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.role != Role::Standalone {
+            return Err(ConfigError::RoleNotBuilt(self.role));
+        }
+        match self.mem_mib {
+            0 => return Err(ConfigError::ZeroMemory),
+            n if n > MAX_MEM_MIB => return Err(ConfigError::TooMuchMemory(n)),
+            _ => {}
+        }
+        match self.vcpus {
+            0 => return Err(ConfigError::ZeroVcpus),
+            n if n > MAX_VCPUS => return Err(ConfigError::TooManyVcpus(n)),
+            _ => {}
+        }
+        if self.cmdline.len() >= crate::arch::layout::CMDLINE_MAX_SIZE {
+            return Err(ConfigError::CmdlineTooLong(self.cmdline.len()));
+        }
+        if self.cmdline.contains('\0') {
+            return Err(ConfigError::CmdlineNul);
+        }
+        kernel_format(&self.kernel)?;
+        if let Some(path) = &self.initrd {
+            File::open(path).map_err(|source| ConfigError::OpenInitrd {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Guest RAM in bytes.
+    pub fn mem_size(&self) -> u64 {
+        self.mem_mib << 20
+    }
+}
+
+/// Reads and parses a `--config` file.
+pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|source| ConfigError::ParseFile {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Tells an ELF vmlinux from a bzImage by their magic numbers.
+pub fn kernel_format(path: &Path) -> Result<KernelFormat, ConfigError> {
+    let open_err = |source| ConfigError::OpenKernel {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut head = Vec::with_capacity(0x206);
+    File::open(path)
+        .map_err(open_err)?
+        .take(0x206)
+        .read_to_end(&mut head)
+        .map_err(open_err)?;
+    if head.starts_with(b"\x7fELF") {
+        Ok(KernelFormat::Elf)
+    } else if head.get(0x202..0x206) == Some(b"HdrS") {
+        Ok(KernelFormat::BzImage)
+    } else {
+        Err(ConfigError::UnknownKernelFormat(path.to_path_buf()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn elf_file() -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(b"\x7fELF\x02\x01\x01").unwrap();
+        f
+    }
+
+    fn cli(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("vmm").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let kernel = elf_file();
+        let c = VmConfig::from_cli(&cli(&["--kernel", kernel.path().to_str().unwrap()])).unwrap();
+        assert_eq!(c.role, Role::Standalone);
+        assert_eq!((c.mem_mib, c.vcpus), (DEFAULT_MEM_MIB, DEFAULT_VCPUS));
+        assert_eq!(c.cmdline, DEFAULT_CMDLINE);
+        assert_eq!(c.serial, SerialOutput::Stdout);
+        assert!(!c.track_dirty_pages);
+    }
+
+    #[test]
+    fn flags_override_the_config_file() {
+        let kernel = elf_file();
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(
+            file,
+            "kernel = {:?}\nmem-mib = 64\nvcpus = 2\ncmdline = \"from-file\"\nserial = \"/tmp/x\"",
+            kernel.path()
+        )
+        .unwrap();
+        let path = file.path().to_str().unwrap();
+        let c = VmConfig::from_cli(&cli(&["--config", path, "--vcpus", "3"])).unwrap();
+        assert_eq!((c.mem_mib, c.vcpus), (64, 3));
+        assert_eq!(c.cmdline, "from-file");
+        assert_eq!(c.serial, SerialOutput::File("/tmp/x".into()));
+        assert_eq!(c.kernel, kernel.path());
+    }
+
+    #[test]
+    fn bad_config_files_are_refused_with_their_path() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(file, "memory = 5").unwrap();
+        let path = file.path().to_str().unwrap();
+        let err = VmConfig::from_cli(&cli(&["--config", path])).unwrap_err();
+        assert!(matches!(err, ConfigError::ParseFile { .. }), "{err}");
+        assert!(err.to_string().contains(path));
+        let err = VmConfig::from_cli(&cli(&["--config", "/nonexistent/x.toml"])).unwrap_err();
+        assert!(matches!(err, ConfigError::ReadFile { .. }));
+    }
+
+    #[test]
+    fn invalid_values_are_refused() {
+        let kernel = elf_file();
+        let k = kernel.path().to_str().unwrap();
+        let err = |args: &[&str]| VmConfig::from_cli(&cli(args)).unwrap_err();
+        assert!(matches!(
+            err(&["--kernel", k, "--mem-mib", "0"]),
+            ConfigError::ZeroMemory
+        ));
+        assert!(matches!(
+            err(&["--kernel", k, "--vcpus", "0"]),
+            ConfigError::ZeroVcpus
+        ));
+        assert!(matches!(
+            err(&["--kernel", k, "--vcpus", "33"]),
+            ConfigError::TooManyVcpus(33)
+        ));
+        assert!(matches!(err(&[]), ConfigError::MissingKernel));
+        assert!(matches!(
+            err(&["--kernel", "/nonexistent/vmlinux"]),
+            ConfigError::OpenKernel { .. }
+        ));
+        let long = "x".repeat(4096);
+        assert!(matches!(
+            err(&["--kernel", k, "--cmdline", &long]),
+            ConfigError::CmdlineTooLong(4096)
+        ));
+        assert!(matches!(
+            err(&["--kernel", k, "--role", "primary"]),
+            ConfigError::RoleNotBuilt(Role::Primary)
+        ));
+    }
+
+    #[test]
+    fn kernel_formats_are_told_apart() {
+        let mut text = tempfile::NamedTempFile::new().unwrap();
+        text.write_all(b"#!/bin/sh\necho not a kernel\n").unwrap();
+        assert!(matches!(
+            kernel_format(text.path()),
+            Err(ConfigError::UnknownKernelFormat(_))
+        ));
+        let mut bz = tempfile::NamedTempFile::new().unwrap();
+        let mut image = vec![0u8; 0x300];
+        image[0x202..0x206].copy_from_slice(b"HdrS");
+        bz.write_all(&image).unwrap();
+        assert_eq!(kernel_format(bz.path()).unwrap(), KernelFormat::BzImage);
+        assert_eq!(kernel_format(elf_file().path()).unwrap(), KernelFormat::Elf);
+    }
+}

@@ -1,0 +1,39 @@
+//! The `vmm` binary.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use vmm::config::{Cli, VmConfig};
+use vmm::vm::{Vm, VmExit};
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("VMM_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(exit) => {
+            tracing::info!("VM ended: {exit:?}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("vmm: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: &Cli) -> anyhow::Result<VmExit> {
+    let config = VmConfig::from_cli(cli).context("invalid configuration")?;
+    let vm = Vm::create(&config).context("cannot create the VM")?;
+    let running = vm.start().context("cannot start the VM")?;
+    running.wait().context("the VM failed")
+}
