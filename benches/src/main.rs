@@ -1,0 +1,146 @@
+//! `colo-bench`: the end-to-end benchmark harness.
+//!
+//! `colo-bench boot [--runs N]` boots the test guest N times and reports
+//! boot-to-ready and boot-to-exit times (median, p90) as ratios against
+//! spawning `/bin/true` in the same run, then the RSS of `vmm` beyond guest
+//! memory while a guest runs.
+//!
+//! Build first: `cargo build --release --bins && resources/build.sh test-guest`,
+//! then `target/release/colo-bench boot`.
+
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use colo_tests::{guest_artifact, Vmm};
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let runs = args
+        .iter()
+        .position(|a| a == "--runs")
+        .and_then(|i| args.get(i + 1))
+        .map(|n| n.parse::<usize>())
+        .unwrap_or(Ok(30));
+    let Ok(runs) = runs else {
+        eprintln!("colo-bench: --runs needs a positive number");
+        return ExitCode::from(2);
+    };
+    match args.first().map(String::as_str) {
+        Some("boot") => {
+            boot(runs.max(1));
+            ExitCode::SUCCESS
+        }
+        _ => {
+            eprintln!("usage: colo-bench boot [--runs N]");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Median and 90th percentile of `samples`.
+fn stats(mut samples: Vec<Duration>) -> (Duration, Duration) {
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+    (at(0.5), at(0.9))
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn boot(runs: usize) {
+    let kernel = guest_artifact("test-guest");
+    let kernel = kernel.to_str().expect("utf-8 path").to_string();
+    let mem_mib = 128u64;
+
+    let baseline: Vec<_> = (0..runs)
+        .map(|_| {
+            let start = Instant::now();
+            Command::new("true").status().expect("run true");
+            start.elapsed()
+        })
+        .collect();
+    let (mut ready, mut exited) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let start = Instant::now();
+        let mut vmm = Vmm::spawn([
+            "--kernel",
+            &kernel,
+            "--mem-mib",
+            &mem_mib.to_string(),
+            "--cmdline",
+            "halt_after_ms=0",
+        ]);
+        vmm.wait_for_serial("colo-test-guest: ready", TIMEOUT);
+        ready.push(start.elapsed());
+        vmm.wait_exit(TIMEOUT);
+        exited.push(start.elapsed());
+    }
+    let (base_p50, base_p90) = stats(baseline);
+    println!("boot ({runs} runs, {mem_mib} MiB, 1 vCPU)");
+    println!(
+        "  baseline spawn /bin/true   p50 {:8.2} ms  p90 {:8.2} ms",
+        ms(base_p50),
+        ms(base_p90)
+    );
+    for (name, samples) in [("vmm start to ready", ready), ("vmm start to exit", exited)] {
+        let (p50, p90) = stats(samples);
+        println!(
+            "  {name:<26} p50 {:8.2} ms  p90 {:8.2} ms  ({:.1}x baseline)",
+            ms(p50),
+            ms(p90),
+            p50.as_secs_f64() / base_p50.as_secs_f64()
+        );
+    }
+    rss(&kernel, mem_mib);
+}
+
+/// RSS of a running `vmm` outside the guest-memory mapping, read from
+/// /proc/PID/smaps while the guest runs its memory workload.
+fn rss(kernel: &str, mem_mib: u64) {
+    let mut vmm = Vmm::spawn([
+        "--kernel",
+        kernel,
+        "--mem-mib",
+        &mem_mib.to_string(),
+        "--cmdline",
+        "dirty_mib_per_s=64 workload_mib=32",
+    ]);
+    vmm.wait_for_serial("colo-test-guest: workload generation 2", TIMEOUT);
+    let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", vmm.pid())).expect("read smaps");
+    let (total_kib, guest_kib) = parse_smaps(&smaps, mem_mib << 10);
+    let beyond = total_kib - guest_kib;
+    println!("rss of vmm while the guest runs ({mem_mib} MiB guest, 32 MiB workload)");
+    println!("  total            {:8} KiB", total_kib);
+    println!("  guest memory     {:8} KiB", guest_kib);
+    println!(
+        "  beyond guest     {:8} KiB  ({:.2}% of guest memory size)",
+        beyond,
+        beyond as f64 * 100.0 / (mem_mib << 10) as f64
+    );
+}
+
+/// (total RSS, RSS of the guest-memory mapping) in KiB: the guest mapping is
+/// the one whose size equals the guest's memory.
+fn parse_smaps(smaps: &str, guest_kib: u64) -> (u64, u64) {
+    let (mut total, mut guest) = (0, 0);
+    let mut size = 0;
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let field = |w: Option<&str>| w.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        match words.next() {
+            Some("Size:") => size = field(words.next()),
+            Some("Rss:") => {
+                let rss = field(words.next());
+                total += rss;
+                if size == guest_kib {
+                    guest += rss;
+                }
+            }
+            _ => {}
+        }
+    }
+    (total, guest)
+}

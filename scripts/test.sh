@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The whole test suite, KVM tests included: what CI (.ci/run) and developers run.
+#
+#   scripts/test.sh            everything: deps, guest build, lint, tests
+#   scripts/test.sh -- ARGS    extra arguments for `cargo test`
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+if [ ! -c /dev/kvm ]; then
+    echo "FATAL: /dev/kvm is missing. colo-vmm's tests boot real guests under KVM;" >&2
+    echo "FATAL: they cannot run (and are not skipped) without it." >&2
+    exit 1
+fi
+
+extra=()
+if [ "${1:-}" = "--" ]; then
+    shift
+    extra=("$@")
+fi
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "system packages"
+scripts/install-deps.sh
+step "guest artifacts (cached under ${COLO_CACHE:-~/.cache/colo-vmm})"
+resources/build.sh
+step "format"
+cargo fmt --all -- --check
+step "clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+step "build"
+cargo build --workspace --bins --locked
+step "tests"
+cargo test --workspace --locked "${extra[@]}"

@@ -1,0 +1,112 @@
+//! Bad input to `vmm` is refused with a clear message before any VM exists.
+
+use std::io::Write;
+use std::time::Duration;
+
+use colo_tests::{guest_artifact, require_kvm, run_vmm};
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs `vmm` with `args`, expects failure, returns its stderr.
+fn refused(args: &[&str]) -> String {
+    require_kvm();
+    let (status, vmm) = run_vmm(args, TIMEOUT);
+    let log = vmm.log();
+    assert!(!status.success(), "vmm {args:?} succeeded\n{log}");
+    assert!(
+        !log.contains("VM created"),
+        "vmm {args:?} created a VM before refusing\n{log}"
+    );
+    log
+}
+
+#[test]
+fn missing_kernel_file() {
+    let log = refused(&["--kernel", "/nonexistent/vmlinux"]);
+    assert!(
+        log.contains("cannot open kernel /nonexistent/vmlinux"),
+        "{log}"
+    );
+    assert!(log.contains("No such file"), "{log}");
+}
+
+#[test]
+fn no_kernel_at_all() {
+    let log = refused(&["--mem-mib", "64"]);
+    assert!(log.contains("no kernel given"), "{log}");
+}
+
+#[test]
+fn non_elf_kernel() {
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    file.write_all(b"this is not a kernel\n").unwrap();
+    let path = file.path().to_str().unwrap();
+    let log = refused(&["--kernel", path]);
+    assert!(
+        log.contains(&format!(
+            "kernel {path} is neither an ELF vmlinux nor a bzImage"
+        )),
+        "{log}"
+    );
+}
+
+#[test]
+fn zero_memory() {
+    let kernel = guest_artifact("test-guest");
+    let log = refused(&["--kernel", kernel.to_str().unwrap(), "--mem-mib", "0"]);
+    assert!(log.contains("guest memory must be at least 1 MiB"), "{log}");
+}
+
+#[test]
+fn zero_vcpus() {
+    let kernel = guest_artifact("test-guest");
+    let log = refused(&["--kernel", kernel.to_str().unwrap(), "--vcpus", "0"]);
+    assert!(log.contains("a VM needs at least one vCPU"), "{log}");
+}
+
+#[test]
+fn too_many_vcpus() {
+    let kernel = guest_artifact("test-guest");
+    let log = refused(&["--kernel", kernel.to_str().unwrap(), "--vcpus", "200"]);
+    assert!(log.contains("200 vCPUs requested; at most 32"), "{log}");
+}
+
+#[test]
+fn colo_roles_are_not_built_yet() {
+    let kernel = guest_artifact("test-guest");
+    for role in ["primary", "secondary"] {
+        let log = refused(&["--role", role, "--kernel", kernel.to_str().unwrap()]);
+        assert!(
+            log.contains(&format!("--role {role} is not built yet")),
+            "{log}"
+        );
+    }
+}
+
+#[test]
+fn malformed_config_file() {
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    file.write_all(b"mem-mib = \"lots\"\n").unwrap();
+    let path = file.path().to_str().unwrap();
+    let log = refused(&["--config", path]);
+    assert!(
+        log.contains(&format!("invalid config file {path}")),
+        "{log}"
+    );
+    assert!(log.contains("mem-mib"), "{log}");
+}
+
+#[test]
+fn missing_initrd() {
+    let kernel = guest_artifact("test-guest");
+    let log = refused(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        "/nonexistent/initrd",
+    ]);
+    assert!(
+        log.contains("cannot open initrd /nonexistent/initrd"),
+        "{log}"
+    );
+}
