@@ -2,6 +2,8 @@
 //! memory, powers off with exit code 0, and a guest crash makes `vmm` fail
 //! with a message naming the exit and the RIP.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 use std::io::Write;
 use std::time::Duration;
 

@@ -1,5 +1,7 @@
 //! Bad input to `vmm` is refused with a clear message before any VM exists.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 use std::io::Write;
 use std::time::Duration;
 
