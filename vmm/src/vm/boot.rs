@@ -200,3 +200,128 @@ fn write_cpu_structures(mem: &GuestMemory) -> Result<(), BootError> {
 fn le_bytes(words: &[u64]) -> Vec<u8> {
     words.iter().flat_map(|w| w.to_le_bytes()).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Role, SerialOutput};
+    use std::io::Write;
+    use vm_memory::GuestMemoryBackend;
+
+    /// A minimal static ELF64 executable: one PT_LOAD of `code` at `paddr`,
+    /// entry at its start.
+    fn tiny_elf(paddr: u64, code: &[u8]) -> tempfile::NamedTempFile {
+        let mut image = Vec::new();
+        let phoff = 64u64;
+        let data_off = 64 + 56;
+        // ELF header
+        image.extend_from_slice(b"\x7fELF\x02\x01\x01\0");
+        image.extend_from_slice(&[0; 8]);
+        image.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        image.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+        image.extend_from_slice(&1u32.to_le_bytes());
+        image.extend_from_slice(&paddr.to_le_bytes()); // entry
+        image.extend_from_slice(&phoff.to_le_bytes());
+        image.extend_from_slice(&0u64.to_le_bytes()); // no sections
+        image.extend_from_slice(&0u32.to_le_bytes());
+        for v in [64u16, 56, 1, 64, 0, 0] {
+            image.extend_from_slice(&v.to_le_bytes());
+        }
+        // Program header: PT_LOAD, R+X
+        image.extend_from_slice(&1u32.to_le_bytes());
+        image.extend_from_slice(&5u32.to_le_bytes());
+        for v in [
+            data_off as u64,
+            paddr,
+            paddr,
+            code.len() as u64,
+            code.len() as u64,
+            0x1000,
+        ] {
+            image.extend_from_slice(&v.to_le_bytes());
+        }
+        image.extend_from_slice(code);
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(&image).unwrap();
+        file
+    }
+
+    fn config(kernel: &Path, initrd: Option<&Path>, vcpus: u8) -> VmConfig {
+        VmConfig {
+            role: Role::Standalone,
+            kernel: kernel.to_path_buf(),
+            initrd: initrd.map(Path::to_path_buf),
+            cmdline: "console=ttyS0 hello".into(),
+            mem_mib: 32,
+            vcpus,
+            serial: SerialOutput::Stdout,
+            cpu_template: Default::default(),
+            track_dirty_pages: false,
+        }
+    }
+
+    #[test]
+    fn loads_kernel_initrd_cmdline_and_boot_structures() {
+        let code = [0xf4u8, 0xeb, 0xfd]; // hlt; jmp .-1
+        let kernel = tiny_elf(0x20_0000, &code);
+        let mut initrd = tempfile::NamedTempFile::new().unwrap();
+        initrd.write_all(&[0x5a; 5000]).unwrap();
+        let mem = super::super::memory::create(32 << 20).unwrap();
+
+        let entry = load(&mem, &config(kernel.path(), Some(initrd.path()), 2)).unwrap();
+        assert_eq!(entry, BootEntry(0x20_0000));
+
+        let mut loaded = [0u8; 3];
+        mem.read_slice(&mut loaded, GuestAddress(0x20_0000))
+            .unwrap();
+        assert_eq!(loaded, code);
+
+        let params: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
+        let cmd_ptr = params.hdr.cmd_line_ptr;
+        let mut cmdline = [0u8; 20];
+        mem.read_slice(&mut cmdline, GuestAddress(u64::from(cmd_ptr)))
+            .unwrap();
+        assert_eq!(&cmdline, b"console=ttyS0 hello\0");
+
+        // initrd: page-aligned, at the top of RAM, intact.
+        let (image, size) = (params.hdr.ramdisk_image, params.hdr.ramdisk_size);
+        assert_eq!(size, 5000);
+        assert_eq!(u64::from(image) % PAGE_SIZE, 0);
+        assert!(
+            u64::from(image) + 5000 <= 32 << 20 && u64::from(image) + 5000 + PAGE_SIZE > 32 << 20
+        );
+        let mut bytes = vec![0u8; 5000];
+        mem.read_slice(&mut bytes, GuestAddress(u64::from(image)))
+            .unwrap();
+        assert!(bytes.iter().all(|&b| b == 0x5a));
+
+        // MP table signature, and the identity map's root entry.
+        let mut sig = [0u8; 4];
+        mem.read_slice(&mut sig, GuestAddress(MPTABLE_START))
+            .unwrap();
+        assert_eq!(&sig, b"_MP_");
+        let pml4e: u64 = mem.read_obj(GuestAddress(PML4_START)).unwrap();
+        assert_eq!(pml4e & !0xfff, PDPT_START);
+        let code_desc: u64 = mem.read_obj(GuestAddress(GDT_START + 0x10)).unwrap();
+        assert_eq!(code_desc, 0x00af_9b00_0000_ffff);
+        assert_eq!(mem.num_regions(), 1);
+    }
+
+    #[test]
+    fn refuses_an_initrd_larger_than_ram() {
+        let kernel = tiny_elf(0x20_0000, &[0xf4]);
+        let initrd = tempfile::NamedTempFile::new().unwrap();
+        initrd.as_file().set_len(40 << 20).unwrap();
+        let mem = super::super::memory::create(32 << 20).unwrap();
+        let err = load(&mem, &config(kernel.path(), Some(initrd.path()), 1)).unwrap_err();
+        assert!(matches!(err, BootError::InitrdTooLarge { .. }), "{err}");
+    }
+
+    #[test]
+    fn refuses_a_kernel_outside_guest_memory() {
+        let kernel = tiny_elf(0x4000_0000, &[0xf4]);
+        let mem = super::super::memory::create(32 << 20).unwrap();
+        let err = load(&mem, &config(kernel.path(), None, 1)).unwrap_err();
+        assert!(matches!(err, BootError::LoadKernel { .. }), "{err}");
+    }
+}
