@@ -1,0 +1,56 @@
+//! The kernel command line: whitespace-separated `key=value` or bare `flag`
+//! words. Unknown words are ignored (a Linux-style line may carry `console=`
+//! and such); when a key repeats, the last value wins.
+
+/// A parsed view of a command line.
+#[derive(Clone, Copy, Debug)]
+pub struct Cmdline<'a> {
+    text: &'a str,
+}
+
+impl<'a> Cmdline<'a> {
+    pub fn new(text: &'a str) -> Self {
+        Self { text }
+    }
+
+    /// The whole line.
+    pub fn as_str(&self) -> &'a str {
+        self.text
+    }
+
+    /// Every word as `(key, value)`; a bare flag has value `None`.
+    pub fn words(&self) -> impl Iterator<Item = (&'a str, Option<&'a str>)> {
+        self.text.split_ascii_whitespace().map(|word| match word.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (word, None),
+        })
+    }
+
+    /// Value of the last `key=value`.
+    pub fn get(&self, key: &str) -> Option<&'a str> {
+        self.words().filter(|(k, _)| *k == key).filter_map(|(_, v)| v).last()
+    }
+
+    /// Value of `key` as a number; `Err` holds the text that is not one.
+    pub fn get_u64(&self, key: &str) -> Option<Result<u64, &'a str>> {
+        self.get(key).map(|v| v.parse().map_err(|_| v))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_values_and_flags() {
+        let c = Cmdline::new("console=ttyS0  halt_after_ms=50 quiet dirty_mib_per_s=x crash=page_fault halt_after_ms=70");
+        assert_eq!(c.get("console"), Some("ttyS0"));
+        assert_eq!(c.get_u64("halt_after_ms"), Some(Ok(70)));
+        assert_eq!(c.get_u64("dirty_mib_per_s"), Some(Err("x")));
+        assert_eq!(c.get("crash"), Some("page_fault"));
+        assert_eq!(c.get("quiet"), None);
+        assert!(c.words().any(|w| w == ("quiet", None)));
+        assert_eq!(c.get_u64("missing"), None);
+        assert_eq!(Cmdline::new("").words().count(), 0);
+    }
+}

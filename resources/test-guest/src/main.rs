@@ -1,0 +1,173 @@
+//! colo-test-guest: the small `no_std` kernel colo-vmm's tests boot.
+//!
+//! Booted by the Linux x86-64 boot protocol (64-bit entry, zero page in
+//! RSI), it takes over the CPU with its own GDT, identity map and IDT,
+//! reports what it was given (command line, memory, CPUs) on COM1 as
+//! `colo-test-guest: ...` marker lines, prints `colo-test-guest: ready`, and
+//! then does what its command line asks:
+//!
+//! | word | effect |
+//! |---|---|
+//! | `halt_after_ms=N` | power off (i8042 reset) N ms after ready |
+//! | `dirty_mib_per_s=N` | memory workload dirtying N MiB/s, self-checked every second |
+//! | `workload_mib=M` | size of the workload's buffer (default 16) |
+//! | `crash=triple_fault` | triple-fault right after ready |
+//! | `crash=page_fault` | take a page fault (reported by the handler) |
+//!
+//! It runs on the boot CPU only and must contain no SSE instruction: the
+//! KVM our tests run on cannot execute SSE in guest kernel mode
+//! (resources/scripts/test-guest.sh checks the binary).
+
+#![no_std]
+#![no_main]
+
+mod arch;
+mod power;
+mod serial;
+mod time;
+mod workload;
+
+use colo_test_guest::bootparams::{BootParams, ZERO_PAGE_LEN};
+use colo_test_guest::cmdline::Cmdline;
+use colo_test_guest::mptable;
+use core::arch::global_asm;
+
+// Entry: a stack of our own, then Rust. RSI holds the zero page's address.
+global_asm!(
+    ".section .text._start, \"ax\"",
+    ".global _start",
+    "_start:",
+    "cli",
+    "lea rsp, [rip + {stack} + {stack_size}]",
+    "mov rdi, rsi",
+    "call {main}",
+    "ud2",
+    stack = sym BOOT_STACK,
+    stack_size = const STACK_SIZE,
+    main = sym kernel_main,
+);
+
+const STACK_SIZE: usize = 64 * 1024;
+
+#[repr(C, align(16))]
+struct Stack([u8; STACK_SIZE]);
+
+static BOOT_STACK: arch::BootCell<Stack> = arch::BootCell::new(Stack([0; STACK_SIZE]));
+
+extern "C" {
+    static __image_end: u8;
+}
+
+const NS_PER_MS: u64 = 1_000_000;
+const CHECK_PERIOD_NS: u64 = 1_000_000_000;
+const DEFAULT_WORKLOAD_MIB: u64 = 16;
+
+/// The number in `key=N`, reporting (and ignoring) one that is not a number.
+fn number(cmdline: &Cmdline, key: &str) -> Option<u64> {
+    match cmdline.get_u64(key)? {
+        Ok(n) => Some(n),
+        Err(text) => {
+            say!("ignoring {key}={text}: not a number");
+            None
+        }
+    }
+}
+
+/// Enabled CPUs in the MP table; 1 when there is none.
+fn count_cpus() -> usize {
+    const AREAS: [(u64, usize); 2] = [(0x9_fc00, 0x400), (0xf_0000, 0x1_0000)];
+    for (base, len) in AREAS {
+        // SAFETY: low memory is identity-mapped guest RAM, only read here.
+        let area = unsafe { core::slice::from_raw_parts(base as *const u8, len) };
+        let Some((_, table_addr)) = mptable::find_floating(area) else { continue };
+        // SAFETY: as above; the header gives the table's length.
+        let header = unsafe { core::slice::from_raw_parts(table_addr as *const u8, 6) };
+        let Some(len) = mptable::table_len(header) else { continue };
+        // SAFETY: as above.
+        let table = unsafe { core::slice::from_raw_parts(table_addr as *const u8, len) };
+        if let Some(cpus) = mptable::count_processors(table) {
+            return cpus;
+        }
+    }
+    1
+}
+
+extern "C" fn kernel_main(zero_page: u64) -> ! {
+    arch::init();
+    say!("banner v{}", env!("CARGO_PKG_VERSION"));
+
+    // SAFETY: the boot protocol puts the zero page at RSI, identity-mapped;
+    // it is only read.
+    let params = BootParams::new(unsafe { &*(zero_page as *const [u8; ZERO_PAGE_LEN]) });
+    let (cmdline_addr, cmdline_len) = params.cmdline();
+    // SAFETY: the boot loader put `cmdline_len` bytes there.
+    let cmdline_bytes = unsafe { core::slice::from_raw_parts(cmdline_addr as *const u8, cmdline_len) };
+    let cmdline = Cmdline::new(core::str::from_utf8(cmdline_bytes).unwrap_or(""));
+    say!("cmdline \"{}\"", cmdline.as_str());
+    say!("memory {} MiB", params.ram_bytes() >> 20);
+    say!("cpus {}", count_cpus());
+
+    if let Err(e) = time::init() {
+        say!("no clock: {e:?}");
+        arch::halt_forever();
+    }
+    time::start_tick();
+
+    let halt_at = number(&cmdline, "halt_after_ms");
+    let mut workload = number(&cmdline, "dirty_mib_per_s").filter(|&n| n > 0).and_then(|rate| {
+        // Only the address of the linker symbol is taken.
+        let image_end = core::ptr::addr_of!(__image_end) as u64;
+        let floor = (image_end + 0x1f_ffff) & !0x1f_ffff;
+        let (start, end) = params.largest_ram_above(floor)?;
+        let want = number(&cmdline, "workload_mib").unwrap_or(DEFAULT_WORKLOAD_MIB) << 20;
+        let bytes = want.min(end - start);
+        // SAFETY: RAM above the image is ours alone and identity-mapped.
+        let w = unsafe { workload::Workload::new(start, bytes, rate, time::now_ns()) };
+        say!("workload {} MiB at {:#x}, {} MiB/s", w.pages() * 4096 >> 20, start, rate);
+        Some(w)
+    });
+
+    let ready_ns = time::now_ns();
+    say!("ready");
+    match cmdline.get("crash") {
+        Some("triple_fault") => arch::triple_fault(),
+        Some("page_fault") => {
+            let value = arch::page_fault();
+            say!("read {value:#x} from unmapped memory: no page fault");
+        }
+        Some(other) => say!("ignoring crash={other}: unknown"),
+        None => {}
+    }
+
+    let halt_at = halt_at.map(|ms| ready_ns + ms * NS_PER_MS);
+    let mut next_check = ready_ns + CHECK_PERIOD_NS;
+    loop {
+        let now = time::now_ns();
+        if halt_at.is_some_and(|t| now >= t) {
+            power::off();
+        }
+        if let Some(w) = workload.as_mut() {
+            w.step(now);
+            if now >= next_check {
+                next_check += CHECK_PERIOD_NS;
+                match w.self_check() {
+                    Ok(generation) => say!("workload generation {generation} ok, {} MiB written", w.written_mib()),
+                    Err(m) => {
+                        say!(
+                            "selfcheck FAILED page {} word {} expected {:#x} found {:#x}",
+                            m.page, m.index, m.expected, m.found
+                        );
+                        arch::halt_forever();
+                    }
+                }
+            }
+        }
+        arch::wait_for_interrupt();
+    }
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    say!("panic: {info}");
+    arch::halt_forever()
+}

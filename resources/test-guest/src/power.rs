@@ -1,0 +1,13 @@
+//! Powering off: the i8042's "pulse reset line" command, which the VMM
+//! (and Linux's `reboot=k`) treat as the end of the VM.
+
+use crate::arch::{halt_forever, outb};
+
+const I8042_COMMAND: u16 = 0x64;
+const PULSE_RESET: u8 = 0xfe;
+
+pub fn off() -> ! {
+    crate::say!("poweroff");
+    outb(I8042_COMMAND, PULSE_RESET);
+    halt_forever()
+}
