@@ -106,13 +106,13 @@ fn rss(kernel: &str, mem_mib: u64) {
         "--mem-mib",
         &mem_mib.to_string(),
         "--cmdline",
-        "dirty_mib_per_s=64 workload_mib=32",
+        "dirty_mib_per_s=4 workload_mib=32",
     ]);
     vmm.wait_for_serial("colo-test-guest: workload generation 2", TIMEOUT);
     let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", vmm.pid())).expect("read smaps");
     let (total_kib, guest_kib) = parse_smaps(&smaps, mem_mib << 10);
     let beyond = total_kib - guest_kib;
-    println!("rss of vmm while the guest runs ({mem_mib} MiB guest, 32 MiB workload)");
+    println!("rss of vmm while the guest runs ({mem_mib} MiB guest, 32 MiB workload at 4 MiB/s)");
     println!("  total            {:8} KiB", total_kib);
     println!("  guest memory     {:8} KiB", guest_kib);
     println!(

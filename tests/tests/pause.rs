@@ -46,7 +46,7 @@ fn pause_stops_the_guest_and_resume_continues_it() {
         role: Role::Standalone,
         kernel: guest_artifact("test-guest"),
         initrd: None,
-        cmdline: "dirty_mib_per_s=16 workload_mib=8".into(),
+        cmdline: "dirty_mib_per_s=2 workload_mib=4".into(),
         mem_mib: 64,
         vcpus: 2,
         serial: SerialOutput::File(console.path().to_path_buf()),

@@ -13,14 +13,18 @@ pub fn inb(port: u16) -> u8 {
     let v: u8;
     // SAFETY: port I/O has no memory effects on the guest; the ports we use
     // belong to devices this kernel drives.
-    unsafe { asm!("in al, dx", out("al") v, in("dx") port, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        asm!("in al, dx", out("al") v, in("dx") port, options(nomem, nostack, preserves_flags))
+    };
     v
 }
 
 /// Writes a byte to an I/O port.
 pub fn outb(port: u16, v: u8) {
     // SAFETY: as for `inb`.
-    unsafe { asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack, preserves_flags))
+    };
 }
 
 /// Writes a model-specific register.
@@ -36,7 +40,9 @@ pub fn wrmsr(msr: u32, value: u64) {
 pub fn rdtsc() -> u64 {
     let (lo, hi): (u32, u32);
     // SAFETY: RDTSC only reads the counter.
-    unsafe { asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
+    };
     (u64::from(hi) << 32) | u64::from(lo)
 }
 
@@ -157,7 +163,11 @@ fn load_page_tables() {
             pdpt[gib] = pd.0.as_ptr() as u64 | PRESENT | WRITABLE;
             for (i, entry) in pd.0.iter_mut().enumerate() {
                 let addr = ((gib as u64) << 30) | ((i as u64) << 21);
-                let cache = if addr >= MMIO_HOLE_START { CACHE_DISABLE | WRITE_THROUGH } else { 0 };
+                let cache = if addr >= MMIO_HOLE_START {
+                    CACHE_DISABLE | WRITE_THROUGH
+                } else {
+                    0
+                };
                 *entry = addr | PRESENT | WRITABLE | HUGE | cache;
             }
         }
@@ -180,7 +190,15 @@ struct Gate {
 }
 
 impl Gate {
-    const EMPTY: Gate = Gate { offset_low: 0, selector: 0, ist: 0, flags: 0, offset_mid: 0, offset_high: 0, reserved: 0 };
+    const EMPTY: Gate = Gate {
+        offset_low: 0,
+        selector: 0,
+        ist: 0,
+        flags: 0,
+        offset_mid: 0,
+        offset_high: 0,
+        reserved: 0,
+    };
 
     fn interrupt(handler: u64) -> Gate {
         Gate {
@@ -300,7 +318,10 @@ fn load_idt() {
         }
         idt[TIMER_VECTOR] = Gate::interrupt(timer_interrupt_stub as usize as u64);
         idt[SPURIOUS_VECTOR] = Gate::interrupt(spurious_interrupt_stub as usize as u64);
-        let ptr = TablePointer { limit: (core::mem::size_of::<[Gate; 256]>() - 1) as u16, base: idt.as_ptr() as u64 };
+        let ptr = TablePointer {
+            limit: (core::mem::size_of::<[Gate; 256]>() - 1) as u16,
+            base: idt.as_ptr() as u64,
+        };
         asm!("lidt [{}]", in(reg) &ptr, options(nostack));
     }
 }
@@ -330,6 +351,6 @@ pub fn triple_fault() -> ! {
 /// Reads an address outside the identity map, raising a page fault.
 pub fn page_fault() -> u64 {
     const UNMAPPED: u64 = 0x80_0000_0000; // 512 GiB: PML4 entry 1 is empty
-    // SAFETY: deliberately faulting; the handler reports and halts.
+                                          // SAFETY: deliberately faulting; the handler reports and halts.
     unsafe { core::ptr::read_volatile(UNMAPPED as *const u64) }
 }

@@ -67,7 +67,10 @@ impl<'a> BootParams<'a> {
 
     /// Bytes of usable RAM.
     pub fn ram_bytes(&self) -> u64 {
-        self.e820().filter(|e| e.kind == E820_RAM).map(|e| e.size).sum()
+        self.e820()
+            .filter(|e| e.kind == E820_RAM)
+            .map(|e| e.size)
+            .sum()
     }
 
     /// The largest usable range `[start, end)` at or above `floor`.
@@ -89,7 +92,11 @@ mod tests {
         let mut page = [0u8; ZERO_PAGE_LEN];
         page[CMD_LINE_PTR..CMD_LINE_PTR + 4].copy_from_slice(&0x20000u32.to_le_bytes());
         page[CMDLINE_SIZE..CMDLINE_SIZE + 4].copy_from_slice(&17u32.to_le_bytes());
-        let entries = [(0u64, 0x9fc00u64, 1u32), (0x9fc00, 0x400, 2), (0x100000, 0x3f00000, 1)];
+        let entries = [
+            (0u64, 0x9fc00u64, 1u32),
+            (0x9fc00, 0x400, 2),
+            (0x100000, 0x3f00000, 1),
+        ];
         for (i, (a, s, t)) in entries.iter().enumerate() {
             let off = E820_TABLE + i * E820_ENTRY_LEN;
             page[off..off + 8].copy_from_slice(&a.to_le_bytes());

@@ -20,15 +20,20 @@ impl<'a> Cmdline<'a> {
 
     /// Every word as `(key, value)`; a bare flag has value `None`.
     pub fn words(&self) -> impl Iterator<Item = (&'a str, Option<&'a str>)> {
-        self.text.split_ascii_whitespace().map(|word| match word.split_once('=') {
-            Some((k, v)) => (k, Some(v)),
-            None => (word, None),
-        })
+        self.text
+            .split_ascii_whitespace()
+            .map(|word| match word.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (word, None),
+            })
     }
 
     /// Value of the last `key=value`.
     pub fn get(&self, key: &str) -> Option<&'a str> {
-        self.words().filter(|(k, _)| *k == key).filter_map(|(_, v)| v).last()
+        self.words()
+            .filter(|(k, _)| *k == key)
+            .filter_map(|(_, v)| v)
+            .last()
     }
 
     /// Value of `key` as a number; `Err` holds the text that is not one.

@@ -10,7 +10,7 @@
 //! |---|---|
 //! | `halt_after_ms=N` | power off (i8042 reset) N ms after ready |
 //! | `dirty_mib_per_s=N` | memory workload dirtying N MiB/s, self-checked every second |
-//! | `workload_mib=M` | size of the workload's buffer (default 16) |
+//! | `workload_mib=M` | size of the workload's buffer (default 4) |
 //! | `crash=triple_fault` | triple-fault right after ready |
 //! | `crash=page_fault` | take a page fault (reported by the handler) |
 //!
@@ -60,7 +60,8 @@ extern "C" {
 
 const NS_PER_MS: u64 = 1_000_000;
 const CHECK_PERIOD_NS: u64 = 1_000_000_000;
-const DEFAULT_WORKLOAD_MIB: u64 = 16;
+const STEP_BUDGET_NS: u64 = 20_000_000;
+const DEFAULT_WORKLOAD_MIB: u64 = 4;
 
 /// The number in `key=N`, reporting (and ignoring) one that is not a number.
 fn number(cmdline: &Cmdline, key: &str) -> Option<u64> {
@@ -79,10 +80,14 @@ fn count_cpus() -> usize {
     for (base, len) in AREAS {
         // SAFETY: low memory is identity-mapped guest RAM, only read here.
         let area = unsafe { core::slice::from_raw_parts(base as *const u8, len) };
-        let Some((_, table_addr)) = mptable::find_floating(area) else { continue };
+        let Some((_, table_addr)) = mptable::find_floating(area) else {
+            continue;
+        };
         // SAFETY: as above; the header gives the table's length.
         let header = unsafe { core::slice::from_raw_parts(table_addr as *const u8, 6) };
-        let Some(len) = mptable::table_len(header) else { continue };
+        let Some(len) = mptable::table_len(header) else {
+            continue;
+        };
         // SAFETY: as above.
         let table = unsafe { core::slice::from_raw_parts(table_addr as *const u8, len) };
         if let Some(cpus) = mptable::count_processors(table) {
@@ -101,7 +106,8 @@ extern "C" fn kernel_main(zero_page: u64) -> ! {
     let params = BootParams::new(unsafe { &*(zero_page as *const [u8; ZERO_PAGE_LEN]) });
     let (cmdline_addr, cmdline_len) = params.cmdline();
     // SAFETY: the boot loader put `cmdline_len` bytes there.
-    let cmdline_bytes = unsafe { core::slice::from_raw_parts(cmdline_addr as *const u8, cmdline_len) };
+    let cmdline_bytes =
+        unsafe { core::slice::from_raw_parts(cmdline_addr as *const u8, cmdline_len) };
     let cmdline = Cmdline::new(core::str::from_utf8(cmdline_bytes).unwrap_or(""));
     say!("cmdline \"{}\"", cmdline.as_str());
     say!("memory {} MiB", params.ram_bytes() >> 20);
@@ -114,18 +120,25 @@ extern "C" fn kernel_main(zero_page: u64) -> ! {
     time::start_tick();
 
     let halt_at = number(&cmdline, "halt_after_ms");
-    let mut workload = number(&cmdline, "dirty_mib_per_s").filter(|&n| n > 0).and_then(|rate| {
-        // Only the address of the linker symbol is taken.
-        let image_end = core::ptr::addr_of!(__image_end) as u64;
-        let floor = (image_end + 0x1f_ffff) & !0x1f_ffff;
-        let (start, end) = params.largest_ram_above(floor)?;
-        let want = number(&cmdline, "workload_mib").unwrap_or(DEFAULT_WORKLOAD_MIB) << 20;
-        let bytes = want.min(end - start);
-        // SAFETY: RAM above the image is ours alone and identity-mapped.
-        let w = unsafe { workload::Workload::new(start, bytes, rate, time::now_ns()) };
-        say!("workload {} MiB at {:#x}, {} MiB/s", w.pages() * 4096 >> 20, start, rate);
-        Some(w)
-    });
+    let mut workload = number(&cmdline, "dirty_mib_per_s")
+        .filter(|&n| n > 0)
+        .and_then(|rate| {
+            // Only the address of the linker symbol is taken.
+            let image_end = core::ptr::addr_of!(__image_end) as u64;
+            let floor = (image_end + 0x1f_ffff) & !0x1f_ffff;
+            let (start, end) = params.largest_ram_above(floor)?;
+            let want = number(&cmdline, "workload_mib").unwrap_or(DEFAULT_WORKLOAD_MIB) << 20;
+            let bytes = want.min(end - start);
+            // SAFETY: RAM above the image is ours alone and identity-mapped.
+            let w = unsafe { workload::Workload::new(start, bytes, rate, time::now_ns()) };
+            say!(
+                "workload {} MiB at {:#x}, {} MiB/s",
+                w.pages() * 4096 >> 20,
+                start,
+                rate
+            );
+            Some(w)
+        });
 
     let ready_ns = time::now_ns();
     say!("ready");
@@ -147,15 +160,22 @@ extern "C" fn kernel_main(zero_page: u64) -> ! {
             power::off();
         }
         if let Some(w) = workload.as_mut() {
-            w.step(now);
+            // Bounded work per wake-up keeps power-off and checks on time.
+            w.step(time::now_ns, now + STEP_BUDGET_NS);
             if now >= next_check {
                 next_check += CHECK_PERIOD_NS;
                 match w.self_check() {
-                    Ok(generation) => say!("workload generation {generation} ok, {} MiB written", w.written_mib()),
+                    Ok(generation) => say!(
+                        "workload generation {generation} ok, {} MiB written",
+                        w.written_mib()
+                    ),
                     Err(m) => {
                         say!(
                             "selfcheck FAILED page {} word {} expected {:#x} found {:#x}",
-                            m.page, m.index, m.expected, m.found
+                            m.page,
+                            m.index,
+                            m.expected,
+                            m.found
                         );
                         arch::halt_forever();
                     }

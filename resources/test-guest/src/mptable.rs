@@ -15,14 +15,16 @@ fn sums_to_zero(bytes: &[u8]) -> bool {
 /// Offset in `area` of a valid floating pointer structure, and the address
 /// of the configuration table it points to.
 pub fn find_floating(area: &[u8]) -> Option<(usize, u64)> {
-    (0..area.len().saturating_sub(15)).step_by(16).find_map(|off| {
-        let s = &area[off..off + 16];
-        (s[..4] == *FLOATING_SIGNATURE && sums_to_zero(s)).then(|| {
-            let mut p = [0u8; 4];
-            p.copy_from_slice(&s[4..8]);
-            (off, u64::from(u32::from_le_bytes(p)))
+    (0..area.len().saturating_sub(15))
+        .step_by(16)
+        .find_map(|off| {
+            let s = &area[off..off + 16];
+            (s[..4] == *FLOATING_SIGNATURE && sums_to_zero(s)).then(|| {
+                let mut p = [0u8; 4];
+                p.copy_from_slice(&s[4..8]);
+                (off, u64::from(u32::from_le_bytes(p)))
+            })
         })
-    })
 }
 
 /// Length of the configuration table that starts with `header` (at least

@@ -8,16 +8,37 @@
 //! pass and index, so a page copied from elsewhere, a stale page or a
 //! flipped bit is caught.
 
-/// Value of word `index` of page `page` written in `pass`.
-pub fn word(page: u64, pass: u64, index: u64) -> u64 {
+/// The seed of page `page` in `pass`: a strong mix of both, computed once
+/// per page so that filling a page costs little more than a memset (guest
+/// kernel code is slow on the KVM we test on).
+pub fn page_seed(page: u64, pass: u64) -> u64 {
     let mut x = page
         .wrapping_mul(0x9e37_79b9_7f4a_7c15)
-        .wrapping_add(pass.wrapping_mul(0xc2b2_ae3d_27d4_eb4f))
-        .wrapping_add(index.wrapping_mul(0x1656_67b1_9e37_79f9));
+        .wrapping_add(pass.wrapping_mul(0xc2b2_ae3d_27d4_eb4f));
     x ^= x >> 31;
     x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x ^ (x >> 29)
 }
+
+/// Value of word `index` of the page whose seed is `seed`.
+pub fn word_from_seed(seed: u64, index: u64) -> u64 {
+    seed ^ index.wrapping_mul(0x1656_67b1_9e37_79f9)
+}
+
+/// Value of word `index` of page `page` written in `pass`.
+pub fn word(page: u64, pass: u64, index: u64) -> u64 {
+    word_from_seed(page_seed(page, pass), index)
+}
+
+/// Words of a page that self-check `generation` verifies: one in every
+/// [`CHECK_STRIDE`], starting at a different offset each generation, so
+/// that every word is verified once per `CHECK_STRIDE` generations.
+pub fn checked_words(generation: u64, words_per_page: u64) -> impl Iterator<Item = u64> {
+    (generation % CHECK_STRIDE..words_per_page).step_by(CHECK_STRIDE as usize)
+}
+
+/// See [`checked_words`].
+pub const CHECK_STRIDE: u64 = 32;
 
 /// The pass page `page` holds when the cursor is at `cursor` in `pass`, or
 /// `None` when it was never written.
@@ -42,6 +63,18 @@ mod tests {
         assert_ne!(w, word(3, 5, 5));
         assert_ne!(w, word(3, 4, 6));
         assert_eq!(w, word(3, 4, 5));
+    }
+
+    #[test]
+    fn every_word_is_checked_once_per_stride_generations() {
+        let mut seen = [0u32; 512];
+        for g in 0..CHECK_STRIDE {
+            for i in checked_words(g, 512) {
+                seen[i as usize] += 1;
+            }
+        }
+        assert!(seen.iter().all(|&n| n == 1));
+        assert_eq!(checked_words(5, 512).count(), 16);
     }
 
     #[test]

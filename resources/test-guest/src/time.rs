@@ -4,7 +4,7 @@
 use core::ptr::{addr_of, read_volatile};
 use core::sync::atomic::{fence, Ordering};
 
-use crate::arch::{cpuid, rdtsc, wrmsr, BootCell, TIMER_VECTOR, SPURIOUS_VECTOR};
+use crate::arch::{cpuid, rdtsc, wrmsr, BootCell, SPURIOUS_VECTOR, TIMER_VECTOR};
 
 const KVM_CPUID_SIGNATURE: u32 = 0x4000_0000;
 const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
@@ -85,7 +85,11 @@ pub fn now_ns() -> u64 {
             continue;
         }
         let mut delta = tsc.wrapping_sub(tsc_timestamp);
-        delta = if shift >= 0 { delta << shift } else { delta >> -shift };
+        delta = if shift >= 0 {
+            delta << shift
+        } else {
+            delta >> -shift
+        };
         return system_time + ((u128::from(delta) * u128::from(mul)) >> 32) as u64;
     }
 }
@@ -131,6 +135,9 @@ pub fn start_tick() -> u32 {
     let elapsed = u32::MAX - lapic_read(LAPIC_TIMER_CURRENT);
     let per_ms = (elapsed / (CALIBRATION_NS / 1_000_000) as u32).max(1);
     lapic_write(LAPIC_LVT_TIMER, LVT_PERIODIC | TIMER_VECTOR as u32);
-    lapic_write(LAPIC_TIMER_INITIAL, per_ms.saturating_mul((TICK_NS / 1_000_000) as u32));
+    lapic_write(
+        LAPIC_TIMER_INITIAL,
+        per_ms.saturating_mul((TICK_NS / 1_000_000) as u32),
+    );
     per_ms
 }

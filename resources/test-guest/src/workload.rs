@@ -3,7 +3,7 @@
 //! second. Under COLO or snapshot/restore, a page the VMM failed to carry
 //! over shows up as a self-check failure.
 
-use colo_test_guest::pattern::{expected_pass, word};
+use colo_test_guest::pattern::{checked_words, expected_pass, page_seed, word_from_seed};
 
 const PAGE: u64 = 4096;
 const WORDS: u64 = PAGE / 8;
@@ -54,14 +54,18 @@ impl Workload {
         (self.base + page * PAGE) as *mut u64
     }
 
-    /// Writes the pages due by `now_ns` at the configured rate.
-    pub fn step(&mut self, now_ns: u64) {
+    /// Writes the pages due at the configured rate, stopping early when
+    /// `clock()` passes `deadline_ns`: a rate the CPU cannot sustain slows
+    /// the workload down instead of starving everything else.
+    pub fn step(&mut self, clock: impl Fn() -> u64, deadline_ns: u64) {
+        let now_ns = clock();
         let due = u128::from(now_ns - self.start_ns) * u128::from(self.pages_per_s) / 1_000_000_000;
-        while u128::from(self.written) < due {
+        while u128::from(self.written) < due && clock() < deadline_ns {
             let ptr = self.page_ptr(self.cursor);
+            let seed = page_seed(self.cursor, self.pass);
             for i in 0..WORDS {
                 // SAFETY: the page is inside the buffer `new`'s caller vouched for.
-                unsafe { ptr.add(i as usize).write_volatile(word(self.cursor, self.pass, i)) };
+                unsafe { ptr.add(i as usize).write_volatile(word_from_seed(seed, i)) };
             }
             self.written += 1;
             self.cursor += 1;
@@ -72,17 +76,26 @@ impl Workload {
         }
     }
 
-    /// Verifies every written page; counts a generation when all is well.
+    /// Verifies every written page (a rotating sample of its words, see
+    /// `checked_words`); counts a generation when all is well.
     pub fn self_check(&mut self) -> Result<u64, Mismatch> {
         for page in 0..self.pages {
-            let Some(pass) = expected_pass(page, self.cursor, self.pass) else { continue };
+            let Some(pass) = expected_pass(page, self.cursor, self.pass) else {
+                continue;
+            };
             let ptr = self.page_ptr(page);
-            for index in 0..WORDS {
+            let seed = page_seed(page, pass);
+            for index in checked_words(self.generation, WORDS) {
                 // SAFETY: as in `step`.
                 let found = unsafe { ptr.add(index as usize).read_volatile() };
-                let expected = word(page, pass, index);
+                let expected = word_from_seed(seed, index);
                 if found != expected {
-                    return Err(Mismatch { page, index, expected, found });
+                    return Err(Mismatch {
+                        page,
+                        index,
+                        expected,
+                        found,
+                    });
                 }
             }
         }
