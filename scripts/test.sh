@@ -26,9 +26,12 @@ step "guest artifacts (cached under ${COLO_CACHE:-~/.cache/colo-vmm})"
 resources/build.sh
 step "format"
 cargo fmt --all -- --check
+cargo fmt --manifest-path resources/test-guest/Cargo.toml -- --check
 step "clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 step "build"
 cargo build --workspace --bins --locked
 step "tests"
+# The test guest's pure logic, on the host.
+cargo test --manifest-path resources/test-guest/Cargo.toml --lib --locked
 cargo test --workspace --locked "${extra[@]}"
