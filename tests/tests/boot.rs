@@ -38,6 +38,12 @@ fn boots_to_ready_and_powers_off(vcpus: u8) {
     assert!(memory.ends_with("memory 63 MiB"), "{memory}");
     let cpus = vmm.wait_for_serial("colo-test-guest: cpus", TIMEOUT);
     assert!(cpus.ends_with(&format!("cpus {vcpus}")), "{cpus}");
+    // The per-vCPU CPUID topology reaches the guest.
+    let features = vmm.wait_for_serial("colo-test-guest: cpu features", TIMEOUT);
+    assert!(
+        features.ends_with(&format!("logical={vcpus}")),
+        "{features}"
+    );
     vmm.wait_for_serial("colo-test-guest: ready", TIMEOUT);
     vmm.wait_for_serial("colo-test-guest: poweroff", TIMEOUT);
     let status = vmm.wait_exit(TIMEOUT);

@@ -22,6 +22,8 @@ const COMMAND: u64 = 4;
 const SB_OUT_FULL: u8 = 1 << 0;
 const SB_SYSTEM: u8 = 1 << 2;
 const SB_LAST_WAS_COMMAND: u8 = 1 << 3;
+/// Set while the keyboard is not inhibited (the "keylock" switch is open).
+const SB_KEYLOCK_OPEN: u8 = 1 << 4;
 
 /// Controller commands we answer.
 const CMD_READ_CTR: u8 = 0x20;
@@ -57,7 +59,7 @@ impl I8042 {
     /// A controller that signals guest resets on `reset_evt`.
     pub fn new(reset_evt: EventFd) -> Self {
         Self {
-            status: SB_SYSTEM,
+            status: SB_SYSTEM | SB_KEYLOCK_OPEN,
             // Interrupts off, system flag, translation on.
             ctr: 0x44 | CTR_AUX_DISABLED,
             out: VecDeque::new(),

@@ -97,6 +97,23 @@ fn count_cpus() -> usize {
     1
 }
 
+/// Prints CPUID features a CPU template may hide and the logical CPU count
+/// the VMM's topology gives, so tests can see what reaches the guest.
+fn report_cpu_features() {
+    let bit = |reg: u32, n: u32| (reg >> n) & 1;
+    let (_, _, ecx1, _) = arch::cpuid(1);
+    let (_, ebx7, _, _) = arch::cpuid(7);
+    say!(
+        "cpu features xsave={} avx={} popcnt={} smep={} smap={} logical={}",
+        bit(ecx1, 26),
+        bit(ecx1, 28),
+        bit(ecx1, 23),
+        bit(ebx7, 7),
+        bit(ebx7, 20),
+        (arch::cpuid(1).1 >> 16) & 0xff
+    );
+}
+
 extern "C" fn kernel_main(zero_page: u64) -> ! {
     arch::init();
     say!("banner v{}", env!("CARGO_PKG_VERSION"));
@@ -112,6 +129,7 @@ extern "C" fn kernel_main(zero_page: u64) -> ! {
     say!("cmdline \"{}\"", cmdline.as_str());
     say!("memory {} MiB", params.ram_bytes() >> 20);
     say!("cpus {}", count_cpus());
+    report_cpu_features();
 
     if let Err(e) = time::init() {
         say!("no clock: {e:?}");
