@@ -28,6 +28,17 @@ const IOAPIC_ENABLED: u8 = 1;
 const LAPIC_VERSION: u8 = 0x14;
 const IOAPIC_VERSION: u8 = 0x11;
 const ISA_IRQS: u8 = 16;
+/// The IRQ that cascades the slave PIC into the master.
+const PIC_CASCADE_IRQ: u8 = 2;
+
+/// IOAPIC pin of ISA IRQ `irq`.
+pub fn isa_irq_pin(irq: u8) -> u8 {
+    if irq == 0 {
+        2
+    } else {
+        irq
+    }
+}
 
 const INT_TYPE_INT: u8 = 0;
 const INT_TYPE_NMI: u8 = 1;
@@ -53,7 +64,7 @@ pub fn size(vcpus: u8) -> usize {
     FLOATING_LEN
         + HEADER_LEN
         + PROCESSOR_ENTRY_LEN * usize::from(vcpus)
-        + SHORT_ENTRY_LEN * (2 + usize::from(ISA_IRQS) + 2)
+        + SHORT_ENTRY_LEN * (2 + usize::from(ISA_IRQS) - 1 + 2)
 }
 
 /// Sum of bytes that makes `bytes` add up to zero, as MP checksums do.
@@ -86,7 +97,7 @@ pub fn build(base: u32, vcpus: u8, room: usize) -> Result<Vec<u8>, MpTableError>
     entries.extend_from_slice(b"ISA   ");
     entries.extend_from_slice(&[ENTRY_IOAPIC, ioapic_id, IOAPIC_VERSION, IOAPIC_ENABLED]);
     entries.extend_from_slice(&IOAPIC_ADDR.to_le_bytes());
-    for irq in 0..ISA_IRQS {
+    for irq in (0..ISA_IRQS).filter(|&irq| irq != PIC_CASCADE_IRQ) {
         // type, irq type, flags (bus default polarity/trigger), source bus,
         // source IRQ, destination IOAPIC, destination pin.
         entries.extend_from_slice(&[
@@ -97,13 +108,13 @@ pub fn build(base: u32, vcpus: u8, room: usize) -> Result<Vec<u8>, MpTableError>
             0,
             irq,
             ioapic_id,
-            irq,
+            isa_irq_pin(irq),
         ]);
     }
     // LINT0 of every local APIC (0xff) is ExtINT, LINT1 is NMI.
     entries.extend_from_slice(&[ENTRY_LOCAL_INTERRUPT, INT_TYPE_EXTINT, 0, 0, 0, 0, 0xff, 0]);
     entries.extend_from_slice(&[ENTRY_LOCAL_INTERRUPT, INT_TYPE_NMI, 0, 0, 0, 0, 0xff, 1]);
-    let entry_count = u16::from(vcpus) + 2 + u16::from(ISA_IRQS) + 2;
+    let entry_count = u16::from(vcpus) + 2 + u16::from(ISA_IRQS) - 1 + 2;
 
     let mut header = Vec::with_capacity(HEADER_LEN);
     header.extend_from_slice(TABLE_SIGNATURE);
@@ -172,7 +183,8 @@ mod tests {
                     at += SHORT_ENTRY_LEN;
                 }
                 ENTRY_IO_INTERRUPT => {
-                    assert_eq!(table[at + 5], table[at + 7], "ISA IRQ n goes to pin n");
+                    assert_eq!(isa_irq_pin(table[at + 5]), table[at + 7]);
+                    assert_ne!(table[at + 5], 2, "no entry for the cascade");
                     irqs += 1;
                     at += SHORT_ENTRY_LEN;
                 }
@@ -193,8 +205,14 @@ mod tests {
             assert_eq!(ids, (0..vcpus).collect::<Vec<_>>());
             assert_eq!(bsp.iter().filter(|b| **b).count(), 1);
             assert!(bsp[0]);
-            assert_eq!((ioapic_id, ioapic_addr, irqs), (vcpus, IOAPIC_ADDR, 16));
+            assert_eq!((ioapic_id, ioapic_addr, irqs), (vcpus, IOAPIC_ADDR, 15));
         }
+    }
+
+    #[test]
+    fn the_pit_is_on_pin_2() {
+        assert_eq!(isa_irq_pin(0), 2);
+        assert_eq!(isa_irq_pin(4), 4);
     }
 
     #[test]
