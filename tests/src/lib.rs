@@ -51,12 +51,15 @@ pub fn vmm_bin() -> PathBuf {
         return PathBuf::from(path);
     }
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>/vmm
-    let path = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|dir| dir.join("vmm"))
-        .expect("test executable lives in target/<profile>/deps");
+    // Tests and benches run from target/<profile>/deps, binaries such as
+    // colo-bench from target/<profile>: `vmm` is in target/<profile>.
+    let dir = exe.parent().expect("executable has a directory");
+    let dir = if dir.ends_with("deps") {
+        dir.parent().expect("deps has a parent")
+    } else {
+        dir
+    };
+    let path = dir.join("vmm");
     assert!(
         path.exists(),
         "{} is missing: run `cargo build --bins` before the tests",
