@@ -1,0 +1,596 @@
+//! The virtio-mmio transport, version 2 (virtio 1.x "modern" layout).
+//!
+//! Register offsets follow the virtio 1.2 specification, section 4.2.2.
+//! Queue configuration is accepted only while the queue is not ready and the
+//! device not yet live; feature negotiation only before FEATURES_OK; and a
+//! status write of zero resets the device. Anything else the driver does
+//! out of order is ignored and logged, never applied half-way.
+
+use std::os::fd::AsRawFd;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+    VIRTIO_F_VERSION_1,
+};
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{GuestMemoryMmap, Processed, VirtioDevice, QUEUE_NOTIFY_OFFSET};
+use crate::BusDevice;
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+const VENDOR_ID: u32 = 0x434f_4c4f; // "COLO"
+
+const REG_MAGIC: u64 = 0x000;
+const REG_VERSION: u64 = 0x004;
+const REG_DEVICE_ID: u64 = 0x008;
+const REG_VENDOR_ID: u64 = 0x00c;
+const REG_DEVICE_FEATURES: u64 = 0x010;
+const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
+const REG_DRIVER_FEATURES: u64 = 0x020;
+const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
+const REG_QUEUE_SEL: u64 = 0x030;
+const REG_QUEUE_NUM_MAX: u64 = 0x034;
+const REG_QUEUE_NUM: u64 = 0x038;
+const REG_QUEUE_READY: u64 = 0x044;
+const REG_INTERRUPT_STATUS: u64 = 0x060;
+const REG_INTERRUPT_ACK: u64 = 0x064;
+const REG_STATUS: u64 = 0x070;
+const REG_QUEUE_DESC_LOW: u64 = 0x080;
+const REG_QUEUE_DESC_HIGH: u64 = 0x084;
+const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
+const REG_QUEUE_DRIVER_HIGH: u64 = 0x094;
+const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
+const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+const REG_CONFIG_GENERATION: u64 = 0x0fc;
+const CONFIG_SPACE: u64 = 0x100;
+
+/// Interrupt status bit: a used ring was updated.
+pub const INT_VRING: u32 = 1;
+
+/// Event data of the backend fd in the device thread (queue indices use
+/// their own index as data).
+const BACKEND_EVENT: u32 = u32::MAX;
+
+/// Errors from building a transport.
+#[derive(Debug, thiserror::Error)]
+pub enum MmioError {
+    /// A device declared a queue size that virtio-queue refuses.
+    #[error("queue {index} of size {size}: {source}")]
+    Queue {
+        index: usize,
+        size: u16,
+        source: virtio_queue::Error,
+    },
+    /// An eventfd could not be created.
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(#[source] std::io::Error),
+}
+
+/// A virtio device on the MMIO transport.
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    pub(crate) mem: GuestMemoryMmap,
+    pub(crate) queues: Vec<Queue>,
+    queue_evts: Vec<EventFd>,
+    irq: EventFd,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    status: u32,
+    interrupt_status: u32,
+    config_generation: u32,
+}
+
+impl MmioTransport {
+    /// Wraps `device`; `irq` is the eventfd the VMM registered as the
+    /// device's irqfd.
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        irq: EventFd,
+    ) -> Result<Self, MmioError> {
+        let queues = device
+            .queue_max_sizes()
+            .iter()
+            .enumerate()
+            .map(|(index, &size)| {
+                Queue::new(size).map_err(|source| MmioError::Queue {
+                    index,
+                    size,
+                    source,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let queue_evts = (0..queues.len())
+            .map(|_| EventFd::new(EFD_NONBLOCK).map_err(MmioError::EventFd))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            device,
+            mem,
+            queues,
+            queue_evts,
+            irq,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            status: 0,
+            interrupt_status: 0,
+            config_generation: 0,
+        })
+    }
+
+    /// The queue-notify eventfds, one per queue in queue order; the VMM
+    /// registers each as an ioeventfd at [`QUEUE_NOTIFY_OFFSET`] with the
+    /// queue index as data match.
+    pub fn queue_events(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+
+    /// The device behind the transport.
+    pub fn device(&self) -> &dyn VirtioDevice {
+        self.device.as_ref()
+    }
+
+    /// The device status register.
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    /// The device is live: the driver set DRIVER_OK and the queues are valid.
+    pub fn is_activated(&self) -> bool {
+        self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0
+            && self.status & VIRTIO_CONFIG_S_NEEDS_RESET == 0
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    fn features_negotiable(&self) -> bool {
+        self.status & VIRTIO_CONFIG_S_DRIVER != 0 && self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0
+    }
+
+    /// Queue registers may change only before the device goes live and
+    /// while the selected queue is not ready.
+    fn with_config_queue(&mut self, f: impl FnOnce(&mut Queue)) {
+        if self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
+            tracing::warn!("virtio-mmio: queue register written after DRIVER_OK; ignored");
+            return;
+        }
+        match self.selected_queue() {
+            Some(q) if !q.ready() => f(q),
+            Some(_) => tracing::warn!("virtio-mmio: ready queue reconfigured; ignored"),
+            None => tracing::warn!("virtio-mmio: no queue selected; ignored"),
+        }
+    }
+
+    fn read_register(&self, offset: u64) -> u32 {
+        let queue = self.queues.get(self.queue_sel as usize);
+        match offset {
+            REG_MAGIC => MAGIC,
+            REG_VERSION => VERSION,
+            REG_DEVICE_ID => self.device.device_type(),
+            REG_VENDOR_ID => VENDOR_ID,
+            REG_DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.device.features() as u32,
+                1 => (self.device.features() >> 32) as u32,
+                _ => 0,
+            },
+            REG_QUEUE_NUM_MAX => queue.map_or(0, |q| u32::from(q.max_size())),
+            REG_QUEUE_READY => queue.map_or(0, |q| u32::from(q.ready())),
+            REG_INTERRUPT_STATUS => self.interrupt_status,
+            REG_STATUS => self.status,
+            REG_CONFIG_GENERATION => self.config_generation,
+            _ => {
+                tracing::debug!("virtio-mmio: read of register {offset:#x}");
+                0
+            }
+        }
+    }
+
+    fn write_register(&mut self, offset: u64, value: u32) {
+        let lo = |old: u64| (old & !0xffff_ffff) | u64::from(value);
+        let hi = |old: u64| (old & 0xffff_ffff) | (u64::from(value) << 32);
+        match offset {
+            REG_DEVICE_FEATURES_SEL => self.device_features_sel = value,
+            REG_DRIVER_FEATURES_SEL => self.driver_features_sel = value,
+            REG_DRIVER_FEATURES => {
+                if !self.features_negotiable() {
+                    tracing::warn!("virtio-mmio: features written out of negotiation; ignored");
+                    return;
+                }
+                match self.driver_features_sel {
+                    0 => self.driver_features = lo(self.driver_features),
+                    1 => self.driver_features = hi(self.driver_features),
+                    _ => {}
+                }
+            }
+            REG_QUEUE_SEL => self.queue_sel = value,
+            REG_QUEUE_NUM => self.with_config_queue(|q| q.set_size(value as u16)),
+            REG_QUEUE_READY => self.with_config_queue(|q| q.set_ready(value == 1)),
+            REG_QUEUE_DESC_LOW => {
+                self.with_config_queue(|q| q.set_desc_table_address(Some(value), None))
+            }
+            REG_QUEUE_DESC_HIGH => {
+                self.with_config_queue(|q| q.set_desc_table_address(None, Some(value)))
+            }
+            REG_QUEUE_DRIVER_LOW => {
+                self.with_config_queue(|q| q.set_avail_ring_address(Some(value), None))
+            }
+            REG_QUEUE_DRIVER_HIGH => {
+                self.with_config_queue(|q| q.set_avail_ring_address(None, Some(value)))
+            }
+            REG_QUEUE_DEVICE_LOW => {
+                self.with_config_queue(|q| q.set_used_ring_address(Some(value), None))
+            }
+            REG_QUEUE_DEVICE_HIGH => {
+                self.with_config_queue(|q| q.set_used_ring_address(None, Some(value)))
+            }
+            QUEUE_NOTIFY_OFFSET => {
+                // Normally caught by the ioeventfd; handled here when the
+                // VMM did not register one (tests) or KVM let it through.
+                self.process_queue(value as usize);
+            }
+            REG_INTERRUPT_ACK => self.interrupt_status &= !value,
+            REG_STATUS => self.write_status(value),
+            _ => tracing::debug!("virtio-mmio: write {value:#x} to register {offset:#x} ignored"),
+        }
+    }
+
+    fn write_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        // The driver only ever adds bits (virtio 1.2, 3.1.1).
+        if value & self.status != self.status {
+            tracing::warn!(
+                "virtio-mmio: status {value:#x} clears bits of {:#x}; ignored",
+                self.status
+            );
+            return;
+        }
+        let added = value & !self.status;
+        let mut value = value;
+        if added & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
+            let offered = self.device.features();
+            let version_1 = 1u64 << VIRTIO_F_VERSION_1;
+            if self.driver_features & !offered != 0 || self.driver_features & version_1 == 0 {
+                tracing::warn!(
+                    "virtio-mmio: driver features {:#x} not acceptable (offered {offered:#x})",
+                    self.driver_features
+                );
+                value &= !VIRTIO_CONFIG_S_FEATURES_OK;
+            }
+        }
+        if added & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
+            let order =
+                VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK;
+            if value & order != order {
+                tracing::warn!("virtio-mmio: DRIVER_OK before FEATURES_OK; device failed");
+                value = (value & !VIRTIO_CONFIG_S_DRIVER_OK) | VIRTIO_CONFIG_S_FAILED;
+            } else if let Some(bad) = self
+                .queues
+                .iter()
+                .position(|q| q.ready() && !q.is_valid(&self.mem))
+            {
+                tracing::warn!("virtio-mmio: queue {bad} is not valid in guest memory");
+                value |= VIRTIO_CONFIG_S_NEEDS_RESET;
+            }
+        }
+        self.status = value;
+        if added & VIRTIO_CONFIG_S_DRIVER_OK != 0 && self.is_activated() {
+            self.device.activate(self.driver_features);
+            tracing::debug!(
+                device = self.device.device_type(),
+                features = format_args!("{:#x}", self.driver_features),
+                "virtio device activated"
+            );
+            // Notifications the driver sent before DRIVER_OK, and frames
+            // that waited on the backend, are served now.
+            let mut done = Processed::NOTHING;
+            for index in 0..self.queues.len() {
+                done = done.or(self
+                    .device
+                    .process_queue(index, &mut self.queues, &self.mem));
+            }
+            done = done.or(self.device.process_backend(&mut self.queues, &self.mem));
+            self.signal(done);
+        }
+    }
+
+    fn reset(&mut self) {
+        self.device.reset();
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.driver_features = 0;
+        self.queue_sel = 0;
+        self.status = 0;
+        self.interrupt_status = 0;
+    }
+
+    /// Processes queue `index` if the device is live.
+    pub fn process_queue(&mut self, index: usize) {
+        if !self.is_activated() || index >= self.queues.len() {
+            return;
+        }
+        if !self.queues[index].ready() {
+            return;
+        }
+        let done = self
+            .device
+            .process_queue(index, &mut self.queues, &self.mem);
+        self.signal(done);
+    }
+
+    /// The backend became readable.
+    pub fn process_backend(&mut self) {
+        if !self.is_activated() {
+            return;
+        }
+        let done = self.device.process_backend(&mut self.queues, &self.mem);
+        self.signal(done);
+    }
+
+    /// Test hook: the pending interrupt count, if the irq eventfd fired.
+    #[cfg(test)]
+    pub(crate) fn irq_pending(&self) -> Option<u64> {
+        self.irq.read().ok()
+    }
+
+    fn signal(&mut self, done: Processed) {
+        if !done.used {
+            return;
+        }
+        self.interrupt_status |= INT_VRING;
+        if let Err(e) = self.irq.write(1) {
+            tracing::error!("virtio-mmio: cannot raise the interrupt: {e}");
+        }
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_SPACE {
+            self.device.read_config(offset - CONFIG_SPACE, data);
+            return;
+        }
+        match <[u8; 4]>::try_from(&*data) {
+            Ok(_) if offset % 4 == 0 => {
+                data.copy_from_slice(&self.read_register(offset).to_le_bytes());
+            }
+            _ => tracing::warn!(
+                "virtio-mmio: {}-byte read at register {offset:#x}; registers are 32-bit",
+                data.len()
+            ),
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_SPACE {
+            self.device.write_config(offset - CONFIG_SPACE, data);
+            self.config_generation = self.config_generation.wrapping_add(1);
+            return;
+        }
+        match <[u8; 4]>::try_from(data) {
+            Ok(bytes) if offset % 4 == 0 => self.write_register(offset, u32::from_le_bytes(bytes)),
+            _ => tracing::warn!(
+                "virtio-mmio: {}-byte write at register {offset:#x}; registers are 32-bit",
+                data.len()
+            ),
+        }
+    }
+}
+
+impl MutEventSubscriber for MmioTransport {
+    fn init(&mut self, ops: &mut EventOps) {
+        for (index, evt) in self.queue_evts.iter().enumerate() {
+            let event = Events::with_data(evt, index as u32, EventSet::IN);
+            if let Err(e) = ops.add(event) {
+                tracing::error!("virtio-mmio: cannot watch queue {index}: {e:?}");
+            }
+        }
+        if let Some(fd) = self.device.backend_fd() {
+            let event =
+                Events::with_data_raw(fd, BACKEND_EVENT, EventSet::IN | EventSet::EDGE_TRIGGERED);
+            if let Err(e) = ops.add(event) {
+                tracing::error!("virtio-mmio: cannot watch the backend: {e:?}");
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        match events.data() {
+            BACKEND_EVENT => self.process_backend(),
+            index => {
+                let index = index as usize;
+                if let Some(evt) = self.queue_evts.get(index) {
+                    // Drain the counter; a read error only means "nothing
+                    // pending", which process_queue copes with.
+                    let _ = evt.read();
+                    debug_assert_eq!(evt.as_raw_fd(), events.fd());
+                    self.process_queue(index);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::testing::{guest_memory, DriverSim};
+    use crate::virtio::{DeviceCounters, Processed};
+    use std::sync::Arc;
+
+    /// A device with two queues that returns every chain with length 7.
+    struct Echo {
+        counters: Arc<DeviceCounters>,
+        activated: Option<u64>,
+    }
+
+    impl VirtioDevice for Echo {
+        fn device_type(&self) -> u32 {
+            42
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16, 8]
+        }
+        fn features(&self) -> u64 {
+            (1 << VIRTIO_F_VERSION_1) | 0b101
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = (offset as u8).wrapping_add(i as u8);
+            }
+        }
+        fn activate(&mut self, acked: u64) {
+            self.activated = Some(acked);
+        }
+        fn process_queue(
+            &mut self,
+            index: usize,
+            queues: &mut [Queue],
+            mem: &GuestMemoryMmap,
+        ) -> Processed {
+            let q = &mut queues[index];
+            let mut done = Processed::NOTHING;
+            while let Some(chain) = q.pop_descriptor_chain(mem) {
+                q.add_used(mem, chain.head_index(), 7).unwrap();
+                done = Processed::USED;
+            }
+            done
+        }
+        fn counters(&self) -> Arc<DeviceCounters> {
+            self.counters.clone()
+        }
+    }
+
+    fn transport() -> MmioTransport {
+        let dev = Echo {
+            counters: Arc::default(),
+            activated: None,
+        };
+        MmioTransport::new(
+            Box::new(dev),
+            guest_memory(),
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn read32(t: &mut MmioTransport, offset: u64) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(offset, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    #[test]
+    fn identification_registers() {
+        let mut t = transport();
+        assert_eq!(read32(&mut t, REG_MAGIC), MAGIC);
+        assert_eq!(read32(&mut t, REG_VERSION), 2);
+        assert_eq!(read32(&mut t, REG_DEVICE_ID), 42);
+        t.write(REG_DEVICE_FEATURES_SEL, &1u32.to_le_bytes());
+        assert_eq!(read32(&mut t, REG_DEVICE_FEATURES), 1);
+        t.write(REG_DEVICE_FEATURES_SEL, &0u32.to_le_bytes());
+        assert_eq!(read32(&mut t, REG_DEVICE_FEATURES), 0b101);
+        t.write(REG_QUEUE_SEL, &1u32.to_le_bytes());
+        assert_eq!(read32(&mut t, REG_QUEUE_NUM_MAX), 8);
+        t.write(REG_QUEUE_SEL, &9u32.to_le_bytes());
+        assert_eq!(read32(&mut t, REG_QUEUE_NUM_MAX), 0);
+        let mut cfg = [0u8; 3];
+        t.read(CONFIG_SPACE + 4, &mut cfg);
+        assert_eq!(cfg, [4, 5, 6]);
+    }
+
+    #[test]
+    fn narrow_register_access_is_ignored() {
+        let mut t = transport();
+        let mut b = [0xffu8; 2];
+        t.read(REG_MAGIC, &mut b);
+        assert_eq!(b, [0xff, 0xff]);
+        t.write(REG_STATUS, &[1]);
+        assert_eq!(t.status(), 0);
+    }
+
+    #[test]
+    fn features_without_version_1_are_refused() {
+        let mut t = transport();
+        let mut sim = DriverSim::new(&mut t);
+        sim.status(VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER);
+        sim.driver_features(0b1);
+        sim.status(
+            VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK,
+        );
+        assert_eq!(sim.read_status() & VIRTIO_CONFIG_S_FEATURES_OK, 0);
+    }
+
+    #[test]
+    fn features_not_offered_are_refused() {
+        let mut t = transport();
+        let mut sim = DriverSim::new(&mut t);
+        sim.status(VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER);
+        sim.driver_features((1 << VIRTIO_F_VERSION_1) | 0b10);
+        sim.status(
+            VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK,
+        );
+        assert_eq!(sim.read_status() & VIRTIO_CONFIG_S_FEATURES_OK, 0);
+    }
+
+    #[test]
+    fn activation_processes_and_interrupts() {
+        let mut t = transport();
+        let mut sim = DriverSim::new(&mut t);
+        sim.negotiate((1 << VIRTIO_F_VERSION_1) | 0b100);
+        sim.setup_queue(0, 16);
+        sim.add_buffer(0, &[(0x10_000, 64, false)]);
+        sim.driver_ok();
+        assert!(t.is_activated());
+        assert_eq!(read32(&mut t, REG_INTERRUPT_STATUS), INT_VRING);
+        assert_eq!(t.irq.read().unwrap(), 1);
+        let sim = DriverSim::new(&mut t);
+        assert_eq!(sim.used(0), vec![(0, 7)]);
+        t.write(REG_INTERRUPT_ACK, &INT_VRING.to_le_bytes());
+        assert_eq!(read32(&mut t, REG_INTERRUPT_STATUS), 0);
+    }
+
+    #[test]
+    fn queue_cannot_change_once_live_and_reset_clears() {
+        let mut t = transport();
+        let mut sim = DriverSim::new(&mut t);
+        sim.negotiate(1 << VIRTIO_F_VERSION_1);
+        sim.setup_queue(0, 16);
+        sim.driver_ok();
+        t.write(REG_QUEUE_SEL, &0u32.to_le_bytes());
+        t.write(REG_QUEUE_DESC_LOW, &0x5000u32.to_le_bytes());
+        assert_eq!(t.queues[0].desc_table(), crate::virtio::testing::QUEUE_BASE);
+        t.write(REG_STATUS, &0u32.to_le_bytes());
+        assert_eq!(t.status(), 0);
+        assert!(!t.queues[0].ready());
+        assert!(!t.is_activated());
+    }
+
+    #[test]
+    fn queue_outside_memory_needs_reset() {
+        let mut t = transport();
+        let mut sim = DriverSim::new(&mut t);
+        sim.negotiate(1 << VIRTIO_F_VERSION_1);
+        sim.setup_queue_at(0, 16, 0xffff_0000);
+        sim.driver_ok();
+        assert!(!t.is_activated());
+        assert_ne!(t.status() & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+        // A notify on a dead device does nothing.
+        t.process_queue(0);
+        assert!(t.irq.read().is_err());
+    }
+}

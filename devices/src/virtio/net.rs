@@ -1,0 +1,445 @@
+//! virtio-net: a receive and a transmit queue over a [`NetBackend`].
+//!
+//! The backend deals in plain Ethernet frames; the device adds the 12-byte
+//! `virtio_net_hdr_v1` (no offloads: all zero, `num_buffers` 1) on receive
+//! and strips it on transmit. That keeps the frames the COLO proxy sees
+//! free of virtio details.
+//!
+//! Receive is edge-triggered: the device reads the backend until it would
+//! block or the guest has no buffer left; a frame that found no buffer
+//! waits in the device until the driver adds one and notifies.
+
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::Bytes;
+
+use super::{DeviceCounters, GuestMemoryMmap, Processed, VirtioDevice};
+
+/// Length of `struct virtio_net_hdr_v1`.
+pub const NET_HDR_LEN: usize = 12;
+/// Largest frame the device moves (no offloads are offered, so frames are
+/// bounded by the tap's MTU; this leaves room for jumbo frames).
+pub const MAX_FRAME_LEN: usize = 65536;
+const MIN_FRAME_LEN: usize = 14;
+const RX: usize = 0;
+const TX: usize = 1;
+const QUEUE_SIZES: &[u16] = &[256, 256];
+
+/// Where a virtio-net device's frames come from and go to. `vmm` puts the
+/// COLO proxy here; [`super::Tap`] is the plain one.
+pub trait NetBackend: Send {
+    /// A file descriptor that becomes readable (edge-triggered) when frames
+    /// arrive, if the backend has one.
+    fn fd(&self) -> Option<RawFd>;
+    /// Receives one frame into `buf`; `ErrorKind::WouldBlock` when none is
+    /// waiting.
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Sends one frame.
+    fn send(&mut self, frame: &[u8]) -> io::Result<()>;
+}
+
+/// A virtio-net device.
+pub struct Net {
+    backend: Box<dyn NetBackend>,
+    mac: [u8; 6],
+    counters: Arc<DeviceCounters>,
+    /// Header + frame of a received frame still waiting for a guest buffer
+    /// (`rx_len` bytes; 0 when none waits).
+    rx_buf: Vec<u8>,
+    rx_len: usize,
+    tx_buf: Vec<u8>,
+}
+
+impl Net {
+    /// A device with MAC address `mac` over `backend`.
+    pub fn new(backend: Box<dyn NetBackend>, mac: [u8; 6]) -> Self {
+        let mut rx_buf = vec![0u8; NET_HDR_LEN + MAX_FRAME_LEN];
+        // num_buffers = 1; every other header field stays zero.
+        rx_buf[10] = 1;
+        Self {
+            backend,
+            mac,
+            counters: Arc::default(),
+            rx_buf,
+            rx_len: 0,
+            tx_buf: Vec::with_capacity(NET_HDR_LEN + MAX_FRAME_LEN),
+        }
+    }
+
+    /// Moves frames from the backend into guest buffers.
+    fn receive(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Processed {
+        let mut done = Processed::NOTHING;
+        loop {
+            if self.rx_len == 0 {
+                match self.backend.recv(&mut self.rx_buf[NET_HDR_LEN..]) {
+                    Ok(n) if n >= MIN_FRAME_LEN => self.rx_len = NET_HDR_LEN + n,
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        tracing::error!("virtio-net: receive failed: {e}");
+                        break;
+                    }
+                }
+            }
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break; // the frame waits for the driver's next buffers
+            };
+            let head = chain.head_index();
+            let descs: Vec<Descriptor> = chain.collect();
+            let frame = &self.rx_buf[..self.rx_len];
+            match write_chain(&descs, frame, mem) {
+                Ok(()) => {
+                    if let Err(e) = queue.add_used(mem, head, frame.len() as u32) {
+                        tracing::error!("virtio-net: cannot return rx buffer {head}: {e}");
+                    }
+                    DeviceCounters::add(&self.counters.requests, 1);
+                    DeviceCounters::add(
+                        &self.counters.read_bytes,
+                        (frame.len() - NET_HDR_LEN) as u64,
+                    );
+                    done = Processed::USED;
+                }
+                Err(why) => {
+                    tracing::warn!("virtio-net: rx buffer {head} unusable ({why}); frame dropped");
+                    DeviceCounters::add(&self.counters.errors, 1);
+                    if let Err(e) = queue.add_used(mem, head, 0) {
+                        tracing::error!("virtio-net: cannot return rx buffer {head}: {e}");
+                    }
+                    done = Processed::USED;
+                }
+            }
+            self.rx_len = 0;
+        }
+        done
+    }
+
+    /// Sends every frame the driver queued.
+    fn transmit(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Processed {
+        let mut done = Processed::NOTHING;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let descs: Vec<Descriptor> = chain.collect();
+            match gather_chain(&descs, mem, &mut self.tx_buf) {
+                Ok(()) => {
+                    let frame = &self.tx_buf[NET_HDR_LEN..];
+                    match self.backend.send(frame) {
+                        Ok(()) => {
+                            DeviceCounters::add(&self.counters.requests, 1);
+                            DeviceCounters::add(&self.counters.write_bytes, frame.len() as u64);
+                        }
+                        Err(e) => {
+                            tracing::debug!("virtio-net: send failed: {e}; frame dropped");
+                            DeviceCounters::add(&self.counters.errors, 1);
+                        }
+                    }
+                }
+                Err(why) => {
+                    tracing::warn!("virtio-net: tx chain {head} malformed ({why}); dropped");
+                    DeviceCounters::add(&self.counters.errors, 1);
+                }
+            }
+            if let Err(e) = queue.add_used(mem, head, 0) {
+                tracing::error!("virtio-net: cannot return tx buffer {head}: {e}");
+            }
+            done = Processed::USED;
+        }
+        done
+    }
+}
+
+/// Writes `bytes` across the device-writable buffers of a chain.
+fn write_chain(
+    descs: &[Descriptor],
+    bytes: &[u8],
+    mem: &GuestMemoryMmap,
+) -> Result<(), &'static str> {
+    let room: u64 = descs.iter().map(|d| u64::from(d.len())).sum();
+    if room < bytes.len() as u64 {
+        return Err("too small for the frame");
+    }
+    if descs
+        .iter()
+        .any(|d| !d.is_write_only() || !super::in_memory(mem, d.addr(), d.len() as usize))
+    {
+        return Err("not device-writable guest memory");
+    }
+    let mut rest = bytes;
+    for d in descs {
+        if rest.is_empty() {
+            break;
+        }
+        let n = rest.len().min(d.len() as usize);
+        mem.write_slice(&rest[..n], d.addr())
+            .map_err(|_| "not in guest memory")?;
+        rest = &rest[n..];
+    }
+    Ok(())
+}
+
+/// Gathers the driver-readable buffers of a chain (header + frame) into
+/// `out`.
+fn gather_chain(
+    descs: &[Descriptor],
+    mem: &GuestMemoryMmap,
+    out: &mut Vec<u8>,
+) -> Result<(), &'static str> {
+    let total: u64 = descs.iter().map(|d| u64::from(d.len())).sum();
+    if total < (NET_HDR_LEN + MIN_FRAME_LEN) as u64 || total > (NET_HDR_LEN + MAX_FRAME_LEN) as u64
+    {
+        return Err("bad length");
+    }
+    if descs
+        .iter()
+        .any(|d| d.is_write_only() || !super::in_memory(mem, d.addr(), d.len() as usize))
+    {
+        return Err("not driver-readable guest memory");
+    }
+    out.clear();
+    for d in descs {
+        let start = out.len();
+        out.resize(start + d.len() as usize, 0);
+        mem.read_slice(&mut out[start..], d.addr())
+            .map_err(|_| "not in guest memory")?;
+    }
+    Ok(())
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        QUEUE_SIZES
+    }
+
+    fn features(&self) -> u64 {
+        (1u64 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_NET_F_STATUS)
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // struct virtio_net_config: mac[6], status (link always up).
+        let mut config = [0u8; 8];
+        config[..6].copy_from_slice(&self.mac);
+        config[6..].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| config.get(o + i))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn reset(&mut self) {
+        self.rx_len = 0;
+    }
+
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+    ) -> Processed {
+        match (index, queues) {
+            (RX, [rx, ..]) => self.receive(rx, mem),
+            (TX, [_, tx, ..]) => self.transmit(tx, mem),
+            _ => Processed::NOTHING,
+        }
+    }
+
+    fn backend_fd(&self) -> Option<RawFd> {
+        self.backend.fd()
+    }
+
+    fn process_backend(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Processed {
+        match queues.first_mut() {
+            Some(rx) => self.receive(rx, mem),
+            None => Processed::NOTHING,
+        }
+    }
+
+    fn counters(&self) -> Arc<DeviceCounters> {
+        self.counters.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::mmio::MmioTransport;
+    use crate::virtio::testing::{guest_memory, DriverSim};
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+    use vm_memory::GuestAddress;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    /// A backend whose inbound frames and sent frames the test sees.
+    #[derive(Clone, Default)]
+    struct Loop {
+        inbound: Arc<Mutex<VecDeque<Vec<u8>>>>,
+        sent: Arc<Mutex<Vec<Vec<u8>>>>,
+    }
+
+    impl NetBackend for Loop {
+        fn fd(&self) -> Option<RawFd> {
+            None
+        }
+        fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let frame = self.inbound.lock().unwrap().pop_front();
+            match frame {
+                Some(f) => {
+                    buf[..f.len()].copy_from_slice(&f);
+                    Ok(f.len())
+                }
+                None => Err(io::ErrorKind::WouldBlock.into()),
+            }
+        }
+        fn send(&mut self, frame: &[u8]) -> io::Result<()> {
+            self.sent.lock().unwrap().push(frame.to_vec());
+            Ok(())
+        }
+    }
+
+    fn net() -> (MmioTransport, Loop) {
+        let backend = Loop::default();
+        let dev = Net::new(Box::new(backend.clone()), [2, 0, 0, 0, 0, 1]);
+        let mut t = MmioTransport::new(
+            Box::new(dev),
+            guest_memory(),
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+        )
+        .unwrap();
+        let mut sim = DriverSim::new(&mut t);
+        sim.negotiate(dev_features());
+        sim.setup_queue(0, 16);
+        sim.setup_queue(1, 16);
+        sim.driver_ok();
+        assert!(t.is_activated());
+        (t, backend)
+    }
+
+    fn dev_features() -> u64 {
+        (1u64 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MAC)
+    }
+
+    fn frame(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed))
+            .collect()
+    }
+
+    #[test]
+    fn received_frame_lands_after_header_and_is_dirty() {
+        let (mut t, backend) = net();
+        let f = frame(1500, 3);
+        backend.inbound.lock().unwrap().push_back(f.clone());
+        let mut sim = DriverSim::new(&mut t);
+        // Header and frame split over two buffers.
+        sim.add_buffer(0, &[(0x1000, 100, true), (0x4000, 2000, true)]);
+        t.process_backend();
+        let sim = DriverSim::new(&mut t);
+        assert_eq!(sim.used(0), vec![(0, (NET_HDR_LEN + 1500) as u32)]);
+        let mut got = vec![0u8; NET_HDR_LEN + 1500];
+        sim.mem()
+            .read_slice(&mut got[..100], GuestAddress(0x1000))
+            .unwrap();
+        sim.mem()
+            .read_slice(&mut got[100..], GuestAddress(0x4000))
+            .unwrap();
+        assert_eq!(&got[..NET_HDR_LEN], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
+        assert_eq!(&got[NET_HDR_LEN..], &f[..]);
+        use vm_memory::bitmap::Bitmap;
+        use vm_memory::GuestMemoryBackend;
+        let region = sim.mem().find_region(GuestAddress(0x4000)).unwrap();
+        assert!(region.bitmap().dirty_at(0x4000));
+        assert!(region.bitmap().dirty_at(0x4000 + 1000));
+    }
+
+    #[test]
+    fn frame_waits_for_a_buffer() {
+        let (mut t, backend) = net();
+        backend.inbound.lock().unwrap().push_back(frame(60, 1));
+        backend.inbound.lock().unwrap().push_back(frame(70, 2));
+        t.process_backend();
+        assert!(t.irq_pending().is_none());
+        let mut sim = DriverSim::new(&mut t);
+        sim.add_buffer(0, &[(0x1000, 2048, true)]);
+        t.process_queue(0);
+        let mut sim = DriverSim::new(&mut t);
+        assert_eq!(sim.used(0), vec![(0, (NET_HDR_LEN + 60) as u32)]);
+        sim.add_buffer(0, &[(0x2000, 2048, true)]);
+        t.process_queue(0);
+        let sim = DriverSim::new(&mut t);
+        assert_eq!(sim.used(0)[1].1, (NET_HDR_LEN + 70) as u32);
+        let mut got = vec![0u8; 70];
+        sim.mem()
+            .read_slice(&mut got, GuestAddress(0x2000 + NET_HDR_LEN as u64))
+            .unwrap();
+        assert_eq!(got, frame(70, 2));
+    }
+
+    #[test]
+    fn too_small_or_read_only_buffers_drop_the_frame() {
+        let (mut t, backend) = net();
+        backend.inbound.lock().unwrap().push_back(frame(1000, 1));
+        backend.inbound.lock().unwrap().push_back(frame(60, 2));
+        let mut sim = DriverSim::new(&mut t);
+        sim.add_buffer(0, &[(0x1000, 500, true)]);
+        sim.add_buffer(0, &[(0x2000, 500, false)]);
+        t.process_backend();
+        let sim = DriverSim::new(&mut t);
+        assert_eq!(sim.used(0), vec![(0, 0), (4, 0)]);
+        assert_eq!(
+            t.device()
+                .counters()
+                .errors
+                .load(std::sync::atomic::Ordering::Relaxed),
+            2
+        );
+    }
+
+    #[test]
+    fn transmit_strips_the_header() {
+        let (mut t, backend) = net();
+        let f = frame(200, 9);
+        let mut sim = DriverSim::new(&mut t);
+        sim.mem()
+            .write_slice(&[0u8; NET_HDR_LEN], GuestAddress(0x1000))
+            .unwrap();
+        sim.mem().write_slice(&f, GuestAddress(0x3000)).unwrap();
+        sim.add_buffer(
+            1,
+            &[(0x1000, NET_HDR_LEN as u32, false), (0x3000, 200, false)],
+        );
+        // A runt and a device-writable chain are dropped.
+        sim.add_buffer(1, &[(0x1000, 20, false)]);
+        sim.add_buffer(1, &[(0x1000, 100, true)]);
+        t.process_queue(1);
+        assert_eq!(*backend.sent.lock().unwrap(), vec![f]);
+        let sim = DriverSim::new(&mut t);
+        assert_eq!(sim.used(1).len(), 3);
+        let c = t.device().counters();
+        assert_eq!(
+            c.write_bytes.load(std::sync::atomic::Ordering::Relaxed),
+            200
+        );
+        assert_eq!(c.errors.load(std::sync::atomic::Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn config_holds_mac_and_link() {
+        let (t, _) = net();
+        let mut cfg = [0u8; 8];
+        t.device().read_config(0, &mut cfg);
+        assert_eq!(cfg, [2, 0, 0, 0, 0, 1, 1, 0]);
+    }
+}
