@@ -111,6 +111,101 @@ pub struct Cli {
     /// Track dirty pages from boot (KVM dirty log on every memory slot).
     #[arg(long)]
     pub track_dirty_pages: bool,
+    /// A virtio-blk disk backed by a raw image file; repeat for more disks.
+    #[arg(long = "disk", value_name = "PATH[,readonly]")]
+    pub disks: Vec<DiskConfig>,
+    /// A virtio-net device on a tap interface; repeat for more.
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
+    pub nets: Vec<NetConfig>,
+    /// REST control socket (HTTP/1.1 on a Unix socket, created mode 0600).
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
+}
+
+/// Most virtio devices a VM may have (one IRQ line each, 5..=15 minus the
+/// serial port's).
+pub const MAX_VIRTIO_DEVICES: usize = 8;
+
+/// A virtio-blk disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// Raw image file.
+    pub path: PathBuf,
+    /// Guest writes fail with an I/O error status; the file is opened read-only.
+    pub read_only: bool,
+}
+
+impl std::str::FromStr for DiskConfig {
+    type Err = String;
+
+    /// `PATH` or `PATH,readonly` (also `ro`).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (path, opts) = match s.rsplit_once(',') {
+            Some((path, opt @ ("readonly" | "ro" | "rw"))) => (path, Some(opt)),
+            Some((_, other)) if !other.contains('/') => {
+                return Err(format!("unknown disk option {other:?} (expected `readonly`)"))
+            }
+            _ => (s, None),
+        };
+        if path.is_empty() {
+            return Err("empty disk path".into());
+        }
+        Ok(Self {
+            path: PathBuf::from(path),
+            read_only: matches!(opts, Some("readonly" | "ro")),
+        })
+    }
+}
+
+/// A virtio-net device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Tap interface name (created if missing and allowed).
+    pub tap: String,
+    /// The guest's MAC address; defaults to 52:54:00:c0:10:NN by device index.
+    pub mac: Option<[u8; 6]>,
+}
+
+impl std::str::FromStr for NetConfig {
+    type Err = String;
+
+    /// `tap=NAME[,mac=aa:bb:cc:dd:ee:ff]`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut tap = None;
+        let mut mac = None;
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("tap", name)) if !name.is_empty() => tap = Some(name.to_string()),
+                Some(("mac", m)) => mac = Some(parse_mac(m)?),
+                _ => return Err(format!("unknown net option {part:?} (expected tap=NAME or mac=MAC)")),
+            }
+        }
+        Ok(Self {
+            tap: tap.ok_or("a net device needs tap=NAME")?,
+            mac,
+        })
+    }
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`; refuses multicast addresses.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let bad = || format!("invalid MAC address {s:?} (expected six hex bytes like 52:54:00:12:34:56)");
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for byte in &mut mac {
+        let p = parts.next().ok_or_else(bad)?;
+        if p.len() != 2 {
+            return Err(bad());
+        }
+        *byte = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!("MAC address {s} is multicast; a NIC needs a unicast address"));
+    }
+    Ok(mac)
 }
 
 /// The settings a `--config` file may hold. Unknown keys are refused.
@@ -126,6 +221,11 @@ pub struct FileConfig {
     pub serial: Option<String>,
     pub cpu_template: Option<CpuTemplate>,
     pub track_dirty_pages: Option<bool>,
+    /// Same syntax as `--disk`.
+    pub disks: Option<Vec<String>>,
+    /// Same syntax as `--net`.
+    pub nets: Option<Vec<String>>,
+    pub api_sock: Option<PathBuf>,
 }
 
 /// A complete, validated VM configuration.
@@ -140,6 +240,16 @@ pub struct VmConfig {
     pub serial: SerialOutput,
     pub cpu_template: CpuTemplate,
     pub track_dirty_pages: bool,
+    pub disks: Vec<DiskConfig>,
+    pub nets: Vec<NetConfig>,
+    pub api_sock: Option<PathBuf>,
+}
+
+impl NetConfig {
+    /// The MAC the device at `index` gets.
+    pub fn mac_or_default(&self, index: usize) -> [u8; 6] {
+        self.mac.unwrap_or([0x52, 0x54, 0x00, 0xc0, 0x10, index as u8])
+    }
 }
 
 /// Kernel image formats `vmm` boots.
@@ -192,6 +302,22 @@ pub enum ConfigError {
     CmdlineTooLong(usize),
     #[error("kernel command line contains a NUL byte")]
     CmdlineNul,
+    #[error("invalid entry in `{key}` of the config file: {message}")]
+    FileEntry { key: &'static str, message: String },
+    #[error("{0} virtio devices requested; at most {MAX_VIRTIO_DEVICES} are supported")]
+    TooManyDevices(usize),
+    #[error("cannot open disk {path}")]
+    OpenDisk {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("disk {0} is not a regular file")]
+    DiskNotFile(PathBuf),
+    #[error("tap {0} is used by two net devices")]
+    DuplicateTap(String),
+    #[error("MAC address {0} is used by two net devices")]
+    DuplicateMac(String),
     #[error("--role {0} is not built yet: only --role standalone runs a VM for now")]
     RoleNotBuilt(Role),
 }
@@ -230,6 +356,17 @@ impl VmConfig {
                 .unwrap_or(SerialOutput::Stdout),
             cpu_template: cli.cpu_template.or(file.cpu_template).unwrap_or_default(),
             track_dirty_pages: cli.track_dirty_pages || file.track_dirty_pages.unwrap_or(false),
+            disks: if cli.disks.is_empty() {
+                parse_entries("disks", file.disks)?
+            } else {
+                cli.disks.clone()
+            },
+            nets: if cli.nets.is_empty() {
+                parse_entries("nets", file.nets)?
+            } else {
+                cli.nets.clone()
+            },
+            api_sock: cli.api_sock.clone().or(file.api_sock),
         };
         config.validate()?;
         Ok(config)
@@ -258,6 +395,31 @@ impl VmConfig {
             return Err(ConfigError::CmdlineNul);
         }
         kernel_format(&self.kernel)?;
+        let devices = self.disks.len() + self.nets.len();
+        if devices > MAX_VIRTIO_DEVICES {
+            return Err(ConfigError::TooManyDevices(devices));
+        }
+        for disk in &self.disks {
+            let meta = std::fs::metadata(&disk.path).map_err(|source| ConfigError::OpenDisk {
+                path: disk.path.clone(),
+                source,
+            })?;
+            if !meta.is_file() {
+                return Err(ConfigError::DiskNotFile(disk.path.clone()));
+            }
+        }
+        for (i, net) in self.nets.iter().enumerate() {
+            for (j, other) in self.nets.iter().enumerate().take(i) {
+                if other.tap == net.tap {
+                    return Err(ConfigError::DuplicateTap(net.tap.clone()));
+                }
+                let (a, b) = (net.mac_or_default(i), other.mac_or_default(j));
+                if a == b {
+                    let text: Vec<String> = a.iter().map(|b| format!("{b:02x}")).collect();
+                    return Err(ConfigError::DuplicateMac(text.join(":")));
+                }
+            }
+        }
         if let Some(path) = &self.initrd {
             File::open(path).map_err(|source| ConfigError::OpenInitrd {
                 path: path.clone(),
@@ -271,6 +433,18 @@ impl VmConfig {
     pub fn mem_size(&self) -> u64 {
         self.mem_mib << 20
     }
+}
+
+/// Parses list entries of a config file with the flags' syntax.
+fn parse_entries<T: std::str::FromStr<Err = String>>(
+    key: &'static str,
+    entries: Option<Vec<String>>,
+) -> Result<Vec<T>, ConfigError> {
+    entries
+        .unwrap_or_default()
+        .iter()
+        .map(|e| e.parse().map_err(|message| ConfigError::FileEntry { key, message }))
+        .collect()
 }
 
 /// Reads and parses a `--config` file.

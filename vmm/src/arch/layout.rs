@@ -39,6 +39,11 @@ pub const MPTABLE_START: u64 = 0x9fc00;
 pub const BASE_MEMORY_END: u64 = 0xa0000;
 /// Where high memory, and the kernel, starts.
 pub const HIMEM_START: u64 = 0x10_0000;
+/// First virtio-mmio window; device `i` is at `VIRTIO_MMIO_BASE + i * 4 KiB`.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// IRQ line (= IOAPIC pin) of the first virtio device; device `i` uses
+/// `VIRTIO_IRQ_BASE + i`.
+pub const VIRTIO_IRQ_BASE: u32 = 5;
 /// Start of the MMIO hole below 4 GiB.
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 /// End of the MMIO hole (4 GiB).

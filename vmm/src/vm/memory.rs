@@ -9,13 +9,12 @@
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
-use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::arch::layout::ram_ranges;
 
 /// Guest memory as the VMM sees it.
-pub type GuestMemory = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+pub type GuestMemory = devices::virtio::GuestMemoryMmap;
 
 /// Errors creating or registering guest memory.
 #[derive(Debug, thiserror::Error)]

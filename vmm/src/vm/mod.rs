@@ -3,16 +3,19 @@
 
 pub mod boot;
 pub mod cpuid;
+pub mod device_loop;
 pub mod memory;
 pub mod regs;
 pub mod vcpu;
+pub mod virtio;
 
 use std::fs::File;
 use std::io::Write;
-use std::sync::atomic::AtomicU64;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use devices::legacy::{
     EventFdTrigger, Serial, COM1_IRQ, COM1_PORT, COM_PORT_LEN, I8042, I8042_DATA_PORT,
@@ -27,7 +30,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::arch::layout::KVM_TSS_ADDR;
 use crate::config::{SerialOutput, VmConfig};
 use memory::GuestMemory;
-use vcpu::{Vcpu, VcpuCommand, VcpuError, VcpuEvent, VcpuHandle, VcpuStop};
+use device_loop::{DeviceLoop, DeviceLoopError};
+use vcpu::{ExitCounters, Vcpu, VcpuCommand, VcpuError, VcpuEvent, VcpuHandle, VcpuStop};
+use virtio::AttachedDevice;
 
 /// Errors creating or running a VM.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +73,22 @@ pub enum VmError {
     Vcpu(#[from] VcpuError),
     #[error("all vCPUs stopped")]
     VcpusGone,
+    #[error("cannot open disk {path}")]
+    Disk {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open tap {name}")]
+    Tap {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Virtio(#[from] devices::virtio::mmio::MmioError),
+    #[error(transparent)]
+    DeviceLoop(#[from] DeviceLoopError),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -88,10 +109,14 @@ pub enum VmExit {
 }
 
 /// Counters shared between the devices and whoever reports on the VM.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct VmCounters {
     /// Bytes the guest wrote to its serial console.
     pub serial_tx_bytes: Arc<AtomicU64>,
+    /// KVM exits by reason.
+    pub exits: Arc<ExitCounters>,
+    /// Per virtio device: name, kind, counters.
+    pub devices: Vec<(String, &'static str, Arc<devices::virtio::DeviceCounters>)>,
 }
 
 /// A created and booted VM whose vCPUs have not started yet.
@@ -103,6 +128,7 @@ pub struct Vm {
     reset_evt: EventFd,
     counters: VmCounters,
     created: Instant,
+    virtio: Vec<AttachedDevice>,
 }
 
 impl Vm {
@@ -136,13 +162,24 @@ impl Vm {
 
         let mem = memory::create(config.mem_size())?;
         memory::register(&vm_fd, &mem, config.track_dirty_pages)?;
-        let entry = boot::load(&mem, config)?;
+        let mut mmio_bus = Bus::new();
+        let (virtio, extra_cmdline) = virtio::attach(&vm_fd, &mem, config, &mut mmio_bus)?;
+        let mut boot_config = config.clone();
+        boot_config.cmdline.push_str(&extra_cmdline);
+        let entry = boot::load(&mem, &boot_config)?;
 
         let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(io_err("the reset eventfd"))?;
         let (io_bus, serial_tx_bytes) = legacy_devices(&vm_fd, config, &reset_evt)?;
         let io_bus = Arc::new(io_bus);
-        let counters = VmCounters { serial_tx_bytes };
-        let mmio_bus = Arc::new(Bus::new());
+        let counters = VmCounters {
+            serial_tx_bytes,
+            exits: Arc::default(),
+            devices: virtio
+                .iter()
+                .map(|d| (d.name.clone(), d.kind, d.counters.clone()))
+                .collect(),
+        };
+        let mmio_bus = Arc::new(mmio_bus);
 
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -161,7 +198,13 @@ impl Vm {
                 if index == 0 {
                     regs::set_boot_regs(&fd, entry.0)?;
                 }
-                Ok(Vcpu::new(index, fd, io_bus.clone(), mmio_bus.clone()))
+                Ok(Vcpu::new(
+                    index,
+                    fd,
+                    io_bus.clone(),
+                    mmio_bus.clone(),
+                    counters.exits.clone(),
+                ))
             })
             .collect::<Result<Vec<_>, VmError>>()?;
 
@@ -179,6 +222,7 @@ impl Vm {
             reset_evt,
             counters,
             created,
+            virtio,
         })
     }
 
@@ -192,7 +236,15 @@ impl Vm {
         vcpu::install_kick_handler().map_err(VmError::Signal)?;
         let (events_tx, events) = mpsc::channel();
         let wake = EventFd::new(EFD_NONBLOCK).map_err(io_err("the vCPU eventfd"))?;
+        let subscribers = self
+            .virtio
+            .iter()
+            .map(|d| d.transport.clone() as device_loop::Subscriber)
+            .collect();
+        let device_loop = DeviceLoop::start(subscribers)?;
         let mut running = RunningVm {
+            device_loop,
+            handle: VmHandle::new().map_err(io_err("the control eventfd"))?,
             handles: Vec::with_capacity(self.vcpus.len()),
             events,
             wake,
@@ -252,8 +304,108 @@ fn legacy_devices(
     Ok((bus, serial_tx_bytes))
 }
 
+/// The state of a running VM as its handle reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    Running,
+    Paused,
+    ShuttingDown,
+}
+
+/// What another thread (the API) may ask of the thread that runs the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Request {
+    Pause,
+    Resume,
+    Shutdown,
+}
+
+type Reply = mpsc::Sender<Result<(), String>>;
+
+struct HandleInner {
+    evt: EventFd,
+    requests: Mutex<VecDeque<(Request, Reply)>>,
+    state: AtomicU8,
+}
+
+/// A cloneable, thread-safe handle on a [`RunningVm`]: pause, resume and
+/// shut down from another thread while [`RunningVm::wait`] runs.
+#[derive(Clone)]
+pub struct VmHandle(Arc<HandleInner>);
+
+/// How long a handle waits for the VM thread to carry out a request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl VmHandle {
+    fn new() -> std::io::Result<Self> {
+        Ok(Self(Arc::new(HandleInner {
+            evt: EventFd::new(EFD_NONBLOCK)?,
+            requests: Mutex::new(VecDeque::new()),
+            state: AtomicU8::new(RunState::Running as u8),
+        })))
+    }
+
+    /// The VM's state.
+    pub fn state(&self) -> RunState {
+        match self.0.state.load(Ordering::SeqCst) {
+            s if s == RunState::Paused as u8 => RunState::Paused,
+            s if s == RunState::ShuttingDown as u8 => RunState::ShuttingDown,
+            _ => RunState::Running,
+        }
+    }
+
+    fn set_state(&self, state: RunState) {
+        self.0.state.store(state as u8, Ordering::SeqCst);
+    }
+
+    fn call(&self, request: Request) -> Result<(), String> {
+        if self.state() == RunState::ShuttingDown {
+            return Err("the VM is shutting down".into());
+        }
+        let (tx, rx) = mpsc::channel();
+        self.0
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back((request, tx));
+        self.0
+            .evt
+            .write(1)
+            .map_err(|e| format!("cannot reach the VM thread: {e}"))?;
+        rx.recv_timeout(REQUEST_TIMEOUT)
+            .map_err(|_| format!("the VM thread did not answer the {request:?} request"))?
+    }
+
+    /// Pauses vCPUs and device processing; a no-op when paused.
+    pub fn pause(&self) -> Result<(), String> {
+        self.call(Request::Pause)
+    }
+
+    /// Resumes after [`VmHandle::pause`]; a no-op when running.
+    pub fn resume(&self) -> Result<(), String> {
+        self.call(Request::Resume)
+    }
+
+    /// Stops the VM; [`RunningVm::wait`] then returns [`VmExit::Stopped`].
+    pub fn shutdown(&self) -> Result<(), String> {
+        self.call(Request::Shutdown)
+    }
+
+    fn take_requests(&self) -> Vec<(Request, Reply)> {
+        let _ = self.0.evt.read();
+        self.0
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+            .collect()
+    }
+}
+
 /// A VM whose vCPUs run. Dropping it stops them.
 pub struct RunningVm {
+    device_loop: DeviceLoop,
+    handle: VmHandle,
     handles: Vec<VcpuHandle>,
     events: Receiver<VcpuEvent>,
     wake: EventFd,
@@ -278,14 +430,46 @@ impl RunningVm {
         self.created.elapsed()
     }
 
-    /// Pauses every vCPU; returns once all of them stopped running guest code.
-    pub fn pause(&mut self) -> Result<(), VmError> {
-        self.command_all(VcpuCommand::Pause, |e| matches!(e, VcpuEvent::Paused(_)))
+    /// A handle for other threads.
+    pub fn handle(&self) -> VmHandle {
+        self.handle.clone()
     }
 
-    /// Resumes every vCPU after [`RunningVm::pause`].
+    /// Pauses every vCPU, then the device thread; returns once no guest
+    /// code runs and no device request is in flight.
+    pub fn pause(&mut self) -> Result<(), VmError> {
+        self.command_all(VcpuCommand::Pause, |e| matches!(e, VcpuEvent::Paused(_)))?;
+        self.device_loop.pause()?;
+        self.handle.set_state(RunState::Paused);
+        Ok(())
+    }
+
+    /// Resumes the device thread, then every vCPU, after [`RunningVm::pause`].
     pub fn resume(&mut self) -> Result<(), VmError> {
-        self.command_all(VcpuCommand::Resume, |e| matches!(e, VcpuEvent::Resumed(_)))
+        self.device_loop.resume()?;
+        self.command_all(VcpuCommand::Resume, |e| matches!(e, VcpuEvent::Resumed(_)))?;
+        self.handle.set_state(RunState::Running);
+        Ok(())
+    }
+
+    /// Carries out requests from [`VmHandle`]s; returns true on shutdown.
+    fn serve_requests(&mut self) -> bool {
+        for (request, reply) in self.handle.take_requests() {
+            let state = self.handle.state();
+            let result = match (request, state) {
+                (Request::Pause, RunState::Paused) | (Request::Resume, RunState::Running) => Ok(()),
+                (Request::Pause, _) => self.pause().map_err(|e| format!("{e:#}")),
+                (Request::Resume, _) => self.resume().map_err(|e| format!("{e:#}")),
+                (Request::Shutdown, _) => {
+                    self.handle.set_state(RunState::ShuttingDown);
+                    let _ = reply.send(Ok(()));
+                    return true;
+                }
+            };
+            tracing::info!("{request:?} requested: {result:?}");
+            let _ = reply.send(result);
+        }
+        false
     }
 
     fn command_all(
@@ -332,8 +516,14 @@ impl RunningVm {
     fn wait_for_end(&mut self) -> Result<VmExit, VmError> {
         const RESET: u64 = 0;
         const VCPU: u64 = 1;
+        const CONTROL: u64 = 2;
         let epoll = Epoll::new().map_err(io_err("epoll"))?;
-        for (fd, token) in [(&self.reset_evt, RESET), (&self.wake, VCPU)] {
+        let control = self.handle.0.clone();
+        for (fd, token) in [
+            (&self.reset_evt, RESET),
+            (&self.wake, VCPU),
+            (&control.evt, CONTROL),
+        ] {
             use std::os::fd::AsRawFd;
             epoll
                 .ctl(
@@ -343,7 +533,7 @@ impl RunningVm {
                 )
                 .map_err(io_err("epoll"))?;
         }
-        let mut ready = [EpollEvent::default(); 2];
+        let mut ready = [EpollEvent::default(); 3];
         loop {
             let n = match epoll.wait(-1, &mut ready) {
                 Ok(n) => n,
@@ -356,6 +546,12 @@ impl RunningVm {
                         let _ = self.reset_evt.read();
                         tracing::info!("guest reset: stopping the VM");
                         return Ok(VmExit::GuestShutdown);
+                    }
+                    CONTROL => {
+                        if self.serve_requests() {
+                            tracing::info!("shutdown requested: stopping the VM");
+                            return Ok(VmExit::Stopped);
+                        }
                     }
                     _ => {
                         let _ = self.wake.read();

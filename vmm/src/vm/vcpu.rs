@@ -8,6 +8,7 @@
 
 use std::cell::Cell;
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -106,12 +107,48 @@ pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
     register_signal_handler(kick_signal(), handle_kick)
 }
 
+/// KVM exits of all vCPUs, by reason.
+#[derive(Debug, Default)]
+pub struct ExitCounters {
+    pub io_in: AtomicU64,
+    pub io_out: AtomicU64,
+    pub mmio_read: AtomicU64,
+    pub mmio_write: AtomicU64,
+    pub hlt: AtomicU64,
+    /// KVM_RUN interrupted by a signal (pause/stop kicks).
+    pub interrupted: AtomicU64,
+    pub other: AtomicU64,
+}
+
+impl ExitCounters {
+    /// (reason, count) pairs, for reports.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        [
+            ("io_in", &self.io_in),
+            ("io_out", &self.io_out),
+            ("mmio_read", &self.mmio_read),
+            ("mmio_write", &self.mmio_write),
+            ("hlt", &self.hlt),
+            ("interrupted", &self.interrupted),
+            ("other", &self.other),
+        ]
+        .into_iter()
+        .map(|(name, c)| (name, c.load(Ordering::Relaxed)))
+        .collect()
+    }
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
 /// A vCPU that is configured but not running yet.
 pub struct Vcpu {
     index: u8,
     fd: VcpuFd,
     io_bus: Arc<Bus>,
     mmio_bus: Arc<Bus>,
+    exits: Arc<ExitCounters>,
 }
 
 /// What one KVM_RUN came back with, once the exit's borrow of the vCPU ends.
@@ -127,12 +164,19 @@ enum Outcome {
 }
 
 impl Vcpu {
-    pub fn new(index: u8, fd: VcpuFd, io_bus: Arc<Bus>, mmio_bus: Arc<Bus>) -> Self {
+    pub fn new(
+        index: u8,
+        fd: VcpuFd,
+        io_bus: Arc<Bus>,
+        mmio_bus: Arc<Bus>,
+        exits: Arc<ExitCounters>,
+    ) -> Self {
         Self {
             index,
             fd,
             io_bus,
             mmio_bus,
+            exits,
         }
     }
 
@@ -223,9 +267,11 @@ impl Vcpu {
             fd,
             io_bus,
             mmio_bus,
+            exits,
         } = self;
         match fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
+                bump(&exits.io_in);
                 if !io_bus.read(u64::from(port), data) {
                     // Nothing there: the bus floats high.
                     data.fill(0xff);
@@ -233,22 +279,32 @@ impl Vcpu {
                 Outcome::Continue
             }
             Ok(VcpuExit::IoOut(port, data)) => {
+                bump(&exits.io_out);
                 io_bus.write(u64::from(port), data);
                 Outcome::Continue
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
+                bump(&exits.mmio_read);
                 if !mmio_bus.read(addr, data) {
                     data.fill(0xff);
                 }
                 Outcome::Continue
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
+                bump(&exits.mmio_write);
                 mmio_bus.write(addr, data);
                 Outcome::Continue
             }
             // With the in-kernel LAPIC, HLT is handled by KVM; an exit here
             // is harmless.
-            Ok(VcpuExit::Hlt | VcpuExit::Intr) => Outcome::Continue,
+            Ok(VcpuExit::Hlt) => {
+                bump(&exits.hlt);
+                Outcome::Continue
+            }
+            Ok(VcpuExit::Intr) => {
+                bump(&exits.interrupted);
+                Outcome::Continue
+            }
             Ok(VcpuExit::Shutdown) => Outcome::TripleFault,
             Ok(VcpuExit::InternalError) => Outcome::Internal,
             Ok(VcpuExit::FailEntry(reason, _)) => Outcome::FailEntry(reason),
@@ -258,8 +314,12 @@ impl Vcpu {
                 }
                 _ => Outcome::Crash,
             },
-            Ok(other) => Outcome::Unexpected(format!("{other:?}")),
+            Ok(other) => {
+                bump(&exits.other);
+                Outcome::Unexpected(format!("{other:?}"))
+            }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                bump(&exits.interrupted);
                 fd.set_kvm_immediate_exit(0);
                 Outcome::Interrupted
             }

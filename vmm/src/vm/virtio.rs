@@ -1,0 +1,104 @@
+//! Virtio devices of a VM: each one on the MMIO bus with its queue-notify
+//! ioeventfds and its irqfd registered with KVM, and declared to the guest
+//! on the kernel command line (`virtio_mmio.device=4K@ADDR:IRQ`).
+
+use std::sync::{Arc, Mutex};
+
+use devices::virtio::{
+    Block, DeviceCounters, FileBackend, MmioTransport, Net, Tap, VirtioDevice, MMIO_WINDOW_LEN,
+    QUEUE_NOTIFY_OFFSET,
+};
+use devices::Bus;
+use kvm_ioctls::{IoEventAddress, VmFd};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::memory::GuestMemory;
+use super::{io_err, kvm_err, VmError};
+use crate::arch::layout::{VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE};
+use crate::config::VmConfig;
+
+/// One attached virtio device.
+pub struct AttachedDevice {
+    /// `blk0`, `net0`, ...
+    pub name: String,
+    /// `virtio-blk` or `virtio-net`.
+    pub kind: &'static str,
+    /// Base of its MMIO window.
+    pub base: u64,
+    /// Its IRQ line.
+    pub irq: u32,
+    /// The transport, shared by the MMIO bus and the device thread.
+    pub transport: Arc<Mutex<MmioTransport>>,
+    /// Its counters.
+    pub counters: Arc<DeviceCounters>,
+}
+
+/// Creates the disks, then the NICs, of `config`, in that order, places
+/// them on `mmio_bus` and wires them to KVM. Returns them and the text to
+/// append to the kernel command line.
+pub fn attach(
+    vm_fd: &VmFd,
+    mem: &GuestMemory,
+    config: &VmConfig,
+    mmio_bus: &mut Bus,
+) -> Result<(Vec<AttachedDevice>, String), VmError> {
+    let mut made: Vec<(String, &'static str, Box<dyn VirtioDevice>)> = Vec::new();
+    for (i, disk) in config.disks.iter().enumerate() {
+        let backend = FileBackend::open(&disk.path, disk.read_only).map_err(|source| {
+            VmError::Disk {
+                path: disk.path.display().to_string(),
+                source,
+            }
+        })?;
+        tracing::info!(
+            path = %disk.path.display(),
+            bytes = devices::virtio::BlockBackend::capacity(&backend),
+            read_only = disk.read_only,
+            "disk blk{i}"
+        );
+        made.push((format!("blk{i}"), "virtio-blk", Box::new(Block::new(Box::new(backend)))));
+    }
+    for (i, net) in config.nets.iter().enumerate() {
+        let tap = Tap::open(&net.tap).map_err(|source| VmError::Tap {
+            name: net.tap.clone(),
+            source,
+        })?;
+        let mac = net.mac_or_default(i);
+        tracing::info!(tap = %net.tap, mac = ?mac, "nic net{i}");
+        made.push((format!("net{i}"), "virtio-net", Box::new(Net::new(Box::new(tap), mac))));
+    }
+
+    let mut attached = Vec::with_capacity(made.len());
+    let mut cmdline = String::new();
+    for (index, (name, kind, device)) in made.into_iter().enumerate() {
+        let base = VIRTIO_MMIO_BASE + index as u64 * MMIO_WINDOW_LEN;
+        let irq = VIRTIO_IRQ_BASE + index as u32;
+        let irq_evt = EventFd::new(EFD_NONBLOCK).map_err(io_err("a virtio irqfd"))?;
+        vm_fd
+            .register_irqfd(&irq_evt, irq)
+            .map_err(kvm_err("a virtio irqfd"))?;
+        let counters = device.counters();
+        let transport = MmioTransport::new(device, mem.clone(), irq_evt).map_err(VmError::Virtio)?;
+        for (queue, evt) in transport.queue_events().iter().enumerate() {
+            vm_fd
+                .register_ioevent(
+                    evt,
+                    &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET),
+                    queue as u32,
+                )
+                .map_err(kvm_err("a virtio queue ioeventfd"))?;
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        mmio_bus.insert(transport.clone(), base, MMIO_WINDOW_LEN)?;
+        cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
+        attached.push(AttachedDevice {
+            name,
+            kind,
+            base,
+            irq,
+            transport,
+            counters,
+        });
+    }
+    Ok((attached, cmdline))
+}
