@@ -138,11 +138,11 @@ pub struct DiskConfig {
 impl std::str::FromStr for DiskConfig {
     type Err = String;
 
-    /// `PATH` or `PATH,readonly` (also `ro`).
+    /// `PATH` or `PATH,readonly` (also `ro`). A path may not contain a comma.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (path, opts) = match s.rsplit_once(',') {
             Some((path, opt @ ("readonly" | "ro" | "rw"))) => (path, Some(opt)),
-            Some((_, other)) if !other.contains('/') => {
+            Some((_, other)) => {
                 return Err(format!("unknown disk option {other:?} (expected `readonly`)"))
             }
             _ => (s, None),
@@ -567,6 +567,43 @@ mod tests {
             err(&["--kernel", k, "--role", "primary"]),
             ConfigError::RoleNotBuilt(Role::Primary)
         ));
+    }
+
+    #[test]
+    fn disk_and_net_options_parse() {
+        let d: DiskConfig = "/tmp/a.img,readonly".parse().unwrap();
+        assert_eq!((d.path.to_str(), d.read_only), (Some("/tmp/a.img"), true));
+        let d: DiskConfig = "/tmp/a.img".parse().unwrap();
+        assert_eq!((d.path.to_str(), d.read_only), (Some("/tmp/a.img"), false));
+        assert!("/tmp/a.img,bogus".parse::<DiskConfig>().is_err());
+        let n: NetConfig = "tap=tap0,mac=52:54:00:aa:bb:cc".parse().unwrap();
+        assert_eq!(n.tap, "tap0");
+        assert_eq!(n.mac, Some([0x52, 0x54, 0, 0xaa, 0xbb, 0xcc]));
+        assert_eq!(n.mac_or_default(3), [0x52, 0x54, 0, 0xaa, 0xbb, 0xcc]);
+        let n: NetConfig = "tap=t1".parse().unwrap();
+        assert_eq!(n.mac_or_default(3), [0x52, 0x54, 0, 0xc0, 0x10, 3]);
+        for bad in ["mac=52:54:00:aa:bb:cc", "tap=", "tap=t,mac=01:00:00:00:00:00", "tap=t,mac=1:2:3", "tap=t,x=y"] {
+            assert!(bad.parse::<NetConfig>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn device_lists_are_validated() {
+        let kernel = elf_file();
+        let k = kernel.path().to_str().unwrap();
+        let e = VmConfig::from_cli(&cli(&["--kernel", k, "--disk", "/nonexistent.img"])).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent.img"), "{e}");
+        let e = VmConfig::from_cli(&cli(&["--kernel", k, "--disk", "/tmp"])).unwrap_err();
+        assert!(matches!(e, ConfigError::DiskNotFile(_)), "{e}");
+        let e = VmConfig::from_cli(&cli(&["--kernel", k, "--net", "tap=a", "--net", "tap=a"])).unwrap_err();
+        assert!(matches!(e, ConfigError::DuplicateTap(_)), "{e}");
+        let mut args = vec!["--kernel", k];
+        let names: Vec<String> = (0..9).map(|i| format!("tap=t{i}")).collect();
+        for n in &names {
+            args.extend(["--net", n.as_str()]);
+        }
+        let e = VmConfig::from_cli(&cli(&args)).unwrap_err();
+        assert!(matches!(e, ConfigError::TooManyDevices(9)), "{e}");
     }
 
     #[test]

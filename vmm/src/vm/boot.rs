@@ -257,6 +257,9 @@ mod tests {
             serial: SerialOutput::Stdout,
             cpu_template: Default::default(),
             track_dirty_pages: false,
+            disks: Vec::new(),
+            nets: Vec::new(),
+            api_sock: None,
         }
     }
 
