@@ -5,6 +5,8 @@
 //! hanging it; nothing here sleeps to synchronise. A [`Vmm`] kills its
 //! process when dropped, so a failing test leaves nothing running.
 
+pub mod net;
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
