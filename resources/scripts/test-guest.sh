@@ -27,7 +27,7 @@ env PATH="/usr/bin:$PATH" \
         --manifest-path "$src/Cargo.toml" \
         --target-dir "$target_dir" \
         --target x86_64-unknown-none \
-        -Z build-std=core,compiler_builtins \
+        -Z build-std=core,alloc,compiler_builtins \
         -Z build-std-features=compiler-builtins-mem
 
 binary="$target_dir/x86_64-unknown-none/release/test-guest"

@@ -50,12 +50,16 @@ pub fn rdtsc() -> u64 {
 pub fn cpuid(leaf: u32) -> (u32, u32, u32, u32) {
     // SAFETY: CPUID has no side effects. LLVM reserves rbx, so it is saved
     // around the instruction by hand.
+    #[allow(unused_unsafe)] // safe since Rust 1.94; unsafe before
     let r = unsafe { core::arch::x86_64::__cpuid_count(leaf, 0) };
     (r.eax, r.ebx, r.ecx, r.edx)
 }
 
-/// Halts with interrupts off, for good.
+/// Halts with interrupts off, for good (from ring 3, by asking the kernel).
 pub fn halt_forever() -> ! {
+    if in_user_mode() {
+        syscall(Syscall::Halt, 0, 0);
+    }
     loop {
         // SAFETY: stopping the CPU has no memory effects.
         unsafe { asm!("cli", "hlt", options(nomem, nostack)) };
@@ -91,9 +95,58 @@ impl<T> BootCell<T> {
 
 const CODE_SELECTOR: u16 = 0x08;
 const DATA_SELECTOR: u16 = 0x10;
+/// Ring-3 data and code selectors (RPL 3).
+const USER_DATA_SELECTOR: u16 = 0x18 | 3;
+const USER_CODE_SELECTOR: u16 = 0x20 | 3;
 
-/// Null, 64-bit ring-0 code, ring-0 data.
-static GDT: [u64; 3] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
+const TSS_SELECTOR: u16 = 0x28;
+
+/// Null, 64-bit ring-0 code, ring-0 data, ring-3 data, 64-bit ring-3 code,
+/// and the two words of the TSS descriptor (filled in by `load_gdt`).
+static GDT: BootCell<[u64; 7]> = BootCell::new([
+    0,
+    0x00af_9b00_0000_ffff,
+    0x00cf_9300_0000_ffff,
+    0x00cf_f300_0000_ffff,
+    0x00af_fb00_0000_ffff,
+    0,
+    0,
+]);
+
+/// The 64-bit task-state segment: only `rsp0` matters, the stack the CPU
+/// switches to when an interrupt or system call leaves ring 3.
+#[repr(C, packed)]
+struct Tss {
+    reserved0: u32,
+    rsp0: u64,
+    rsp1: u64,
+    rsp2: u64,
+    reserved1: u64,
+    ist: [u64; 7],
+    reserved2: u64,
+    reserved3: u16,
+    iomap_base: u16,
+}
+
+static TSS: BootCell<Tss> = BootCell::new(Tss {
+    reserved0: 0,
+    rsp0: 0,
+    rsp1: 0,
+    rsp2: 0,
+    reserved1: 0,
+    ist: [0; 7],
+    reserved2: 0,
+    reserved3: 0,
+    iomap_base: core::mem::size_of::<Tss>() as u16,
+});
+
+const KERNEL_STACK_SIZE: usize = 32 * 1024;
+
+#[repr(C, align(16))]
+struct KernelStack([u8; KERNEL_STACK_SIZE]);
+
+/// The stack interrupts and system calls from ring 3 run on.
+static KERNEL_STACK: BootCell<KernelStack> = BootCell::new(KernelStack([0; KERNEL_STACK_SIZE]));
 
 #[repr(C, packed)]
 struct TablePointer {
@@ -102,9 +155,24 @@ struct TablePointer {
 }
 
 fn load_gdt() {
+    // SAFETY: single-threaded set-up; nothing else uses the GDT or TSS yet.
+    let gdt = unsafe {
+        let tss = &mut *TSS.get();
+        tss.rsp0 = KERNEL_STACK.get() as u64 + KERNEL_STACK_SIZE as u64;
+        let base = TSS.get() as u64;
+        let limit = (core::mem::size_of::<Tss>() - 1) as u64;
+        let gdt = &mut *GDT.get();
+        // Present, DPL 0, type 9 (available 64-bit TSS).
+        gdt[5] = limit
+            | ((base & 0xff_ffff) << 16)
+            | (0x89 << 40)
+            | (((base >> 24) & 0xff) << 56);
+        gdt[6] = base >> 32;
+        gdt
+    };
     let ptr = TablePointer {
-        limit: (core::mem::size_of_val(&GDT) - 1) as u16,
-        base: GDT.as_ptr() as u64,
+        limit: (core::mem::size_of_val(gdt) - 1) as u16,
+        base: gdt.as_ptr() as u64,
     };
     // SAFETY: the GDT is static and holds valid descriptors; CS is reloaded
     // with a far return to the next instruction and the data segments with
@@ -122,7 +190,9 @@ fn load_gdt() {
             "mov ss, {ds:e}",
             "mov fs, {ds:e}",
             "mov gs, {ds:e}",
+            "ltr {tss:x}",
             ptr = in(reg) &ptr,
+            tss = in(reg) TSS_SELECTOR,
             cs = in(reg) u64::from(CODE_SELECTOR),
             ds = in(reg) u32::from(DATA_SELECTOR),
             tmp = lateout(reg) _,
@@ -138,6 +208,8 @@ struct Table([u64; 512]);
 const GIB_MAPPED: usize = 4;
 const PRESENT: u64 = 1;
 const WRITABLE: u64 = 2;
+/// Ring 3 may use the page: the services run there (see `enter_user`).
+const USER: u64 = 4;
 const WRITE_THROUGH: u64 = 1 << 3;
 const CACHE_DISABLE: u64 = 1 << 4;
 const HUGE: u64 = 1 << 7;
@@ -149,7 +221,10 @@ static PDS: BootCell<[Table; GIB_MAPPED]> = BootCell::new([const { Table([0; 512
 
 /// Identity-maps the first 4 GiB with 2 MiB pages (never 1 GiB: the
 /// shadow-paging KVM we test on breaks LAPIC access under a 1 GiB page),
-/// the MMIO hole uncached, and switches to it. Everything above 4 GiB is
+/// the MMIO hole uncached, and switches to it. Every page is user-accessible:
+/// this kernel protects nothing from its own services, it only runs them in
+/// ring 3 because the KVM we test on runs ring 3 natively and emulates
+/// ring 0. Everything above 4 GiB is
 /// unmapped, so an access there page-faults.
 fn load_page_tables() {
     // SAFETY: single-threaded set-up; the tables are static and aligned, and
@@ -158,9 +233,9 @@ fn load_page_tables() {
         let pml4 = &mut (*PML4.get()).0;
         let pdpt = &mut (*PDPT.get()).0;
         let pds = &mut *PDS.get();
-        pml4[0] = pdpt.as_ptr() as u64 | PRESENT | WRITABLE;
+        pml4[0] = pdpt.as_ptr() as u64 | PRESENT | WRITABLE | USER;
         for (gib, pd) in pds.iter_mut().enumerate() {
-            pdpt[gib] = pd.0.as_ptr() as u64 | PRESENT | WRITABLE;
+            pdpt[gib] = pd.0.as_ptr() as u64 | PRESENT | WRITABLE | USER;
             for (i, entry) in pd.0.iter_mut().enumerate() {
                 let addr = ((gib as u64) << 30) | ((i as u64) << 21);
                 let cache = if addr >= MMIO_HOLE_START {
@@ -168,7 +243,7 @@ fn load_page_tables() {
                 } else {
                     0
                 };
-                *entry = addr | PRESENT | WRITABLE | HUGE | cache;
+                *entry = addr | PRESENT | WRITABLE | USER | HUGE | cache;
             }
         }
         asm!("mov cr3, {}", in(reg) pml4.as_ptr() as u64, options(nostack));
@@ -201,11 +276,15 @@ impl Gate {
     };
 
     fn interrupt(handler: u64) -> Gate {
+        Self::with_flags(handler, 0x8e) // present, DPL 0, 64-bit interrupt gate
+    }
+
+    fn with_flags(handler: u64, flags: u8) -> Gate {
         Gate {
             offset_low: handler as u16,
             selector: CODE_SELECTOR,
             ist: 0,
-            flags: 0x8e, // present, ring 0, 64-bit interrupt gate
+            flags,
             offset_mid: (handler >> 16) as u16,
             offset_high: (handler >> 32) as u32,
             reserved: 0,
@@ -219,6 +298,11 @@ static IDT: BootCell<[Gate; 256]> = BootCell::new([Gate::EMPTY; 256]);
 pub const TIMER_VECTOR: usize = 0x20;
 /// Vector of spurious local APIC interrupts.
 pub const SPURIOUS_VECTOR: usize = 0xff;
+/// Vector of IOAPIC pin 0; pin `p` raises `IRQ_VECTOR_BASE + p`.
+pub const IRQ_VECTOR_BASE: usize = 0x30;
+/// IOAPIC pins this kernel routes (the VMM gives virtio devices 5 and up).
+const IRQ_PINS: core::ops::Range<u32> = 5..16;
+
 
 /// What an exception stub leaves on the stack for [`exception`].
 #[repr(C)]
@@ -281,16 +365,28 @@ extern "C" fn exception(frame: &ExceptionFrame) -> ! {
     // SAFETY: reading CR2 has no side effects.
     unsafe { asm!("mov {}, cr2", out(reg) cr2, options(nomem, nostack)) };
     crate::say!(
-        "exception vector {} error {:#x} rip {:#x} cr2 {:#x}",
+        "exception vector {} error {:#x} rip {:#x} cr2 {:#x} cs {:#x} rflags {:#x} rsp {:#x}",
         frame.vector,
         frame.error_code,
         frame.rip,
-        cr2
+        cr2,
+        frame.cs,
+        frame.rflags,
+        frame.rsp
     );
     halt_forever()
 }
 
-// Interrupt stubs: the timer acknowledges the LAPIC; spurious ones need no EOI.
+/// Device interrupts taken so far (any IOAPIC pin). Ring 3 reads it before
+/// it decides to wait, and [`Syscall::Wait`] sleeps only if it is unchanged,
+/// so no interrupt is lost between the check and the `hlt`.
+#[no_mangle]
+pub static IRQ_COUNT: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+// Interrupt stubs: the timer acknowledges the LAPIC; device interrupts count
+// themselves and acknowledge it; spurious ones need no EOI. The system-call
+// stub saves the registers the C ABI lets a callee clobber, passes
+// (rax, rdi, rsi, rdx) as arguments and returns rax.
 global_asm!(
     ".global timer_interrupt_stub",
     "timer_interrupt_stub:",
@@ -299,14 +395,216 @@ global_asm!(
     "mov dword ptr [rax], 0",
     "pop rax",
     "iretq",
+    ".global device_interrupt_stub",
+    "device_interrupt_stub:",
+    "lock inc qword ptr [rip + IRQ_COUNT]",
+    "push rax",
+    "mov eax, 0xfee000b0",
+    "mov dword ptr [rax], 0",
+    "pop rax",
+    "iretq",
     ".global spurious_interrupt_stub",
     "spurious_interrupt_stub:",
     "iretq",
+    // #UD: a `ud2` from ring 3 is a system call (see `Syscall`). Saves
+    // every register the C ABI lets a callee clobber, plus rbx, hands the
+    // dispatcher a pointer to them and the CPU's frame, and returns with
+    // whatever the dispatcher left in them.
+    ".global invalid_opcode_stub",
+    "invalid_opcode_stub:",
+    "push rax",
+    "push rbx",
+    "push rcx",
+    "push rdx",
+    "push rsi",
+    "push rdi",
+    "push r8",
+    "push r9",
+    "push r10",
+    "push r11",
+    "mov rdi, rsp",
+    "mov rbx, rsp",
+    "and rsp, -16",
+    "call {dispatch}",
+    "mov rsp, rbx",
+    "pop r11",
+    "pop r10",
+    "pop r9",
+    "pop r8",
+    "pop rdi",
+    "pop rsi",
+    "pop rdx",
+    "pop rcx",
+    "pop rbx",
+    "pop rax",
+    "iretq",
+    dispatch = sym invalid_opcode,
 );
 
 extern "C" {
     fn timer_interrupt_stub();
+    fn device_interrupt_stub();
     fn spurious_interrupt_stub();
+    fn invalid_opcode_stub();
+}
+
+/// What `invalid_opcode_stub` saved, then the CPU's interrupt frame.
+#[repr(C)]
+struct TrapFrame {
+    r11: u64,
+    r10: u64,
+    r9: u64,
+    r8: u64,
+    rdi: u64,
+    rsi: u64,
+    rdx: u64,
+    rcx: u64,
+    rbx: u64,
+    rax: u64,
+    rip: u64,
+    cs: u64,
+    rflags: u64,
+    rsp: u64,
+    ss: u64,
+}
+
+const UD2: [u8; 2] = [0x0f, 0x0b];
+const INVALID_OPCODE: u64 = 6;
+
+/// #UD: a system call when ring 3 executed `ud2`, else a fatal exception.
+extern "C" fn invalid_opcode(frame: &mut TrapFrame) {
+    // SAFETY: the faulting instruction's bytes are identity-mapped memory.
+    let bytes = unsafe { core::ptr::read_unaligned(frame.rip as *const [u8; 2]) };
+    if frame.cs & 3 == 3 && bytes == UD2 {
+        frame.rax = syscall_dispatch(frame.rax, frame.rdi, frame.rsi, frame.rdx);
+        frame.rip += UD2.len() as u64;
+        return;
+    }
+    exception(&ExceptionFrame {
+        vector: INVALID_OPCODE,
+        error_code: 0,
+        rip: frame.rip,
+        cs: frame.cs,
+        rflags: frame.rflags,
+        rsp: frame.rsp,
+        ss: frame.ss,
+    })
+}
+
+/// What ring 3 asks of the kernel (number in rax, arguments in rdi, rsi,
+/// rdx). The call is a `ud2`: on the KVM we test on, `int 0x80` from ring 3
+/// raises #UD and SYSCALL does not leave ring 3, but exceptions reach the
+/// kernel properly, so the #UD handler is the system-call gate.
+#[repr(u64)]
+#[derive(Clone, Copy)]
+pub enum Syscall {
+    /// Write bytes (rdi = address, rsi = length) to the serial console.
+    Write = 0,
+    /// Sleep until the next interrupt unless [`IRQ_COUNT`] moved past rdi.
+    Wait = 1,
+    /// Power the VM off.
+    PowerOff = 2,
+    /// Stop for good (a fatal error was reported).
+    Halt = 3,
+}
+
+fn syscall_dispatch(number: u64, a0: u64, a1: u64, _a2: u64) -> u64 {
+    use core::sync::atomic::Ordering;
+    match number {
+        n if n == Syscall::Write as u64 => {
+            // SAFETY: ring 3 passes a buffer of its own; all memory is
+            // identity-mapped and readable.
+            let bytes = unsafe { core::slice::from_raw_parts(a0 as *const u8, a1 as usize) };
+            crate::serial::write_bytes(bytes);
+            0
+        }
+        n if n == Syscall::Wait as u64 => {
+            // Interrupts are off here (interrupt gate): the check and the
+            // `sti; hlt` pair cannot miss an interrupt.
+            if IRQ_COUNT.load(Ordering::SeqCst) == a0 {
+                wait_for_interrupt();
+            }
+            0
+        }
+        n if n == Syscall::PowerOff as u64 => crate::power::off(),
+        _ => halt_forever(),
+    }
+}
+
+/// Makes a system call from ring 3.
+pub fn syscall(number: Syscall, a0: u64, a1: u64) -> u64 {
+    let ret: u64;
+    // SAFETY: the kernel's #UD handler preserves every register but rax
+    // and reads only the memory the call names.
+    unsafe {
+        asm!(
+            "ud2",
+            inlateout("rax") number as u64 => ret,
+            in("rdi") a0,
+            in("rsi") a1,
+        )
+    };
+    ret
+}
+
+
+
+/// True when running in ring 3.
+pub fn in_user_mode() -> bool {
+    let cs: u16;
+    // SAFETY: reading CS has no side effects.
+    unsafe { asm!("mov {:x}, cs", out(reg) cs, options(nomem, nostack, preserves_flags)) };
+    cs & 3 == 3
+}
+
+const USER_STACK_SIZE: usize = 256 * 1024;
+
+#[repr(C, align(16))]
+struct UserStack([u8; USER_STACK_SIZE]);
+
+static USER_STACK: BootCell<UserStack> = BootCell::new(UserStack([0; USER_STACK_SIZE]));
+
+/// Leaves the kernel for good: continues in ring 3 at `entry`, on a stack of
+/// its own, with interrupts enabled.
+pub fn enter_user(entry: extern "C" fn() -> !) -> ! {
+    let stack_top = USER_STACK.get() as u64 + USER_STACK_SIZE as u64;
+    // SAFETY: builds an interrupt-return frame to ring 3: user data and code
+    // selectors of our GDT, a fresh stack, IF set, IOPL 0.
+    unsafe {
+        asm!(
+            "push {ss}",
+            "push {rsp}",
+            "push 0x202",
+            "push {cs}",
+            "push {rip}",
+            "iretq",
+            ss = in(reg) u64::from(USER_DATA_SELECTOR),
+            rsp = in(reg) stack_top,
+            cs = in(reg) u64::from(USER_CODE_SELECTOR),
+            rip = in(reg) entry as *const () as u64,
+            options(noreturn)
+        )
+    }
+}
+
+const IOAPIC_BASE: u64 = 0xfec0_0000;
+
+fn ioapic_write(reg: u32, value: u32) {
+    // SAFETY: the IOAPIC's MMIO page is identity-mapped (uncached); IOREGSEL
+    // at +0 selects the register IOWIN at +0x10 accesses.
+    unsafe {
+        core::ptr::write_volatile(IOAPIC_BASE as *mut u32, reg);
+        core::ptr::write_volatile((IOAPIC_BASE + 0x10) as *mut u32, value);
+    }
+}
+
+/// Routes the device IOAPIC pins to this CPU (APIC ID 0): edge-triggered,
+/// active high, fixed delivery, vector `IRQ_VECTOR_BASE + pin`.
+fn route_device_irqs() {
+    for pin in IRQ_PINS {
+        ioapic_write(0x10 + 2 * pin + 1, 0);
+        ioapic_write(0x10 + 2 * pin, IRQ_VECTOR_BASE as u32 + pin);
+    }
 }
 
 fn load_idt() {
@@ -316,8 +614,13 @@ fn load_idt() {
         for (vector, stub) in exception_stub_table.iter().enumerate() {
             idt[vector] = Gate::interrupt(*stub);
         }
-        idt[TIMER_VECTOR] = Gate::interrupt(timer_interrupt_stub as usize as u64);
-        idt[SPURIOUS_VECTOR] = Gate::interrupt(spurious_interrupt_stub as usize as u64);
+        idt[INVALID_OPCODE as usize] = Gate::interrupt(invalid_opcode_stub as *const () as u64);
+        idt[TIMER_VECTOR] = Gate::interrupt(timer_interrupt_stub as *const () as u64);
+        idt[SPURIOUS_VECTOR] = Gate::interrupt(spurious_interrupt_stub as *const () as u64);
+        for pin in IRQ_PINS {
+            idt[IRQ_VECTOR_BASE + pin as usize] =
+                Gate::interrupt(device_interrupt_stub as *const () as u64);
+        }
         let ptr = TablePointer {
             limit: (core::mem::size_of::<[Gate; 256]>() - 1) as u16,
             base: idt.as_ptr() as u64,
@@ -338,6 +641,7 @@ pub fn init() {
     load_page_tables();
     load_idt();
     mask_pic();
+    route_device_irqs();
 }
 
 /// Makes the next exception a triple fault: an empty IDT, then an invalid

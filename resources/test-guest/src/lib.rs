@@ -4,7 +4,12 @@
 
 #![cfg_attr(not(test), no_std)]
 
+extern crate alloc;
+
 pub mod bootparams;
 pub mod cmdline;
+pub mod http;
+pub mod kv;
 pub mod mptable;
+pub mod netconf;
 pub mod pattern;

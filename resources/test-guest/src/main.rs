@@ -21,15 +21,22 @@
 #![no_std]
 #![no_main]
 
+extern crate alloc;
+
 mod arch;
+mod heap;
+mod net;
 mod power;
 mod serial;
+mod store;
 mod time;
+mod virtio;
 mod workload;
 
 use colo_test_guest::bootparams::{BootParams, ZERO_PAGE_LEN};
 use colo_test_guest::cmdline::Cmdline;
-use colo_test_guest::mptable;
+use colo_test_guest::{mptable, netconf};
+use virtio::Mmio;
 use core::arch::global_asm;
 
 // Entry: a stack of our own, then Rust. RSI holds the zero page's address.
@@ -60,7 +67,7 @@ extern "C" {
 
 const NS_PER_MS: u64 = 1_000_000;
 const CHECK_PERIOD_NS: u64 = 1_000_000_000;
-const STEP_BUDGET_NS: u64 = 20_000_000;
+const STEP_BUDGET_NS: u64 = 2_000_000;
 const DEFAULT_WORKLOAD_MIB: u64 = 4;
 
 /// The number in `key=N`, reporting (and ignoring) one that is not a number.
@@ -114,6 +121,15 @@ fn report_cpu_features() {
     );
 }
 
+/// What the kernel hands to ring 3.
+struct Boot {
+    cmdline: Cmdline<'static>,
+    /// Start of RAM free for the workload (above the image and the heap).
+    free_ram: Option<(u64, u64)>,
+}
+
+static BOOT: arch::BootCell<Option<Boot>> = arch::BootCell::new(None);
+
 extern "C" fn kernel_main(zero_page: u64) -> ! {
     arch::init();
     say!("banner v{}", env!("CARGO_PKG_VERSION"));
@@ -122,7 +138,8 @@ extern "C" fn kernel_main(zero_page: u64) -> ! {
     // it is only read.
     let params = BootParams::new(unsafe { &*(zero_page as *const [u8; ZERO_PAGE_LEN]) });
     let (cmdline_addr, cmdline_len) = params.cmdline();
-    // SAFETY: the boot loader put `cmdline_len` bytes there.
+    // SAFETY: the boot loader put `cmdline_len` bytes there, and nothing
+    // writes them afterwards.
     let cmdline_bytes =
         unsafe { core::slice::from_raw_parts(cmdline_addr as *const u8, cmdline_len) };
     let cmdline = Cmdline::new(core::str::from_utf8(cmdline_bytes).unwrap_or(""));
@@ -137,17 +154,91 @@ extern "C" fn kernel_main(zero_page: u64) -> ! {
     }
     time::start_tick();
 
+    match cmdline.get("crash") {
+        Some("triple_fault") => {
+            say!("ready");
+            arch::triple_fault()
+        }
+        Some("page_fault") => {
+            say!("ready");
+            let value = arch::page_fault();
+            say!("read {value:#x} from unmapped memory: no page fault");
+        }
+        Some(other) => say!("ignoring crash={other}: unknown"),
+        None => {}
+    }
+
+    // The heap sits right above the image, the workload above the heap.
+    // Only the address of the linker symbol is taken.
+    let image_end = core::ptr::addr_of!(__image_end) as u64;
+    let heap_start = (image_end + 0x1f_ffff) & !0x1f_ffff;
+    match params.largest_ram_above(heap_start) {
+        Some((start, end)) if start == heap_start && end - start > heap::HEAP_BYTES => {}
+        _ => {
+            say!("not enough memory for the heap");
+            arch::halt_forever();
+        }
+    }
+    // SAFETY: RAM above the image is ours alone and identity-mapped; nothing
+    // has allocated yet.
+    unsafe { heap::init(heap_start) };
+    let free_ram = params.largest_ram_above(heap_start + heap::HEAP_BYTES);
+    // SAFETY: single-threaded set-up; ring 3 reads it only after the switch.
+    unsafe { *BOOT.get() = Some(Boot { cmdline, free_ram }) };
+    arch::enter_user(user_main)
+}
+
+/// Opens the devices the VMM declared: the first disk holds the key-value
+/// store, the first NIC the network.
+fn open_devices(cmdline: &Cmdline<'_>) -> (Option<Mmio>, Option<store::Store>) {
+    use virtio_drivers::transport::DeviceType;
+    let mut nic = None;
+    let mut store = None;
+    for dev in netconf::mmio_devices(cmdline) {
+        match virtio::open(dev) {
+            Some((DeviceType::Network, t)) if nic.is_none() => nic = Some(t),
+            Some((DeviceType::Block, t)) if store.is_none() => match store::Store::open(t) {
+                Ok(s) => store = Some(s),
+                Err(e) => say!("disk at {:#x}: {e:?}", dev.base),
+            },
+            Some((kind, _)) => say!("virtio device {kind:?} at {:#x} unused", dev.base),
+            None => {}
+        }
+    }
+    (nic, store)
+}
+
+/// Ring 3: the services and the workload, until power-off.
+extern "C" fn user_main() -> ! {
+    // SAFETY: written once by the kernel before the switch to ring 3.
+    let Some(boot) = (unsafe { (*BOOT.get()).take() }) else {
+        arch::halt_forever()
+    };
+    let cmdline = boot.cmdline;
+    let (nic, store) = open_devices(&cmdline);
+    let mut net = nic.and_then(|t| {
+        let Some(ip) = cmdline.get("ip").and_then(netconf::parse_cidr) else {
+            say!("a NIC but no usable ip=ADDR/LEN: network off");
+            return None;
+        };
+        let gw = cmdline.get("gw").and_then(netconf::parse_ipv4);
+        match net::Net::new(t, ip, gw, store, time::now_ns()) {
+            Ok(n) => Some(n),
+            Err(e) => {
+                say!("net: {e:?}");
+                None
+            }
+        }
+    });
+
     let halt_at = number(&cmdline, "halt_after_ms");
     let mut workload = number(&cmdline, "dirty_mib_per_s")
         .filter(|&n| n > 0)
         .and_then(|rate| {
-            // Only the address of the linker symbol is taken.
-            let image_end = core::ptr::addr_of!(__image_end) as u64;
-            let floor = (image_end + 0x1f_ffff) & !0x1f_ffff;
-            let (start, end) = params.largest_ram_above(floor)?;
+            let (start, end) = boot.free_ram?;
             let want = number(&cmdline, "workload_mib").unwrap_or(DEFAULT_WORKLOAD_MIB) << 20;
             let bytes = want.min(end - start);
-            // SAFETY: RAM above the image is ours alone and identity-mapped.
+            // SAFETY: RAM above the heap is ours alone and identity-mapped.
             let w = unsafe { workload::Workload::new(start, bytes, rate, time::now_ns()) };
             say!(
                 "workload {} MiB at {:#x}, {} MiB/s",
@@ -160,26 +251,20 @@ extern "C" fn kernel_main(zero_page: u64) -> ! {
 
     let ready_ns = time::now_ns();
     say!("ready");
-    match cmdline.get("crash") {
-        Some("triple_fault") => arch::triple_fault(),
-        Some("page_fault") => {
-            let value = arch::page_fault();
-            say!("read {value:#x} from unmapped memory: no page fault");
-        }
-        Some(other) => say!("ignoring crash={other}: unknown"),
-        None => {}
-    }
 
     let halt_at = halt_at.map(|ms| ready_ns + ms * NS_PER_MS);
     let mut next_check = ready_ns + CHECK_PERIOD_NS;
     loop {
+        let irq_seen = arch::IRQ_COUNT.load(core::sync::atomic::Ordering::SeqCst);
         let now = time::now_ns();
         if halt_at.is_some_and(|t| now >= t) {
             power::off();
         }
+        let mut busy = net.as_mut().is_some_and(|n| n.poll(now));
         if let Some(w) = workload.as_mut() {
-            // Bounded work per wake-up keeps power-off and checks on time.
+            // Bounded work per round keeps the network and checks on time.
             w.step(time::now_ns, now + STEP_BUDGET_NS);
+            busy = true;
             if now >= next_check {
                 next_check += CHECK_PERIOD_NS;
                 match w.self_check() {
@@ -200,7 +285,10 @@ extern "C" fn kernel_main(zero_page: u64) -> ! {
                 }
             }
         }
-        arch::wait_for_interrupt();
+        if !busy {
+            // Sleeps until a device interrupt or the next timer tick.
+            arch::syscall(arch::Syscall::Wait, irq_seen, 0);
+        }
     }
 }
 
