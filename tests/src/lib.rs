@@ -5,6 +5,7 @@
 //! hanging it; nothing here sleeps to synchronise. A [`Vmm`] kills its
 //! process when dropped, so a failing test leaves nothing running.
 
+pub mod http;
 pub mod net;
 
 use std::io::{BufRead, BufReader, Read};
@@ -116,8 +117,23 @@ impl Vmm {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
-        let mut child = Command::new(vmm_bin())
-            .args(args)
+        let mut command = Command::new(vmm_bin());
+        command.args(args);
+        Self::spawn_command(command)
+    }
+
+    /// Starts `vmm` with `args` inside the network namespace `ns` (where
+    /// its taps are).
+    pub fn spawn_in<I, S>(ns: &net::Netns, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        Self::spawn_command(ns.exec(vmm_bin(), args))
+    }
+
+    fn spawn_command(mut command: Command) -> Self {
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -208,12 +224,19 @@ impl Vmm {
     }
 }
 
-impl Drop for Vmm {
-    fn drop(&mut self) {
+impl Vmm {
+    /// Kills the process (SIGKILL, like a host crash) and reaps it.
+    pub fn kill(&mut self) {
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 

@@ -52,6 +52,9 @@ fn pause_stops_the_guest_and_resume_continues_it() {
         serial: SerialOutput::File(console.path().to_path_buf()),
         cpu_template: Default::default(),
         track_dirty_pages: true,
+        disks: Vec::new(),
+        nets: Vec::new(),
+        api_sock: None,
     };
     config.validate().unwrap();
     let mut vm = Vm::create(&config).unwrap().start().unwrap();
