@@ -143,7 +143,9 @@ impl std::str::FromStr for DiskConfig {
         let (path, opts) = match s.rsplit_once(',') {
             Some((path, opt @ ("readonly" | "ro" | "rw"))) => (path, Some(opt)),
             Some((_, other)) => {
-                return Err(format!("unknown disk option {other:?} (expected `readonly`)"))
+                return Err(format!(
+                    "unknown disk option {other:?} (expected `readonly`)"
+                ))
             }
             _ => (s, None),
         };
@@ -177,7 +179,11 @@ impl std::str::FromStr for NetConfig {
             match part.split_once('=') {
                 Some(("tap", name)) if !name.is_empty() => tap = Some(name.to_string()),
                 Some(("mac", m)) => mac = Some(parse_mac(m)?),
-                _ => return Err(format!("unknown net option {part:?} (expected tap=NAME or mac=MAC)")),
+                _ => {
+                    return Err(format!(
+                        "unknown net option {part:?} (expected tap=NAME or mac=MAC)"
+                    ))
+                }
             }
         }
         Ok(Self {
@@ -189,7 +195,8 @@ impl std::str::FromStr for NetConfig {
 
 /// Parses `aa:bb:cc:dd:ee:ff`; refuses multicast addresses.
 pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
-    let bad = || format!("invalid MAC address {s:?} (expected six hex bytes like 52:54:00:12:34:56)");
+    let bad =
+        || format!("invalid MAC address {s:?} (expected six hex bytes like 52:54:00:12:34:56)");
     let mut mac = [0u8; 6];
     let mut parts = s.split(':');
     for byte in &mut mac {
@@ -203,7 +210,9 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
         return Err(bad());
     }
     if mac[0] & 1 != 0 {
-        return Err(format!("MAC address {s} is multicast; a NIC needs a unicast address"));
+        return Err(format!(
+            "MAC address {s} is multicast; a NIC needs a unicast address"
+        ));
     }
     Ok(mac)
 }
@@ -248,7 +257,8 @@ pub struct VmConfig {
 impl NetConfig {
     /// The MAC the device at `index` gets.
     pub fn mac_or_default(&self, index: usize) -> [u8; 6] {
-        self.mac.unwrap_or([0x52, 0x54, 0x00, 0xc0, 0x10, index as u8])
+        self.mac
+            .unwrap_or([0x52, 0x54, 0x00, 0xc0, 0x10, index as u8])
     }
 }
 
@@ -443,7 +453,10 @@ fn parse_entries<T: std::str::FromStr<Err = String>>(
     entries
         .unwrap_or_default()
         .iter()
-        .map(|e| e.parse().map_err(|message| ConfigError::FileEntry { key, message }))
+        .map(|e| {
+            e.parse()
+                .map_err(|message| ConfigError::FileEntry { key, message })
+        })
         .collect()
 }
 
@@ -582,7 +595,13 @@ mod tests {
         assert_eq!(n.mac_or_default(3), [0x52, 0x54, 0, 0xaa, 0xbb, 0xcc]);
         let n: NetConfig = "tap=t1".parse().unwrap();
         assert_eq!(n.mac_or_default(3), [0x52, 0x54, 0, 0xc0, 0x10, 3]);
-        for bad in ["mac=52:54:00:aa:bb:cc", "tap=", "tap=t,mac=01:00:00:00:00:00", "tap=t,mac=1:2:3", "tap=t,x=y"] {
+        for bad in [
+            "mac=52:54:00:aa:bb:cc",
+            "tap=",
+            "tap=t,mac=01:00:00:00:00:00",
+            "tap=t,mac=1:2:3",
+            "tap=t,x=y",
+        ] {
             assert!(bad.parse::<NetConfig>().is_err(), "{bad}");
         }
     }
@@ -591,11 +610,13 @@ mod tests {
     fn device_lists_are_validated() {
         let kernel = elf_file();
         let k = kernel.path().to_str().unwrap();
-        let e = VmConfig::from_cli(&cli(&["--kernel", k, "--disk", "/nonexistent.img"])).unwrap_err();
+        let e =
+            VmConfig::from_cli(&cli(&["--kernel", k, "--disk", "/nonexistent.img"])).unwrap_err();
         assert!(e.to_string().contains("/nonexistent.img"), "{e}");
         let e = VmConfig::from_cli(&cli(&["--kernel", k, "--disk", "/tmp"])).unwrap_err();
         assert!(matches!(e, ConfigError::DiskNotFile(_)), "{e}");
-        let e = VmConfig::from_cli(&cli(&["--kernel", k, "--net", "tap=a", "--net", "tap=a"])).unwrap_err();
+        let e = VmConfig::from_cli(&cli(&["--kernel", k, "--net", "tap=a", "--net", "tap=a"]))
+            .unwrap_err();
         assert!(matches!(e, ConfigError::DuplicateTap(_)), "{e}");
         let mut args = vec!["--kernel", k];
         let names: Vec<String> = (0..9).map(|i| format!("tap=t{i}")).collect();

@@ -9,9 +9,9 @@ pub mod regs;
 pub mod vcpu;
 pub mod virtio;
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::Write;
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
@@ -29,8 +29,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::layout::KVM_TSS_ADDR;
 use crate::config::{SerialOutput, VmConfig};
-use memory::GuestMemory;
 use device_loop::{DeviceLoop, DeviceLoopError};
+use memory::GuestMemory;
 use vcpu::{ExitCounters, Vcpu, VcpuCommand, VcpuError, VcpuEvent, VcpuHandle, VcpuStop};
 use virtio::AttachedDevice;
 

@@ -44,19 +44,22 @@ pub fn attach(
 ) -> Result<(Vec<AttachedDevice>, String), VmError> {
     let mut made: Vec<(String, &'static str, Box<dyn VirtioDevice>)> = Vec::new();
     for (i, disk) in config.disks.iter().enumerate() {
-        let backend = FileBackend::open(&disk.path, disk.read_only).map_err(|source| {
-            VmError::Disk {
+        let backend =
+            FileBackend::open(&disk.path, disk.read_only).map_err(|source| VmError::Disk {
                 path: disk.path.display().to_string(),
                 source,
-            }
-        })?;
+            })?;
         tracing::info!(
             path = %disk.path.display(),
             bytes = devices::virtio::BlockBackend::capacity(&backend),
             read_only = disk.read_only,
             "disk blk{i}"
         );
-        made.push((format!("blk{i}"), "virtio-blk", Box::new(Block::new(Box::new(backend)))));
+        made.push((
+            format!("blk{i}"),
+            "virtio-blk",
+            Box::new(Block::new(Box::new(backend))),
+        ));
     }
     for (i, net) in config.nets.iter().enumerate() {
         let tap = Tap::open(&net.tap).map_err(|source| VmError::Tap {
@@ -65,7 +68,11 @@ pub fn attach(
         })?;
         let mac = net.mac_or_default(i);
         tracing::info!(tap = %net.tap, mac = ?mac, "nic net{i}");
-        made.push((format!("net{i}"), "virtio-net", Box::new(Net::new(Box::new(tap), mac))));
+        made.push((
+            format!("net{i}"),
+            "virtio-net",
+            Box::new(Net::new(Box::new(tap), mac)),
+        ));
     }
 
     let mut attached = Vec::with_capacity(made.len());
@@ -78,7 +85,8 @@ pub fn attach(
             .register_irqfd(&irq_evt, irq)
             .map_err(kvm_err("a virtio irqfd"))?;
         let counters = device.counters();
-        let transport = MmioTransport::new(device, mem.clone(), irq_evt).map_err(VmError::Virtio)?;
+        let transport =
+            MmioTransport::new(device, mem.clone(), irq_evt).map_err(VmError::Virtio)?;
         for (queue, evt) in transport.queue_events().iter().enumerate() {
             vm_fd
                 .register_ioevent(
