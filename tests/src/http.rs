@@ -65,8 +65,17 @@ impl<S: Read + Write> Client<S> {
         req.push_str("\r\n");
         let stream = self.reader.get_mut();
         stream.write_all(req.as_bytes())?;
-        stream.write_all(body)?;
-        stream.flush()?;
+        // A server may answer (413, say) and close before taking the whole
+        // body: its answer is still what the caller wants.
+        match stream.write_all(body).and_then(|()| stream.flush()) {
+            Ok(()) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+                ) => {}
+            Err(e) => return Err(e),
+        }
         self.read_response()
     }
 

@@ -4,6 +4,8 @@
 //! structures ([`arch`]) and the KVM virtual machine ([`vm`]). The `vmm`
 //! binary is a thin command-line shell around it.
 
+pub mod api;
 pub mod arch;
 pub mod config;
+pub mod control;
 pub mod vm;

@@ -7,7 +7,10 @@ use anyhow::Context;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
+use std::sync::Arc;
+
 use vmm::config::{Cli, VmConfig};
+use vmm::control::VmmControl;
 use vmm::vm::{Vm, VmExit};
 
 fn main() -> ExitCode {
@@ -35,5 +38,13 @@ fn run(cli: &Cli) -> anyhow::Result<VmExit> {
     let config = VmConfig::from_cli(cli).context("invalid configuration")?;
     let vm = Vm::create(&config).context("cannot create the VM")?;
     let running = vm.start().context("cannot start the VM")?;
+    // Dropped after `wait` returns: the socket goes away with the VM.
+    let _api = match &config.api_sock {
+        Some(path) => Some(
+            vmm::api::spawn_server(path, Arc::new(VmmControl::new(&config, &running)))
+                .context("cannot start the API")?,
+        ),
+        None => None,
+    };
     running.wait().context("the VM failed")
 }

@@ -1,0 +1,127 @@
+//! The REST control socket: HTTP/1.1 + JSON on a Unix socket (mode 0600).
+//!
+//! | method | path | body | answer |
+//! |---|---|---|---|
+//! | GET | `/status` | | 200 [`Status`] |
+//! | PUT | `/vm` | `{"state": "paused" \| "running"}` | 204 |
+//! | PUT | `/actions` | `{"action": "shutdown"}` | 202 |
+//! | GET | `/metrics` | | 200 Prometheus text |
+//!
+//! Errors carry `{"error": "..."}`: 404 unknown path, 405 wrong method
+//! (with `Allow`), 400 malformed JSON, wrong types, unknown fields or bad
+//! values, 413 a body over 16 KiB, 415 a PUT body that is not JSON, 409 a
+//! request the VM's state forbids, 500 a failure inside the VMM.
+//! `docs/api.yaml` is the OpenAPI description; `vmmctl` the client.
+//!
+//! The server runs on its own thread with a single-threaded tokio runtime;
+//! requests reach the VM through [`VmControl`], which `vmm` implements over
+//! its `VmHandle`.
+
+pub mod client;
+mod metrics;
+mod server;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub use metrics::render as render_metrics;
+pub use server::{spawn_server, ApiError, ApiServer};
+
+/// Largest request body the API reads.
+pub const MAX_BODY: usize = 16 * 1024;
+
+/// What the API needs from the VM.
+pub trait VmControl: Send + Sync + 'static {
+    /// Current status.
+    fn status(&self) -> Status;
+    /// Pauses vCPUs and device processing; idempotent.
+    fn pause(&self) -> Result<(), ControlError>;
+    /// Resumes; idempotent.
+    fn resume(&self) -> Result<(), ControlError>;
+    /// Stops the VM; the process exits after it stopped.
+    fn shutdown(&self) -> Result<(), ControlError>;
+    /// Counters.
+    fn metrics(&self) -> Metrics;
+}
+
+/// The VM's run state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    Running,
+    Paused,
+    ShuttingDown,
+}
+
+/// `GET /status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub role: String,
+    pub state: VmState,
+    pub uptime_secs: f64,
+    pub vcpus: u8,
+    pub memory_mib: u64,
+}
+
+/// Counters of one virtio device.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceMetrics {
+    pub name: String,
+    pub kind: String,
+    pub requests: u64,
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+    pub errors: u64,
+}
+
+/// `GET /metrics`, before rendering.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Metrics {
+    pub uptime_secs: f64,
+    /// KVM exits by reason.
+    pub exits: BTreeMap<String, u64>,
+    pub serial_tx_bytes: u64,
+    pub devices: Vec<DeviceMetrics>,
+}
+
+/// Why the VM refused a request.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The request is not valid (400).
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// The VM's state forbids it (409).
+    #[error("{0}")]
+    Conflict(String),
+    /// The VMM failed to carry it out (500).
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// `PUT /vm`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmRequest {
+    state: RequestedState,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy)]
+#[serde(rename_all = "snake_case")]
+enum RequestedState {
+    Paused,
+    Running,
+}
+
+/// `PUT /actions`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActionRequest {
+    action: Action,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy)]
+#[serde(rename_all = "snake_case")]
+enum Action {
+    Shutdown,
+}

@@ -1,0 +1,77 @@
+//! `vmmctl`: the command-line client of `vmm`'s API socket.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use vmm::api::client;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "vmmctl",
+    version,
+    about = "Control a running vmm through its API socket"
+)]
+struct Cli {
+    /// The vmm's API socket (its --api-sock).
+    #[arg(long, value_name = "PATH")]
+    api_sock: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print the VM's status (JSON).
+    Status,
+    /// Pause vCPUs and devices.
+    Pause,
+    /// Resume after pause.
+    Resume,
+    /// Stop the VM; the vmm process exits.
+    Shutdown,
+    /// Print the Prometheus metrics.
+    Metrics,
+    /// Send any request: METHOD URI [JSON-BODY].
+    Raw {
+        method: String,
+        uri: String,
+        body: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(&Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vmmctl: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: &Cli) -> anyhow::Result<()> {
+    let (method, uri, body) = match &cli.command {
+        Command::Status => ("GET", "/status", None),
+        Command::Metrics => ("GET", "/metrics", None),
+        Command::Pause => ("PUT", "/vm", Some(r#"{"state":"paused"}"#)),
+        Command::Resume => ("PUT", "/vm", Some(r#"{"state":"running"}"#)),
+        Command::Shutdown => ("PUT", "/actions", Some(r#"{"action":"shutdown"}"#)),
+        Command::Raw { method, uri, body } => (method.as_str(), uri.as_str(), body.as_deref()),
+    };
+    let (status, reply) = client::call(&cli.api_sock, method, uri, body)
+        .with_context(|| format!("{method} {uri}"))?;
+    if (200..300).contains(&status) {
+        if !reply.is_empty() {
+            println!("{}", reply.trim_end());
+        }
+        return Ok(());
+    }
+    let message = serde_json::from_str::<serde_json::Value>(&reply)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+        .unwrap_or(reply);
+    anyhow::bail!("{method} {uri}: HTTP {status}: {message}")
+}

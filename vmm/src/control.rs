@@ -1,0 +1,101 @@
+//! The API's view of a running VM: [`VmControl`] over a [`VmHandle`] and
+//! the VM's shared counters.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use crate::api::{ControlError, DeviceMetrics, Metrics, Status, VmControl, VmState};
+use crate::config::VmConfig;
+use crate::vm::{RunState, RunningVm, VmCounters, VmHandle};
+
+/// Implements the API for one VM.
+pub struct VmmControl {
+    handle: VmHandle,
+    counters: VmCounters,
+    role: String,
+    vcpus: u8,
+    memory_mib: u64,
+    created: Instant,
+}
+
+impl VmmControl {
+    pub fn new(config: &VmConfig, vm: &RunningVm) -> Self {
+        Self {
+            handle: vm.handle(),
+            counters: vm.counters().clone(),
+            role: config.role.to_string(),
+            vcpus: config.vcpus,
+            memory_mib: config.mem_mib,
+            created: Instant::now() - vm.uptime(),
+        }
+    }
+
+    fn state(&self) -> VmState {
+        match self.handle.state() {
+            RunState::Running => VmState::Running,
+            RunState::Paused => VmState::Paused,
+            RunState::ShuttingDown => VmState::ShuttingDown,
+        }
+    }
+
+    fn refuse_when_stopping(&self) -> Result<(), ControlError> {
+        match self.state() {
+            VmState::ShuttingDown => Err(ControlError::Conflict("the VM is shutting down".into())),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl VmControl for VmmControl {
+    fn status(&self) -> Status {
+        Status {
+            role: self.role.clone(),
+            state: self.state(),
+            uptime_secs: self.created.elapsed().as_secs_f64(),
+            vcpus: self.vcpus,
+            memory_mib: self.memory_mib,
+        }
+    }
+
+    fn pause(&self) -> Result<(), ControlError> {
+        self.refuse_when_stopping()?;
+        self.handle.pause().map_err(ControlError::Internal)
+    }
+
+    fn resume(&self) -> Result<(), ControlError> {
+        self.refuse_when_stopping()?;
+        self.handle.resume().map_err(ControlError::Internal)
+    }
+
+    fn shutdown(&self) -> Result<(), ControlError> {
+        self.refuse_when_stopping()?;
+        self.handle.shutdown().map_err(ControlError::Internal)
+    }
+
+    fn metrics(&self) -> Metrics {
+        Metrics {
+            uptime_secs: self.created.elapsed().as_secs_f64(),
+            exits: self
+                .counters
+                .exits
+                .snapshot()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+            serial_tx_bytes: self.counters.serial_tx_bytes.load(Ordering::Relaxed),
+            devices: self
+                .counters
+                .devices
+                .iter()
+                .map(|(name, kind, c)| DeviceMetrics {
+                    name: name.clone(),
+                    kind: kind.to_string(),
+                    requests: c.requests.load(Ordering::Relaxed),
+                    read_bytes: c.read_bytes.load(Ordering::Relaxed),
+                    write_bytes: c.write_bytes.load(Ordering::Relaxed),
+                    errors: c.errors.load(Ordering::Relaxed),
+                })
+                .collect(),
+        }
+    }
+}
