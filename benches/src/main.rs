@@ -5,13 +5,25 @@
 //! spawning `/bin/true` in the same run, then the RSS of `vmm` beyond guest
 //! memory while a guest runs.
 //!
+//! `colo-bench net [--runs N]` puts the test guest on the rig's network and
+//! measures, from the `client` namespace, TCP request/response round trips
+//! (64 bytes, p50/p99) and echo throughput through the guest, each against
+//! the same measurement on a host echo server in the guest's host namespace
+//! (same switch, same path length) taken in the same run.
+//!
+//! `colo-bench blk [--runs N]` has the guest time N random 4 KiB reads and
+//! writes on a 64 MiB virtio-blk disk and compares the IOPS with the host
+//! doing the same on the same file with pread/pwrite.
+//!
 //! Build first: `cargo build --release --bins && resources/build.sh test-guest`,
-//! then `target/release/colo-bench boot`.
+//! then `target/release/colo-bench boot` (as root for `net`).
 
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use colo_tests::{guest_artifact, Vmm};
+
+mod net;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -32,8 +44,16 @@ fn main() -> ExitCode {
             boot(runs.max(1));
             ExitCode::SUCCESS
         }
+        Some("net") => {
+            net::run(runs.max(1) * 100);
+            ExitCode::SUCCESS
+        }
+        Some("blk") => {
+            net::blk(runs.max(1) * 100);
+            ExitCode::SUCCESS
+        }
         _ => {
-            eprintln!("usage: colo-bench boot [--runs N]");
+            eprintln!("usage: colo-bench boot|net|blk [--runs N]");
             ExitCode::from(2)
         }
     }

@@ -13,6 +13,16 @@
 //! | `workload_mib=M` | size of the workload's buffer (default 4) |
 //! | `crash=triple_fault` | triple-fault right after ready |
 //! | `crash=page_fault` | take a page fault (reported by the handler) |
+//! | `ip=A.B.C.D/N`, `gw=A.B.C.D` | address of the first NIC, default route |
+//! | `blk_bench_ops=N` | time N random 4 KiB reads and writes on the first disk (destroys it) |
+//!
+//! Devices come from `virtio_mmio.device=` words. The first disk holds a
+//! key-value log, the first NIC serves echo, HTTP and ping (see `net`).
+//! After set-up the kernel drops to ring 3 for good: the KVM our tests run
+//! on emulates guest kernel mode instruction by instruction but runs ring 3
+//! natively, about a thousand times faster. Ring 3 asks the kernel for the
+//! few privileged things it needs (console output, waiting for an
+//! interrupt, power-off) with `ud2` system calls (see `arch::Syscall`).
 //!
 //! It runs on the boot CPU only and must contain no SSE instruction: the
 //! KVM our tests run on cannot execute SSE in guest kernel mode
@@ -215,7 +225,10 @@ extern "C" fn user_main() -> ! {
         arch::halt_forever()
     };
     let cmdline = boot.cmdline;
-    let (nic, store) = open_devices(&cmdline);
+    let (nic, mut store) = open_devices(&cmdline);
+    if let (Some(ops), Some(s)) = (number(&cmdline, "blk_bench_ops"), store.as_mut()) {
+        s.bench(ops, time::now_ns);
+    }
     let mut net = nic.and_then(|t| {
         let Some(ip) = cmdline.get("ip").and_then(netconf::parse_cidr) else {
             say!("a NIC but no usable ip=ADDR/LEN: network off");

@@ -90,6 +90,42 @@ impl Store {
         }
     }
 
+    /// Benchmark: `ops` random 4 KiB reads, then `ops` random 4 KiB
+    /// writes (no flush), over the whole disk; prints the time of each.
+    /// Destroys the disk's contents: for benchmark disks only.
+    pub fn bench(&mut self, ops: u64, now_ns: fn() -> u64) {
+        const BLOCK: usize = 4096;
+        let blocks = self.capacity / (BLOCK / SECTOR) as u64;
+        if blocks == 0 {
+            return;
+        }
+        let mut buf = vec![0u8; BLOCK];
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            // xorshift64: a fixed sequence, so runs are comparable.
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % blocks) as usize * (BLOCK / SECTOR)
+        };
+        let start = now_ns();
+        let mut errors = 0;
+        for _ in 0..ops {
+            errors += u64::from(self.blk.read_blocks(next(), &mut buf).is_err());
+        }
+        let read_ns = now_ns() - start;
+        let start = now_ns();
+        for _ in 0..ops {
+            errors += u64::from(self.blk.write_blocks(next(), &buf).is_err());
+        }
+        let write_ns = now_ns() - start;
+        crate::say!(
+            "blk bench 4k ops {ops} randread_us {} randwrite_us {} errors {errors}",
+            read_ns / 1000,
+            write_ns / 1000
+        );
+    }
+
     /// The disk refuses writes.
     pub fn read_only(&self) -> bool {
         self.blk.readonly()
