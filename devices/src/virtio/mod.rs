@@ -44,6 +44,18 @@ pub(crate) fn in_memory(mem: &GuestMemoryMmap, addr: vm_memory::GuestAddress, le
     vm_memory::GuestMemoryBackend::check_range(mem, addr, len)
 }
 
+/// Serves a read of a device's config space from its bytes; bytes past the
+/// end read as zero.
+pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| config.get(o.checked_add(i)?))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
 /// Counters a device keeps; read without locking the device.
 #[derive(Debug, Default)]
 pub struct DeviceCounters {

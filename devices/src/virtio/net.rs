@@ -230,13 +230,7 @@ impl VirtioDevice for Net {
         let mut config = [0u8; 8];
         config[..6].copy_from_slice(&self.mac);
         config[6..].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| config.get(o + i))
-                .copied()
-                .unwrap_or(0);
-        }
+        super::read_config_bytes(&config, offset, data);
     }
 
     fn reset(&mut self) {
