@@ -9,8 +9,8 @@ packages=(
     # Linux guest kernel and its initramfs
     linux-source-6.1 busybox-static flex bison bc libelf-dev libssl-dev cpio
     make gcc binutils xz-utils
-    # test rig: namespaces, bridges, taps
-    iproute2
+    # test rig: namespaces, bridges, taps; the demo's client tools
+    iproute2 curl python3
 )
 
 missing=()
