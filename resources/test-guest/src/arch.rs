@@ -163,10 +163,7 @@ fn load_gdt() {
         let limit = (core::mem::size_of::<Tss>() - 1) as u64;
         let gdt = &mut *GDT.get();
         // Present, DPL 0, type 9 (available 64-bit TSS).
-        gdt[5] = limit
-            | ((base & 0xff_ffff) << 16)
-            | (0x89 << 40)
-            | (((base >> 24) & 0xff) << 56);
+        gdt[5] = limit | ((base & 0xff_ffff) << 16) | (0x89 << 40) | (((base >> 24) & 0xff) << 56);
         gdt[6] = base >> 32;
         gdt
     };
@@ -302,7 +299,6 @@ pub const SPURIOUS_VECTOR: usize = 0xff;
 pub const IRQ_VECTOR_BASE: usize = 0x30;
 /// IOAPIC pins this kernel routes (the VMM gives virtio devices 5 and up).
 const IRQ_PINS: core::ops::Range<u32> = 5..16;
-
 
 /// What an exception stub leaves on the stack for [`exception`].
 #[repr(C)]
@@ -546,8 +542,6 @@ pub fn syscall(number: Syscall, a0: u64, a1: u64) -> u64 {
     };
     ret
 }
-
-
 
 /// True when running in ring 3.
 pub fn in_user_mode() -> bool {

@@ -100,7 +100,14 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Request<'_>, usize)>, HttpError> {
 }
 
 /// Appends a complete response to `out`.
-pub fn respond(out: &mut Vec<u8>, status: u16, reason: &str, content_type: &str, body: &[u8], keep_alive: bool) {
+pub fn respond(
+    out: &mut Vec<u8>,
+    status: u16,
+    reason: &str,
+    content_type: &str,
+    body: &[u8],
+    keep_alive: bool,
+) {
     use core::fmt::Write;
     let mut head = alloc::string::String::new();
     let _ = write!(
@@ -121,7 +128,10 @@ mod tests {
     fn parses_pipelined_requests_with_bodies() {
         let buf = b"POST /kv/a HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabcGET /count HTTP/1.1\r\n\r\n";
         let (r, used) = parse(buf).unwrap().unwrap();
-        assert_eq!((r.method, r.path, r.body, r.keep_alive), ("POST", "/kv/a", &b"abc"[..], true));
+        assert_eq!(
+            (r.method, r.path, r.body, r.keep_alive),
+            ("POST", "/kv/a", &b"abc"[..], true)
+        );
         let (r, used2) = parse(&buf[used..]).unwrap().unwrap();
         assert_eq!((r.method, r.path), ("GET", "/count"));
         assert_eq!(used + used2, buf.len());
@@ -130,17 +140,28 @@ mod tests {
     #[test]
     fn incomplete_requests_wait() {
         assert_eq!(parse(b"GET /count HTTP/1.1\r\n"), Ok(None));
-        assert_eq!(parse(b"POST /kv/a HTTP/1.1\r\nContent-Length: 5\r\n\r\nab"), Ok(None));
+        assert_eq!(
+            parse(b"POST /kv/a HTTP/1.1\r\nContent-Length: 5\r\n\r\nab"),
+            Ok(None)
+        );
     }
 
     #[test]
     fn bad_and_huge_requests_are_refused() {
         assert_eq!(parse(b"GARBAGE\r\n\r\n"), Err(HttpError::BadRequest));
         assert_eq!(parse(b"GET /x HTTP/2\r\n\r\n"), Err(HttpError::BadRequest));
-        assert_eq!(parse(b"GET /x HTTP/1.1\r\nContent-Length: zz\r\n\r\n"), Err(HttpError::BadRequest));
-        assert_eq!(parse(b"POST /x HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n"), Err(HttpError::TooLarge));
+        assert_eq!(
+            parse(b"GET /x HTTP/1.1\r\nContent-Length: zz\r\n\r\n"),
+            Err(HttpError::BadRequest)
+        );
+        assert_eq!(
+            parse(b"POST /x HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n"),
+            Err(HttpError::TooLarge)
+        );
         assert_eq!(parse(&[b'a'; MAX_HEAD + 1]), Err(HttpError::TooLarge));
-        let (r, _) = parse(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n").unwrap().unwrap();
+        let (r, _) = parse(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .unwrap()
+            .unwrap();
         assert!(!r.keep_alive);
     }
 

@@ -62,7 +62,11 @@ pub fn crc32(crc: u32, data: &[u8]) -> u32 {
     for &b in data {
         c ^= u32::from(b);
         for _ in 0..8 {
-            c = if c & 1 != 0 { (c >> 1) ^ 0xedb8_8320 } else { c >> 1 };
+            c = if c & 1 != 0 {
+                (c >> 1) ^ 0xedb8_8320
+            } else {
+                c >> 1
+            };
         }
     }
     !c
@@ -104,7 +108,8 @@ impl Header {
         if sector.len() < HEADER_LEN || &sector[..4] != MAGIC {
             return None;
         }
-        let u32_at = |o: usize| u32::from_le_bytes([sector[o], sector[o + 1], sector[o + 2], sector[o + 3]]);
+        let u32_at =
+            |o: usize| u32::from_le_bytes([sector[o], sector[o + 1], sector[o + 2], sector[o + 3]]);
         let key_len = usize::from(u16::from_le_bytes([sector[8], sector[9]]));
         let value_len = u32_at(12) as usize;
         if key_len == 0 || key_len > MAX_KEY_LEN || value_len > MAX_VALUE_LEN {
@@ -167,6 +172,9 @@ mod tests {
         assert_eq!(Header::parse(&[0u8; SECTOR]), None);
         assert_eq!(encode(1, b"bad key", b"v"), Err(KvError::BadKey));
         assert_eq!(encode(1, b"", b"v"), Err(KvError::BadKey));
-        assert_eq!(encode(1, b"k", &[0; MAX_VALUE_LEN + 1]), Err(KvError::ValueTooLong));
+        assert_eq!(
+            encode(1, b"k", &[0; MAX_VALUE_LEN + 1]),
+            Err(KvError::ValueTooLong)
+        );
     }
 }

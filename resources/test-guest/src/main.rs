@@ -46,8 +46,8 @@ mod workload;
 use colo_test_guest::bootparams::{BootParams, ZERO_PAGE_LEN};
 use colo_test_guest::cmdline::Cmdline;
 use colo_test_guest::{mptable, netconf};
-use virtio::Mmio;
 use core::arch::global_asm;
+use virtio::Mmio;
 
 // Entry: a stack of our own, then Rust. RSI holds the zero page's address.
 global_asm!(

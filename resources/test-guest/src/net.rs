@@ -82,7 +82,13 @@ impl Device for Phy {
 
     fn receive(&mut self, _now: Instant) -> Option<(Rx<'_>, Tx<'_>)> {
         let buf = self.dev.borrow_mut().receive().ok()?;
-        Some((Rx { buf, dev: &self.dev }, Tx { dev: &self.dev }))
+        Some((
+            Rx {
+                buf,
+                dev: &self.dev,
+            },
+            Tx { dev: &self.dev },
+        ))
     }
 
     fn transmit(&mut self, _now: Instant) -> Option<Tx<'_>> {
@@ -220,7 +226,8 @@ impl Net {
     /// happened (the caller polls again before it sleeps).
     pub fn poll(&mut self, now_ns: u64) -> bool {
         let now = timestamp(now_ns);
-        let mut busy = self.iface.poll(now, &mut self.phy, &mut self.sockets) == PollResult::SocketStateChanged;
+        let mut busy = self.iface.poll(now, &mut self.phy, &mut self.sockets)
+            == PollResult::SocketStateChanged;
         busy |= self.serve_echo();
         busy |= self.serve_udp();
         busy |= self.serve_http(now_ns);
@@ -303,7 +310,14 @@ impl Net {
                     }
                     Err(e) => {
                         let (status, reason) = e.status();
-                        http::respond(&mut conn.output, status, reason, "text/plain", reason.as_bytes(), false);
+                        http::respond(
+                            &mut conn.output,
+                            status,
+                            reason,
+                            "text/plain",
+                            reason.as_bytes(),
+                            false,
+                        );
                         conn.close_after = true;
                         conn.input.clear();
                     }
@@ -364,20 +378,63 @@ impl App {
                 match method {
                     "POST" | "PUT" => match store.put(key, req.body) {
                         Ok(()) => http::respond(out, 201, "Created", text, b"stored\n", keep),
-                        Err(PutError::BadKey) => http::respond(out, 400, "Bad Request", text, b"bad key\n", keep),
-                        Err(PutError::TooLong) => http::respond(out, 413, "Payload Too Large", text, b"value too long\n", keep),
-                        Err(PutError::Full) => http::respond(out, 507, "Insufficient Storage", text, b"disk full\n", keep),
-                        Err(PutError::Disk) => http::respond(out, 500, "Internal Server Error", text, b"disk write failed\n", keep),
+                        Err(PutError::BadKey) => {
+                            http::respond(out, 400, "Bad Request", text, b"bad key\n", keep)
+                        }
+                        Err(PutError::TooLong) => http::respond(
+                            out,
+                            413,
+                            "Payload Too Large",
+                            text,
+                            b"value too long\n",
+                            keep,
+                        ),
+                        Err(PutError::Full) => http::respond(
+                            out,
+                            507,
+                            "Insufficient Storage",
+                            text,
+                            b"disk full\n",
+                            keep,
+                        ),
+                        Err(PutError::Disk) => http::respond(
+                            out,
+                            500,
+                            "Internal Server Error",
+                            text,
+                            b"disk write failed\n",
+                            keep,
+                        ),
                     },
                     "GET" => match store.get(key) {
-                        Ok(Some(value)) => http::respond(out, 200, "OK", "application/octet-stream", &value, keep),
-                        Ok(None) => http::respond(out, 404, "Not Found", text, b"no such key\n", keep),
-                        Err(()) => http::respond(out, 500, "Internal Server Error", text, b"disk read failed\n", keep),
+                        Ok(Some(value)) => {
+                            http::respond(out, 200, "OK", "application/octet-stream", &value, keep)
+                        }
+                        Ok(None) => {
+                            http::respond(out, 404, "Not Found", text, b"no such key\n", keep)
+                        }
+                        Err(()) => http::respond(
+                            out,
+                            500,
+                            "Internal Server Error",
+                            text,
+                            b"disk read failed\n",
+                            keep,
+                        ),
                     },
-                    _ => http::respond(out, 405, "Method Not Allowed", text, b"use GET or POST\n", keep),
+                    _ => http::respond(
+                        out,
+                        405,
+                        "Method Not Allowed",
+                        text,
+                        b"use GET or POST\n",
+                        keep,
+                    ),
                 }
             }
-            (_, "/count" | "/stats") => http::respond(out, 405, "Method Not Allowed", text, b"use GET\n", keep),
+            (_, "/count" | "/stats") => {
+                http::respond(out, 405, "Method Not Allowed", text, b"use GET\n", keep)
+            }
             _ => http::respond(out, 404, "Not Found", text, b"not found\n", keep),
         }
     }

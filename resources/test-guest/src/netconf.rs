@@ -67,14 +67,34 @@ mod tests {
 
     #[test]
     fn parses_the_vmm_device_syntax() {
-        let line = Cmdline::new("console=ttyS0 virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6");
+        let line = Cmdline::new(
+            "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6",
+        );
         let devs: std::vec::Vec<_> = mmio_devices(&line).collect();
-        assert_eq!(devs, [
-            MmioDevice { base: 0xd000_0000, size: 4096, irq: 5 },
-            MmioDevice { base: 0xd000_1000, size: 4096, irq: 6 },
-        ]);
+        assert_eq!(
+            devs,
+            [
+                MmioDevice {
+                    base: 0xd000_0000,
+                    size: 4096,
+                    irq: 5
+                },
+                MmioDevice {
+                    base: 0xd000_1000,
+                    size: 4096,
+                    irq: 6
+                },
+            ]
+        );
         assert_eq!(parse_mmio_device("4K@zz:5"), None);
-        assert_eq!(parse_mmio_device("0x200@4096:7"), Some(MmioDevice { base: 4096, size: 512, irq: 7 }));
+        assert_eq!(
+            parse_mmio_device("0x200@4096:7"),
+            Some(MmioDevice {
+                base: 4096,
+                size: 512,
+                irq: 7
+            })
+        );
     }
 
     #[test]

@@ -32,7 +32,11 @@ pub struct Serial;
 impl Write for Serial {
     fn write_str(&mut self, s: &str) -> fmt::Result {
         if crate::arch::in_user_mode() {
-            crate::arch::syscall(crate::arch::Syscall::Write, s.as_ptr() as u64, s.len() as u64);
+            crate::arch::syscall(
+                crate::arch::Syscall::Write,
+                s.as_ptr() as u64,
+                s.len() as u64,
+            );
         } else {
             write_bytes(s.as_bytes());
         }
