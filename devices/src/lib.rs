@@ -7,6 +7,8 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod persist;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
+pub use persist::{Persist, PersistError};

@@ -45,6 +45,42 @@ const CTR_AUX_DISABLED: u8 = 1 << 5;
 const SELF_TEST_OK: u8 = 0x55;
 const PORT_TEST_OK: u8 = 0x00;
 
+/// The controller's registers and output buffer.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct I8042Snapshot {
+    pub status: u8,
+    pub ctr: u8,
+    pub out: Vec<u8>,
+    pub pending: Option<u8>,
+}
+
+impl crate::Persist for I8042 {
+    type State = I8042Snapshot;
+
+    fn save(&self) -> I8042Snapshot {
+        I8042Snapshot {
+            status: self.status,
+            ctr: self.ctr,
+            out: self.out.iter().copied().collect(),
+            pending: self.pending,
+        }
+    }
+
+    fn restore(&mut self, s: &I8042Snapshot) -> Result<(), crate::PersistError> {
+        if s.out.len() > 16 {
+            return Err(crate::PersistError::Invalid(format!(
+                "i8042 output buffer of {} bytes",
+                s.out.len()
+            )));
+        }
+        self.status = s.status;
+        self.ctr = s.ctr;
+        self.out = s.out.iter().copied().collect();
+        self.pending = s.pending;
+        Ok(())
+    }
+}
+
 /// The i8042 controller. `reset_evt` is written when the guest resets the CPU.
 pub struct I8042 {
     status: u8,

@@ -2,12 +2,15 @@
 
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
 
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
+use crate::persist::{Persist, PersistError};
 
 /// Raises an interrupt by writing to an eventfd that KVM turned into an
 /// irqfd for the device's IRQ line.
@@ -28,21 +31,27 @@ impl Trigger for EventFdTrigger {
     }
 }
 
-/// Output sink of the guest's serial port that counts the bytes it passes on.
+/// Output sink of the guest's serial port that counts the bytes it passes
+/// on. Shared, so that a restored UART writes where the old one did.
+#[derive(Clone)]
 struct CountingWriter {
-    out: Box<dyn Write + Send>,
+    out: Arc<Mutex<Box<dyn Write + Send>>>,
     bytes: Arc<AtomicU64>,
 }
 
 impl Write for CountingWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.out.write(buf)?;
+        let n = self
+            .out
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .write(buf)?;
         self.bytes.fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.out.flush()
+        self.out.lock().unwrap_or_else(|p| p.into_inner()).flush()
     }
 }
 
@@ -50,21 +59,97 @@ impl Write for CountingWriter {
 pub struct Serial {
     uart: vm_superio::Serial<EventFdTrigger, vm_superio::serial::NoEvents, CountingWriter>,
     tx_bytes: Arc<AtomicU64>,
+    irq: EventFd,
+    writer: CountingWriter,
+}
+
+/// The UART's registers and receive FIFO.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialSnapshot {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+/// The 16550's receive FIFO depth.
+const FIFO_SIZE: usize = 64;
+
+impl Persist for Serial {
+    type State = SerialSnapshot;
+
+    fn save(&self) -> SerialSnapshot {
+        let s = self.uart.state();
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    fn restore(&mut self, s: &SerialSnapshot) -> Result<(), PersistError> {
+        if s.in_buffer.len() > FIFO_SIZE {
+            return Err(PersistError::Invalid(format!(
+                "serial FIFO holds {} bytes, more than {FIFO_SIZE}",
+                s.in_buffer.len()
+            )));
+        }
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        };
+        let irq = self
+            .irq
+            .try_clone()
+            .map_err(|e| PersistError::Invalid(format!("serial irq: {e}")))?;
+        self.uart = vm_superio::Serial::from_state(
+            &state,
+            EventFdTrigger(irq),
+            vm_superio::serial::NoEvents,
+            self.writer.clone(),
+        )
+        .map_err(|e| PersistError::Invalid(format!("serial: {e:?}")))?;
+        Ok(())
+    }
 }
 
 impl Serial {
     /// A UART that raises its interrupt through `irq` and writes what the
     /// guest transmits to `out`.
-    pub fn new(irq: EventFdTrigger, out: Box<dyn Write + Send>) -> Self {
+    pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> io::Result<Self> {
         let tx_bytes = Arc::new(AtomicU64::new(0));
         let writer = CountingWriter {
-            out,
+            out: Arc::new(Mutex::new(out)),
             bytes: tx_bytes.clone(),
         };
-        Self {
-            uart: vm_superio::Serial::new(irq, writer),
+        Ok(Self {
+            uart: vm_superio::Serial::new(EventFdTrigger(irq.try_clone()?), writer.clone()),
             tx_bytes,
-        }
+            // Kept for restores, which build a new UART on the same line.
+            irq,
+            writer,
+        })
     }
 
     /// A shared counter of the bytes the guest has transmitted.
@@ -111,8 +196,8 @@ mod tests {
     #[test]
     fn transmitted_bytes_reach_the_sink_and_are_counted() {
         let sink = Shared::default();
-        let irq = EventFdTrigger::new(EventFd::new(libc_nonblock()).unwrap());
-        let mut serial = Serial::new(irq, Box::new(sink.clone()));
+        let irq = EventFd::new(libc_nonblock()).unwrap();
+        let mut serial = Serial::new(irq, Box::new(sink.clone())).unwrap();
         for b in b"hi\n" {
             serial.write(0, &[*b]);
         }
@@ -122,6 +207,38 @@ mod tests {
         let mut lsr = [0u8];
         serial.read(5, &mut lsr);
         assert_eq!(lsr[0] & 0x60, 0x60);
+    }
+
+    #[test]
+    fn state_round_trips_and_a_restored_uart_writes_to_the_same_sink() {
+        let sink = Shared::default();
+        let mut a = Serial::new(
+            EventFd::new(libc_nonblock()).unwrap(),
+            Box::new(sink.clone()),
+        )
+        .unwrap();
+        a.write(7, &[0x5a]); // scratch register
+        a.write(3, &[0x83]); // line control: DLAB
+        a.write(0, &[0x01]); // divisor low
+        a.write(3, &[0x03]);
+        let saved = a.save();
+        assert_eq!(
+            (saved.scratch, saved.baud_divisor_low, saved.line_control),
+            (0x5a, 1, 3)
+        );
+        let mut b = Serial::new(
+            EventFd::new(libc_nonblock()).unwrap(),
+            Box::new(sink.clone()),
+        )
+        .unwrap();
+        b.restore(&saved).unwrap();
+        assert_eq!(b.save(), saved);
+        b.write(0, b"x");
+        assert_eq!(&*sink.0.lock().unwrap(), b"x");
+        let mut bad = saved.clone();
+        bad.in_buffer = vec![0; 65];
+        assert!(b.restore(&bad).is_err());
+        assert_eq!(b.save(), saved, "a refused state changed the UART");
     }
 
     fn libc_nonblock() -> i32 {

@@ -322,6 +322,19 @@ impl VirtioDevice for Block {
     fn counters(&self) -> Arc<DeviceCounters> {
         self.counters.clone()
     }
+
+    fn save_state(&self) -> super::DeviceState {
+        super::DeviceState::Block
+    }
+
+    fn restore_state(&mut self, state: &super::DeviceState) -> Result<(), crate::PersistError> {
+        match state {
+            super::DeviceState::Block => Ok(()),
+            other => Err(crate::PersistError::Mismatch(format!(
+                "{other:?} for a virtio-blk device"
+            ))),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -425,6 +425,132 @@ impl MutEventSubscriber for MmioTransport {
     }
 }
 
+/// A queue's configuration and ring positions.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueSnapshot {
+    pub max_size: u16,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx_enabled: bool,
+}
+
+/// Everything guest-visible of a virtio-mmio device.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TransportSnapshot {
+    pub device_type: u32,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub driver_features: u64,
+    pub queue_sel: u32,
+    pub status: u32,
+    pub interrupt_status: u32,
+    pub config_generation: u32,
+    pub queues: Vec<QueueSnapshot>,
+    pub device: super::DeviceState,
+}
+
+impl crate::Persist for MmioTransport {
+    type State = TransportSnapshot;
+
+    fn save(&self) -> TransportSnapshot {
+        TransportSnapshot {
+            device_type: self.device.device_type(),
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            status: self.status,
+            interrupt_status: self.interrupt_status,
+            config_generation: self.config_generation,
+            queues: self
+                .queues
+                .iter()
+                .map(|q| {
+                    let s = q.state();
+                    QueueSnapshot {
+                        max_size: s.max_size,
+                        size: s.size,
+                        ready: s.ready,
+                        desc_table: s.desc_table,
+                        avail_ring: s.avail_ring,
+                        used_ring: s.used_ring,
+                        next_avail: s.next_avail,
+                        next_used: s.next_used,
+                        event_idx_enabled: s.event_idx_enabled,
+                    }
+                })
+                .collect(),
+            device: self.device.save_state(),
+        }
+    }
+
+    fn restore(&mut self, s: &TransportSnapshot) -> Result<(), crate::PersistError> {
+        use crate::PersistError::{Invalid, Mismatch};
+        if s.device_type != self.device.device_type() {
+            return Err(Mismatch(format!(
+                "virtio device type {} saved, {} here",
+                s.device_type,
+                self.device.device_type()
+            )));
+        }
+        if s.queues.len() != self.queues.len() {
+            return Err(Mismatch(format!(
+                "{} queues saved, {} here",
+                s.queues.len(),
+                self.queues.len()
+            )));
+        }
+        let mut queues = Vec::with_capacity(s.queues.len());
+        for (i, (q, here)) in s.queues.iter().zip(&self.queues).enumerate() {
+            if q.max_size != here.max_size() {
+                return Err(Mismatch(format!(
+                    "queue {i}: max size {} saved, {} here",
+                    q.max_size,
+                    here.max_size()
+                )));
+            }
+            let state = virtio_queue::QueueState {
+                max_size: q.max_size,
+                next_avail: q.next_avail,
+                next_used: q.next_used,
+                event_idx_enabled: q.event_idx_enabled,
+                size: q.size,
+                ready: q.ready,
+                desc_table: q.desc_table,
+                avail_ring: q.avail_ring,
+                used_ring: q.used_ring,
+            };
+            let queue = Queue::try_from(state).map_err(|e| Invalid(format!("queue {i}: {e}")))?;
+            if queue.ready()
+                && s.status & VIRTIO_CONFIG_S_DRIVER_OK != 0
+                && !queue.is_valid(&self.mem)
+            {
+                return Err(Invalid(format!("queue {i} lies outside guest memory")));
+            }
+            queues.push(queue);
+        }
+        // Device first: it is the last thing that can refuse.
+        self.device.restore_state(&s.device)?;
+        self.queues = queues;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.driver_features = s.driver_features;
+        self.queue_sel = s.queue_sel;
+        self.status = s.status;
+        self.interrupt_status = s.interrupt_status;
+        self.config_generation = s.config_generation;
+        if self.is_activated() {
+            self.device.activate(self.driver_features);
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -472,6 +598,18 @@ mod tests {
         }
         fn counters(&self) -> Arc<DeviceCounters> {
             self.counters.clone()
+        }
+        fn save_state(&self) -> crate::virtio::DeviceState {
+            crate::virtio::DeviceState::Other(vec![7])
+        }
+        fn restore_state(
+            &mut self,
+            s: &crate::virtio::DeviceState,
+        ) -> Result<(), crate::PersistError> {
+            match s {
+                crate::virtio::DeviceState::Other(v) if v == &[7] => Ok(()),
+                _ => Err(crate::PersistError::Mismatch("not an echo".into())),
+            }
         }
     }
 
@@ -578,6 +716,52 @@ mod tests {
         assert_eq!(t.status(), 0);
         assert!(!t.queues[0].ready());
         assert!(!t.is_activated());
+    }
+
+    #[test]
+    fn saved_state_restores_into_a_fresh_transport_over_the_same_memory() {
+        use crate::Persist;
+        let mut a = transport();
+        let mut sim = DriverSim::new(&mut a);
+        sim.negotiate((1 << VIRTIO_F_VERSION_1) | 0b100);
+        sim.setup_queue(0, 16);
+        sim.add_buffer(0, &[(0x10_000, 64, false)]);
+        sim.driver_ok();
+        let saved = a.save();
+        assert_eq!(saved.queues[0].next_avail, 1);
+        assert_eq!(saved.queues[0].next_used, 1);
+
+        let mut b = MmioTransport::new(
+            Box::new(Echo {
+                counters: Arc::default(),
+                activated: None,
+            }),
+            a.mem.clone(),
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+        )
+        .unwrap();
+        b.restore(&saved).unwrap();
+        assert_eq!(b.save(), saved);
+        assert!(b.is_activated());
+        // The restored device goes on where the first one stopped.
+        let mut sim = DriverSim::new(&mut b);
+        sim.add_buffer(0, &[(0x11_000, 64, false)]);
+        b.process_queue(0);
+        let sim = DriverSim::new(&mut b);
+        assert_eq!(sim.used(0).len(), 2);
+
+        // Refusals leave the transport as it was.
+        let before = b.save();
+        let mut wrong = saved.clone();
+        wrong.queues.pop();
+        assert!(b.restore(&wrong).is_err());
+        let mut wrong = saved.clone();
+        wrong.device_type = 1;
+        assert!(b.restore(&wrong).is_err());
+        let mut wrong = saved.clone();
+        wrong.queues[0].desc_table = 0xffff_0000;
+        assert!(b.restore(&wrong).is_err());
+        assert_eq!(b.save(), before);
     }
 
     #[test]

@@ -131,6 +131,22 @@ pub trait VirtioDevice: Send {
     }
     /// The device's counters.
     fn counters(&self) -> Arc<DeviceCounters>;
+    /// Device-specific state beyond the transport and queues.
+    fn save_state(&self) -> DeviceState;
+    /// Applies what [`VirtioDevice::save_state`] returned, all or nothing.
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), crate::PersistError>;
+}
+
+/// Device-specific state of a virtio device.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum DeviceState {
+    /// virtio-blk holds nothing between requests.
+    Block,
+    /// virtio-net: a received frame (with its virtio header) that waits for
+    /// a guest buffer; empty when none waits.
+    Net { pending_rx: Vec<u8> },
+    /// A device of another kind (tests).
+    Other(Vec<u8>),
 }
 
 #[cfg(test)]

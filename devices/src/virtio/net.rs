@@ -264,6 +264,29 @@ impl VirtioDevice for Net {
     fn counters(&self) -> Arc<DeviceCounters> {
         self.counters.clone()
     }
+
+    fn save_state(&self) -> super::DeviceState {
+        super::DeviceState::Net {
+            pending_rx: self.rx_buf[..self.rx_len].to_vec(),
+        }
+    }
+
+    fn restore_state(&mut self, state: &super::DeviceState) -> Result<(), crate::PersistError> {
+        match state {
+            super::DeviceState::Net { pending_rx } if pending_rx.len() <= self.rx_buf.len() => {
+                self.rx_buf[..pending_rx.len()].copy_from_slice(pending_rx);
+                self.rx_len = pending_rx.len();
+                Ok(())
+            }
+            super::DeviceState::Net { pending_rx } => Err(crate::PersistError::Invalid(format!(
+                "pending frame of {} bytes",
+                pending_rx.len()
+            ))),
+            other => Err(crate::PersistError::Mismatch(format!(
+                "{other:?} for a virtio-net device"
+            ))),
+        }
+    }
 }
 
 #[cfg(test)]
