@@ -262,6 +262,10 @@ extern "C" fn user_main() -> ! {
             Some(w)
         });
 
+    // Open the listening sockets before telling anyone we are ready.
+    if let Some(n) = net.as_mut() {
+        n.poll(time::now_ns());
+    }
     let ready_ns = time::now_ns();
     say!("ready");
 
