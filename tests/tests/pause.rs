@@ -55,6 +55,7 @@ fn pause_stops_the_guest_and_resume_continues_it() {
         disks: Vec::new(),
         nets: Vec::new(),
         api_sock: None,
+        restore: Vec::new(),
     };
     config.validate().unwrap();
     let mut vm = Vm::create(&config).unwrap().start().unwrap();

@@ -120,6 +120,10 @@ pub struct Cli {
     /// REST control socket (HTTP/1.1 on a Unix socket, created mode 0600).
     #[arg(long, value_name = "PATH")]
     pub api_sock: Option<PathBuf>,
+    /// Start from snapshots instead of booting: a full snapshot, then diffs,
+    /// oldest first. Devices (--disk, --net) must match the snapshot's.
+    #[arg(long, value_name = "PATH[,PATH...]", value_delimiter = ',')]
+    pub restore: Vec<PathBuf>,
 }
 
 /// Most virtio devices a VM may have (one IRQ line each, 5..=15 minus the
@@ -252,6 +256,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     pub nets: Vec<NetConfig>,
     pub api_sock: Option<PathBuf>,
+    /// Snapshot chain to start from (empty: boot the kernel).
+    pub restore: Vec<PathBuf>,
 }
 
 impl NetConfig {
@@ -346,11 +352,12 @@ impl VmConfig {
     fn merge(cli: &Cli, file: FileConfig) -> Result<Self, ConfigError> {
         let config = VmConfig {
             role: cli.role.or(file.role).unwrap_or(Role::Standalone),
-            kernel: cli
-                .kernel
-                .clone()
-                .or(file.kernel)
-                .ok_or(ConfigError::MissingKernel)?,
+            kernel: match cli.kernel.clone().or(file.kernel) {
+                Some(kernel) => kernel,
+                // A restored VM needs no kernel.
+                None if !cli.restore.is_empty() => PathBuf::new(),
+                None => return Err(ConfigError::MissingKernel),
+            },
             initrd: cli.initrd.clone().or(file.initrd),
             cmdline: cli
                 .cmdline
@@ -377,6 +384,7 @@ impl VmConfig {
                 cli.nets.clone()
             },
             api_sock: cli.api_sock.clone().or(file.api_sock),
+            restore: cli.restore.clone(),
         };
         config.validate()?;
         Ok(config)
@@ -404,7 +412,9 @@ impl VmConfig {
         if self.cmdline.contains('\0') {
             return Err(ConfigError::CmdlineNul);
         }
-        kernel_format(&self.kernel)?;
+        if self.restore.is_empty() {
+            kernel_format(&self.kernel)?;
+        }
         let devices = self.disks.len() + self.nets.len();
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(devices));

@@ -1,11 +1,13 @@
 //! The API's view of a running VM: [`VmControl`] over a [`VmHandle`] and
 //! the VM's shared counters.
 
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use crate::api::{ControlError, DeviceMetrics, Metrics, Status, VmControl, VmState};
 use crate::config::VmConfig;
+use crate::snapshot::Kind;
 use crate::vm::{RunState, RunningVm, VmCounters, VmHandle};
 
 /// Implements the API for one VM.
@@ -15,6 +17,7 @@ pub struct VmmControl {
     role: String,
     vcpus: u8,
     memory_mib: u64,
+    track_dirty: bool,
     created: Instant,
 }
 
@@ -26,6 +29,7 @@ impl VmmControl {
             role: config.role.to_string(),
             vcpus: config.vcpus,
             memory_mib: config.mem_mib,
+            track_dirty: config.track_dirty_pages,
             created: Instant::now() - vm.uptime(),
         }
     }
@@ -35,6 +39,15 @@ impl VmmControl {
             RunState::Running => VmState::Running,
             RunState::Paused => VmState::Paused,
             RunState::ShuttingDown => VmState::ShuttingDown,
+        }
+    }
+
+    fn require_paused(&self) -> Result<(), ControlError> {
+        match self.state() {
+            VmState::Paused => Ok(()),
+            _ => Err(ControlError::Conflict(
+                "the VM must be paused: PUT /vm {\"state\":\"paused\"} first".into(),
+            )),
         }
     }
 
@@ -70,6 +83,23 @@ impl VmControl for VmmControl {
     fn shutdown(&self) -> Result<(), ControlError> {
         self.refuse_when_stopping()?;
         self.handle.shutdown().map_err(ControlError::Internal)
+    }
+
+    fn snapshot(&self, kind: Kind, path: &Path) -> Result<u64, ControlError> {
+        self.require_paused()?;
+        if kind == Kind::Diff && !self.track_dirty {
+            return Err(ControlError::Conflict(
+                "a diff snapshot needs dirty tracking: start vmm with --track-dirty-pages".into(),
+            ));
+        }
+        self.handle
+            .snapshot(kind, path)
+            .map_err(ControlError::Internal)
+    }
+
+    fn state_hash(&self) -> Result<u64, ControlError> {
+        self.require_paused()?;
+        self.handle.state_hash().map_err(ControlError::Internal)
     }
 
     fn metrics(&self) -> Metrics {

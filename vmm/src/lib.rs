@@ -8,4 +8,5 @@ pub mod api;
 pub mod arch;
 pub mod config;
 pub mod control;
+pub mod snapshot;
 pub mod vm;

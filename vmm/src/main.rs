@@ -35,8 +35,23 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli) -> anyhow::Result<VmExit> {
-    let config = VmConfig::from_cli(cli).context("invalid configuration")?;
-    let vm = Vm::create(&config).context("cannot create the VM")?;
+    let mut config = VmConfig::from_cli(cli).context("invalid configuration")?;
+    // A restore reads and verifies the whole chain before any VM exists.
+    let chain = if config.restore.is_empty() {
+        Vec::new()
+    } else {
+        let chain = vmm::snapshot::read_chain(&config.restore).context("cannot restore")?;
+        if let Some(first) = chain.first() {
+            config.mem_mib = first.layout.mem_size >> 20;
+            config.vcpus = first.layout.vcpus;
+        }
+        chain
+    };
+    let mut vm = Vm::create(&config).context("cannot create the VM")?;
+    if let Some(last) = config.restore.last() {
+        vm.restore(&chain, last).context("cannot restore")?;
+        drop(chain);
+    }
     let running = vm.start().context("cannot start the VM")?;
     // Dropped after `wait` returns: the socket goes away with the VM.
     let _api = match &config.api_sock {

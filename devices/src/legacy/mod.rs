@@ -3,8 +3,8 @@
 mod i8042;
 mod serial;
 
-pub use i8042::I8042;
-pub use serial::{EventFdTrigger, Serial};
+pub use i8042::{I8042Snapshot, I8042};
+pub use serial::{EventFdTrigger, Serial, SerialSnapshot};
 
 /// Port of the first serial port (COM1).
 pub const COM1_PORT: u64 = 0x3f8;

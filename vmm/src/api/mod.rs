@@ -6,6 +6,8 @@
 //! | PUT | `/vm` | `{"state": "paused" \| "running"}` | 204 |
 //! | PUT | `/actions` | `{"action": "shutdown"}` | 202 |
 //! | GET | `/metrics` | | 200 Prometheus text |
+//! | PUT | `/snapshot` | `{"type": "full" \| "diff", "path": "..."}` (paused VM) | 200 `{"bytes": N}` |
+//! | GET | `/state-hash` | (paused VM) | 200 `{"hash": "<16 hex digits>"}` |
 //!
 //! Errors carry `{"error": "..."}`: 404 unknown path, 405 wrong method
 //! (with `Allow`), 400 malformed JSON, wrong types, unknown fields or bad
@@ -43,6 +45,23 @@ pub trait VmControl: Send + Sync + 'static {
     fn shutdown(&self) -> Result<(), ControlError>;
     /// Counters.
     fn metrics(&self) -> Metrics;
+    /// Writes a snapshot of the paused VM to `path`; returns its size.
+    fn snapshot(
+        &self,
+        kind: crate::snapshot::Kind,
+        path: &std::path::Path,
+    ) -> Result<u64, ControlError>;
+    /// The state hash of the paused VM.
+    fn state_hash(&self) -> Result<u64, ControlError>;
+}
+
+/// `PUT /snapshot`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotRequest {
+    #[serde(rename = "type")]
+    kind: crate::snapshot::Kind,
+    path: std::path::PathBuf,
 }
 
 /// The VM's run state.

@@ -18,7 +18,8 @@ use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 
 use super::{
-    metrics, Action, ActionRequest, ControlError, RequestedState, VmControl, VmRequest, MAX_BODY,
+    metrics, Action, ActionRequest, ControlError, RequestedState, SnapshotRequest, VmControl,
+    VmRequest, MAX_BODY,
 };
 
 /// Errors starting the server.
@@ -265,6 +266,28 @@ async fn handle(req: Request<Incoming>, control: &dyn VmControl) -> Reply {
             Err(reply) => reply,
         },
         ("/actions", _) => method_not_allowed("PUT"),
+        ("/snapshot", Method::PUT) => match json_body::<SnapshotRequest>(req).await {
+            Ok(body) if body.path.as_os_str().is_empty() => {
+                error(StatusCode::BAD_REQUEST, "an empty snapshot path")
+            }
+            Ok(body) => match control.snapshot(body.kind, &body.path) {
+                Ok(bytes) => json_reply(
+                    StatusCode::OK,
+                    serde_json::json!({ "bytes": bytes }).to_string(),
+                ),
+                Err(e) => control_error(e),
+            },
+            Err(reply) => reply,
+        },
+        ("/snapshot", _) => method_not_allowed("PUT"),
+        ("/state-hash", Method::GET) => match control.state_hash() {
+            Ok(hash) => json_reply(
+                StatusCode::OK,
+                serde_json::json!({ "hash": format!("{hash:016x}") }).to_string(),
+            ),
+            Err(e) => control_error(e),
+        },
+        ("/state-hash", _) => method_not_allowed("GET"),
         (other, _) => error(StatusCode::NOT_FOUND, format!("no such endpoint {other}")),
     }
 }

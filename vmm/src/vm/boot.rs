@@ -260,6 +260,7 @@ mod tests {
             disks: Vec::new(),
             nets: Vec::new(),
             api_sock: None,
+            restore: Vec::new(),
         }
     }
 

@@ -5,7 +5,9 @@ pub mod boot;
 pub mod cpuid;
 pub mod device_loop;
 pub mod memory;
+mod persist;
 pub mod regs;
+pub mod state;
 pub mod vcpu;
 pub mod virtio;
 
@@ -88,6 +90,18 @@ pub enum VmError {
     Virtio(#[from] devices::virtio::mmio::MmioError),
     #[error(transparent)]
     DeviceLoop(#[from] DeviceLoopError),
+    #[error(transparent)]
+    State(#[from] state::StateError),
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+    #[error("cannot restore {what}: {source}")]
+    Restore {
+        what: String,
+        #[source]
+        source: devices::PersistError,
+    },
+    #[error("{0}")]
+    Refused(String),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -128,6 +142,16 @@ pub struct Vm {
     counters: VmCounters,
     created: Instant,
     virtio: Vec<AttachedDevice>,
+    legacy: Legacy,
+    msr_indices: Vec<u32>,
+    layout: crate::snapshot::Layout,
+    track_dirty: bool,
+}
+
+/// The legacy devices, kept for save and restore.
+struct Legacy {
+    serial: Arc<Mutex<Serial>>,
+    i8042: Arc<Mutex<I8042>>,
 }
 
 impl Vm {
@@ -163,12 +187,17 @@ impl Vm {
         memory::register(&vm_fd, &mem, config.track_dirty_pages)?;
         let mut mmio_bus = Bus::new();
         let (virtio, extra_cmdline) = virtio::attach(&vm_fd, &mem, config, &mut mmio_bus)?;
-        let mut boot_config = config.clone();
-        boot_config.cmdline.push_str(&extra_cmdline);
-        let entry = boot::load(&mem, &boot_config)?;
+        // A restored VM gets its memory and registers from the snapshot.
+        let entry = if config.restore.is_empty() {
+            let mut boot_config = config.clone();
+            boot_config.cmdline.push_str(&extra_cmdline);
+            Some(boot::load(&mem, &boot_config)?)
+        } else {
+            None
+        };
 
         let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(io_err("the reset eventfd"))?;
-        let (io_bus, serial_tx_bytes) = legacy_devices(&vm_fd, config, &reset_evt)?;
+        let (io_bus, serial_tx_bytes, legacy) = legacy_devices(&vm_fd, config, &reset_evt)?;
         let io_bus = Arc::new(io_bus);
         let counters = VmCounters {
             serial_tx_bytes,
@@ -194,7 +223,7 @@ impl Vm {
                 fd.set_fpu(&regs::boot_fpu())
                     .map_err(kvm_err("KVM_SET_FPU"))?;
                 regs::set_virtual_wire(&fd)?;
-                if index == 0 {
+                if let (0, Some(entry)) = (index, entry) {
                     regs::set_boot_regs(&fd, entry.0)?;
                 }
                 Ok(Vcpu::new(
@@ -211,9 +240,17 @@ impl Vm {
             kernel = %config.kernel.display(),
             mem_mib = config.mem_mib,
             vcpus = config.vcpus,
-            entry = format_args!("{:#x}", entry.0),
+            entry = format_args!("{:#x}", entry.map_or(0, |e| e.0)),
             "VM created"
         );
+        let layout = crate::snapshot::Layout {
+            mem_size: config.mem_size(),
+            vcpus: config.vcpus,
+            devices: virtio
+                .iter()
+                .map(|d| (d.name.clone(), d.kind.to_string()))
+                .collect(),
+        };
         Ok(Self {
             vcpus,
             vm_fd,
@@ -222,6 +259,10 @@ impl Vm {
             counters,
             created,
             virtio,
+            legacy,
+            msr_indices: state::msr_index_list(&kvm)?,
+            layout,
+            track_dirty: config.track_dirty_pages,
         })
     }
 
@@ -251,8 +292,13 @@ impl Vm {
             counters: self.counters,
             created: self.created,
             exited: Vec::new(),
-            _vm_fd: self.vm_fd,
-            _mem: self.mem,
+            vm_fd: self.vm_fd,
+            mem: self.mem,
+            virtio: self.virtio,
+            legacy: self.legacy,
+            msr_indices: self.msr_indices,
+            layout: self.layout,
+            dirty: persist::DirtyTracker::new(self.track_dirty),
         };
         for vcpu in self.vcpus {
             let wake = running
@@ -274,12 +320,12 @@ impl Vm {
 }
 
 /// Serial port and i8042 on a new port-I/O bus; also returns the serial
-/// port's byte counter.
+/// port's byte counter and the devices.
 fn legacy_devices(
     vm_fd: &VmFd,
     config: &VmConfig,
     reset_evt: &EventFd,
-) -> Result<(Bus, Arc<AtomicU64>), VmError> {
+) -> Result<(Bus, Arc<AtomicU64>, Legacy), VmError> {
     let out: Box<dyn Write + Send> = match &config.serial {
         SerialOutput::Stdout => Box::new(std::io::stdout()),
         SerialOutput::File(path) => {
@@ -297,10 +343,14 @@ fn legacy_devices(
     let serial_tx_bytes = serial.tx_bytes();
     let i8042 = I8042::new(reset_evt.try_clone().map_err(io_err("the reset eventfd"))?);
 
+    let legacy = Legacy {
+        serial: Arc::new(Mutex::new(serial)),
+        i8042: Arc::new(Mutex::new(i8042)),
+    };
     let mut bus = Bus::new();
-    bus.insert(Arc::new(Mutex::new(serial)), COM1_PORT, COM_PORT_LEN)?;
-    bus.insert(Arc::new(Mutex::new(i8042)), I8042_DATA_PORT, I8042_PORT_LEN)?;
-    Ok((bus, serial_tx_bytes))
+    bus.insert(legacy.serial.clone(), COM1_PORT, COM_PORT_LEN)?;
+    bus.insert(legacy.i8042.clone(), I8042_DATA_PORT, I8042_PORT_LEN)?;
+    Ok((bus, serial_tx_bytes, legacy))
 }
 
 /// The state of a running VM as its handle reports it.
@@ -312,14 +362,29 @@ pub enum RunState {
 }
 
 /// What another thread (the API) may ask of the thread that runs the VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Request {
     Pause,
     Resume,
     Shutdown,
+    Snapshot(crate::snapshot::Kind, std::path::PathBuf),
+    StateHash,
 }
 
-type Reply = mpsc::Sender<Result<(), String>>;
+/// A request's answer: a short text (snapshot size, hash) or an error.
+type Reply = mpsc::Sender<Result<String, String>>;
+
+/// An error with its sources, "outer: inner: innermost".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
 
 struct HandleInner {
     evt: EventFd,
@@ -357,7 +422,7 @@ impl VmHandle {
         self.0.state.store(state as u8, Ordering::SeqCst);
     }
 
-    fn call(&self, request: Request) -> Result<(), String> {
+    fn call(&self, request: Request) -> Result<String, String> {
         if self.state() == RunState::ShuttingDown {
             return Err("the VM is shutting down".into());
         }
@@ -372,22 +437,39 @@ impl VmHandle {
             .write(1)
             .map_err(|e| format!("cannot reach the VM thread: {e}"))?;
         rx.recv_timeout(REQUEST_TIMEOUT)
-            .map_err(|_| format!("the VM thread did not answer the {request:?} request"))?
+            .map_err(|_| "the VM thread did not answer".to_string())?
     }
 
     /// Pauses vCPUs and device processing; a no-op when paused.
     pub fn pause(&self) -> Result<(), String> {
-        self.call(Request::Pause)
+        self.call(Request::Pause).map(drop)
+    }
+
+    /// Writes a snapshot of the paused VM; returns its size in bytes.
+    pub fn snapshot(
+        &self,
+        kind: crate::snapshot::Kind,
+        path: &std::path::Path,
+    ) -> Result<u64, String> {
+        let size = self.call(Request::Snapshot(kind, path.to_path_buf()))?;
+        size.parse()
+            .map_err(|_| format!("bad snapshot size {size:?}"))
+    }
+
+    /// The state hash of the paused VM.
+    pub fn state_hash(&self) -> Result<u64, String> {
+        let hash = self.call(Request::StateHash)?;
+        u64::from_str_radix(&hash, 16).map_err(|_| format!("bad hash {hash:?}"))
     }
 
     /// Resumes after [`VmHandle::pause`]; a no-op when running.
     pub fn resume(&self) -> Result<(), String> {
-        self.call(Request::Resume)
+        self.call(Request::Resume).map(drop)
     }
 
     /// Stops the VM; [`RunningVm::wait`] then returns [`VmExit::Stopped`].
     pub fn shutdown(&self) -> Result<(), String> {
-        self.call(Request::Shutdown)
+        self.call(Request::Shutdown).map(drop)
     }
 
     fn take_requests(&self) -> Vec<(Request, Reply)> {
@@ -414,8 +496,13 @@ pub struct RunningVm {
     /// vCPUs that have ended, with how.
     exited: Vec<(u8, VcpuStop)>,
     // Kept alive for the vCPUs; dropped after them (see `Drop`).
-    _vm_fd: VmFd,
-    _mem: GuestMemory,
+    vm_fd: VmFd,
+    mem: GuestMemory,
+    virtio: Vec<AttachedDevice>,
+    legacy: Legacy,
+    msr_indices: Vec<u32>,
+    layout: crate::snapshot::Layout,
+    dirty: persist::DirtyTracker,
 }
 
 impl RunningVm {
@@ -437,7 +524,7 @@ impl RunningVm {
     /// Pauses every vCPU, then the device thread; returns once no guest
     /// code runs and no device request is in flight.
     pub fn pause(&mut self) -> Result<(), VmError> {
-        self.command_all(VcpuCommand::Pause, |e| matches!(e, VcpuEvent::Paused(_)))?;
+        self.command_all(|| VcpuCommand::Pause, |e| matches!(e, VcpuEvent::Paused(_)))?;
         self.device_loop.pause()?;
         self.handle.set_state(RunState::Paused);
         Ok(())
@@ -446,7 +533,10 @@ impl RunningVm {
     /// Resumes the device thread, then every vCPU, after [`RunningVm::pause`].
     pub fn resume(&mut self) -> Result<(), VmError> {
         self.device_loop.resume()?;
-        self.command_all(VcpuCommand::Resume, |e| matches!(e, VcpuEvent::Resumed(_)))?;
+        self.command_all(
+            || VcpuCommand::Resume,
+            |e| matches!(e, VcpuEvent::Resumed(_)),
+        )?;
         self.handle.set_state(RunState::Running);
         Ok(())
     }
@@ -455,13 +545,32 @@ impl RunningVm {
     fn serve_requests(&mut self) -> bool {
         for (request, reply) in self.handle.take_requests() {
             let state = self.handle.state();
-            let result = match (request, state) {
-                (Request::Pause, RunState::Paused) | (Request::Resume, RunState::Running) => Ok(()),
-                (Request::Pause, _) => self.pause().map_err(|e| format!("{e:#}")),
-                (Request::Resume, _) => self.resume().map_err(|e| format!("{e:#}")),
+            let text = |e: VmError| error_chain(&e);
+            let result = match (&request, state) {
+                (Request::Pause, RunState::Paused) | (Request::Resume, RunState::Running) => {
+                    Ok(String::new())
+                }
+                (Request::Pause, _) => self.pause().map(|()| String::new()).map_err(text),
+                (Request::Resume, _) => self.resume().map(|()| String::new()).map_err(text),
+                (Request::Snapshot(kind, path), _) => {
+                    let started = Instant::now();
+                    let r = self
+                        .snapshot(*kind, path)
+                        .map(|n| n.to_string())
+                        .map_err(text);
+                    tracing::info!(
+                        "{kind:?} snapshot to {} in {:.1} ms",
+                        path.display(),
+                        started.elapsed().as_secs_f64() * 1e3
+                    );
+                    r
+                }
+                (Request::StateHash, _) => {
+                    self.state_hash().map(|h| format!("{h:016x}")).map_err(text)
+                }
                 (Request::Shutdown, _) => {
                     self.handle.set_state(RunState::ShuttingDown);
-                    let _ = reply.send(Ok(()));
+                    let _ = reply.send(Ok(String::new()));
                     return true;
                 }
             };
@@ -473,11 +582,11 @@ impl RunningVm {
 
     fn command_all(
         &mut self,
-        command: VcpuCommand,
+        command: impl Fn() -> VcpuCommand,
         is_ack: impl Fn(&VcpuEvent) -> bool,
     ) -> Result<(), VmError> {
         for handle in &self.handles {
-            handle.send(command);
+            handle.send(command());
         }
         let mut acks = 0;
         while acks < self.handles.len() {

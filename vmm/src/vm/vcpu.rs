@@ -22,8 +22,11 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+/// Work a paused vCPU thread does on its own `VcpuFd` (state save and
+/// restore); it reports its result through a channel it captured.
+pub type VcpuJob = Box<dyn FnOnce(&VcpuFd) + Send>;
+
 /// What the VM asks of a vCPU thread.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VcpuCommand {
     /// Stop running guest code and report [`VcpuEvent::Paused`].
     Pause,
@@ -31,6 +34,8 @@ pub enum VcpuCommand {
     Resume,
     /// End the thread.
     Stop,
+    /// Run a job on the vCPU's fd (sent only while paused).
+    Job(VcpuJob),
 }
 
 /// Why a vCPU stopped running the guest for good.
@@ -231,6 +236,7 @@ impl Vcpu {
                     }
                 }
                 Ok(VcpuCommand::Resume) => report(VcpuEvent::Resumed(self.index)),
+                Ok(VcpuCommand::Job(job)) => job(&self.fd),
                 Ok(VcpuCommand::Stop) | Err(TryRecvError::Disconnected) => {
                     return VcpuStop::Stopped
                 }
@@ -256,6 +262,7 @@ impl Vcpu {
                     return None;
                 }
                 Ok(VcpuCommand::Pause) => report(VcpuEvent::Paused(self.index)),
+                Ok(VcpuCommand::Job(job)) => job(&self.fd),
                 Ok(VcpuCommand::Stop) | Err(_) => return Some(VcpuStop::Stopped),
             }
         }
@@ -392,8 +399,9 @@ impl VcpuHandle {
 
     /// Sends `command` and kicks the thread so it sees it at once.
     pub fn send(&self, command: VcpuCommand) {
+        let kick = !matches!(command, VcpuCommand::Job(_));
         // A thread that has exited has nothing left to pause or stop.
-        if self.commands.send(command).is_ok() {
+        if self.commands.send(command).is_ok() && kick {
             if let Err(e) = self.thread.kill(kick_signal()) {
                 tracing::debug!("kicking vCPU {}: {e}", self.index);
             }

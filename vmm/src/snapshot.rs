@@ -1,0 +1,372 @@
+//! The snapshot file format.
+//!
+//! ```text
+//! header   32 bytes: magic "COLOSNAP", version u32, kind u32 (0 full,
+//!          1 diff), guest memory bytes u64, section count u32, CRC-32 of
+//!          the 28 bytes before it
+//! section  tag [u8; 4], payload length u64, CRC-32 of the payload u32,
+//!          payload
+//!   LAYT   postcard(Layout): memory size, vCPUs, devices in order
+//!   STAT   postcard(MachineState): vCPUs, VM, serial, i8042, virtio
+//!   MEMF   full: every RAM range's bytes in address order
+//!   MEMD   diff: page count u64, that many page addresses u64, the pages
+//!   END.   empty: the file is complete
+//! ```
+//!
+//! All integers are little-endian. A reader checks everything (magic,
+//! version, every checksum, the end marker, the layout against the VM it
+//! would restore into) before it hands out a single byte, so a truncated,
+//! corrupt or foreign file is refused with nothing applied.
+
+use std::fs::File;
+use std::io::{self, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use devices::legacy::{I8042Snapshot, SerialSnapshot};
+use devices::virtio::mmio::TransportSnapshot;
+use serde::{Deserialize, Serialize};
+
+use crate::vm::state::{VcpuState, VmState};
+
+/// First bytes of every snapshot file.
+pub const MAGIC: &[u8; 8] = b"COLOSNAP";
+/// Format version this build reads and writes.
+pub const VERSION: u32 = 1;
+/// Guest page size the diff sections count in.
+pub const PAGE_SIZE: u64 = 4096;
+const HEADER_LEN: usize = 32;
+
+/// Full (all memory) or diff (pages dirtied since the previous snapshot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Full,
+    Diff,
+}
+
+/// What the VM must look like to take this snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layout {
+    pub mem_size: u64,
+    pub vcpus: u8,
+    /// (name, kind) of each virtio device, in bus order.
+    pub devices: Vec<(String, String)>,
+}
+
+/// Every device and vCPU state of a paused VM.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct MachineState {
+    pub vcpus: Vec<VcpuState>,
+    pub vm: VmState,
+    pub serial: SerialSnapshot,
+    pub i8042: I8042Snapshot,
+    pub virtio: Vec<TransportSnapshot>,
+}
+
+/// Guest memory in a snapshot.
+pub enum Memory {
+    /// All RAM, ranges in address order.
+    Full(Vec<u8>),
+    /// (guest-physical page address, page bytes).
+    Diff(Vec<(u64, Vec<u8>)>),
+}
+
+/// A verified snapshot file.
+pub struct Snapshot {
+    pub kind: Kind,
+    pub layout: Layout,
+    pub state: MachineState,
+    pub memory: Memory,
+}
+
+/// Why a snapshot cannot be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("cannot read snapshot {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot write snapshot {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} is not a colo-vmm snapshot (bad magic)")]
+    Magic { path: PathBuf },
+    #[error("{path} is snapshot format version {found}; this vmm reads version {VERSION}")]
+    Version { path: PathBuf, found: u32 },
+    #[error("{path} is truncated: {what}")]
+    Truncated { path: PathBuf, what: String },
+    #[error("{path}: checksum mismatch in {what}")]
+    Checksum { path: PathBuf, what: String },
+    #[error("{path} is malformed: {what}")]
+    Malformed { path: PathBuf, what: String },
+    #[error("snapshot {path} does not fit this VM: {what}")]
+    Mismatch { path: PathBuf, what: String },
+    #[error("a restore chain starts with a full snapshot; {path} is a diff")]
+    ChainStart { path: PathBuf },
+    #[error("a restore chain continues with diffs; {path} is a full snapshot")]
+    ChainFull { path: PathBuf },
+}
+
+fn section(out: &mut impl Write, tag: &[u8; 4], payload: &[u8]) -> io::Result<()> {
+    out.write_all(tag)?;
+    out.write_all(&(payload.len() as u64).to_le_bytes())?;
+    out.write_all(&crc32fast::hash(payload).to_le_bytes())?;
+    out.write_all(payload)
+}
+
+fn to_io(e: postcard::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+}
+
+/// Writes a snapshot to `path` atomically (a temporary file renamed into
+/// place once complete and synced).
+pub fn write(
+    path: &Path,
+    kind: Kind,
+    layout: &Layout,
+    state: &MachineState,
+    memory: &Memory,
+) -> Result<u64, SnapshotError> {
+    let err = |source| SnapshotError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = path.with_extension("partial");
+    let file = File::create(&tmp).map_err(err)?;
+    let mut out = BufWriter::with_capacity(1 << 20, file);
+    let result = (|| -> io::Result<u64> {
+        let mut header = Vec::with_capacity(HEADER_LEN);
+        header.extend_from_slice(MAGIC);
+        header.extend_from_slice(&VERSION.to_le_bytes());
+        header.extend_from_slice(&(kind as u32).to_le_bytes());
+        header.extend_from_slice(&layout.mem_size.to_le_bytes());
+        header.extend_from_slice(&4u32.to_le_bytes());
+        header.extend_from_slice(&crc32fast::hash(&header).to_le_bytes());
+        out.write_all(&header)?;
+        section(
+            &mut out,
+            b"LAYT",
+            &postcard::to_stdvec(layout).map_err(to_io)?,
+        )?;
+        section(
+            &mut out,
+            b"STAT",
+            &postcard::to_stdvec(state).map_err(to_io)?,
+        )?;
+        match memory {
+            Memory::Full(bytes) => section(&mut out, b"MEMF", bytes)?,
+            Memory::Diff(pages) => {
+                let mut payload = Vec::with_capacity(8 + pages.len() * (8 + PAGE_SIZE as usize));
+                payload.extend_from_slice(&(pages.len() as u64).to_le_bytes());
+                for (addr, _) in pages {
+                    payload.extend_from_slice(&addr.to_le_bytes());
+                }
+                for (_, page) in pages {
+                    payload.extend_from_slice(page);
+                }
+                section(&mut out, b"MEMD", &payload)?;
+            }
+        }
+        section(&mut out, b"END.", &[])?;
+        let file = out.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        Ok(file.metadata()?.len())
+    })();
+    match result {
+        Ok(len) => {
+            std::fs::rename(&tmp, path).map_err(err)?;
+            Ok(len)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(err(e))
+        }
+    }
+}
+
+/// Reads and verifies a snapshot file.
+pub fn read(path: &Path) -> Result<Snapshot, SnapshotError> {
+    let p = || path.to_path_buf();
+    let mut bytes = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .map_err(|source| SnapshotError::Read { path: p(), source })?;
+    if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
+        return Err(SnapshotError::Magic { path: p() });
+    }
+    if bytes.len() < HEADER_LEN {
+        return Err(SnapshotError::Truncated {
+            path: p(),
+            what: "header".into(),
+        });
+    }
+    let u32_at =
+        |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
+    let version = u32_at(8);
+    if version != VERSION {
+        return Err(SnapshotError::Version {
+            path: p(),
+            found: version,
+        });
+    }
+    if crc32fast::hash(&bytes[..28]) != u32_at(28) {
+        return Err(SnapshotError::Checksum {
+            path: p(),
+            what: "the header".into(),
+        });
+    }
+    let kind = match u32_at(12) {
+        0 => Kind::Full,
+        1 => Kind::Diff,
+        k => {
+            return Err(SnapshotError::Malformed {
+                path: p(),
+                what: format!("unknown kind {k}"),
+            })
+        }
+    };
+    let mut mem_size = [0u8; 8];
+    mem_size.copy_from_slice(&bytes[16..24]);
+    let mem_size = u64::from_le_bytes(mem_size);
+
+    let mut at = HEADER_LEN;
+    let mut sections: Vec<([u8; 4], &[u8])> = Vec::new();
+    loop {
+        let Some(head) = bytes.get(at..at + 16) else {
+            return Err(SnapshotError::Truncated {
+                path: p(),
+                what: format!("section header at byte {at}"),
+            });
+        };
+        let tag: [u8; 4] = [head[0], head[1], head[2], head[3]];
+        let mut len = [0u8; 8];
+        len.copy_from_slice(&head[4..12]);
+        let len = u64::from_le_bytes(len);
+        let crc = u32::from_le_bytes([head[12], head[13], head[14], head[15]]);
+        let name = String::from_utf8_lossy(&tag).into_owned();
+        let start = at + 16;
+        let Some(payload) = usize::try_from(len)
+            .ok()
+            .and_then(|len| start.checked_add(len))
+            .and_then(|end| bytes.get(start..end))
+        else {
+            return Err(SnapshotError::Truncated {
+                path: p(),
+                what: format!("section {name} ({len} bytes at byte {start})"),
+            });
+        };
+        if crc32fast::hash(payload) != crc {
+            return Err(SnapshotError::Checksum {
+                path: p(),
+                what: format!("section {name}"),
+            });
+        }
+        at = start + payload.len();
+        if &tag == b"END." {
+            break;
+        }
+        sections.push((tag, payload));
+    }
+    let find = |tag: &[u8; 4]| {
+        sections
+            .iter()
+            .find(|(t, _)| t == tag)
+            .map(|(_, payload)| *payload)
+            .ok_or_else(|| SnapshotError::Malformed {
+                path: p(),
+                what: format!("no {} section", String::from_utf8_lossy(tag)),
+            })
+    };
+    let malformed = |what: String| SnapshotError::Malformed { path: p(), what };
+    let layout: Layout =
+        postcard::from_bytes(find(b"LAYT")?).map_err(|e| malformed(format!("layout: {e}")))?;
+    let state: MachineState =
+        postcard::from_bytes(find(b"STAT")?).map_err(|e| malformed(format!("state: {e}")))?;
+    if layout.mem_size != mem_size {
+        return Err(malformed(
+            "header and layout disagree on memory size".into(),
+        ));
+    }
+    if state.vcpus.len() != usize::from(layout.vcpus) {
+        return Err(malformed(format!(
+            "{} vCPU states for {} vCPUs",
+            state.vcpus.len(),
+            layout.vcpus
+        )));
+    }
+    let memory = match kind {
+        Kind::Full => {
+            let mem = find(b"MEMF")?;
+            if mem.len() as u64 != mem_size {
+                return Err(malformed(format!(
+                    "{} bytes of memory for a {mem_size}-byte guest",
+                    mem.len()
+                )));
+            }
+            Memory::Full(mem.to_vec())
+        }
+        Kind::Diff => {
+            let mem = find(b"MEMD")?;
+            let count = mem
+                .get(..8)
+                .map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+                .ok_or_else(|| malformed("empty diff section".into()))?;
+            let expect = count
+                .checked_mul(8 + PAGE_SIZE)
+                .and_then(|n| n.checked_add(8))
+                .ok_or_else(|| malformed("page count overflows".into()))?;
+            if expect != mem.len() as u64 {
+                return Err(malformed(format!("{count} pages in {} bytes", mem.len())));
+            }
+            let count = count as usize;
+            let data = &mem[8 + count * 8..];
+            let mut pages = Vec::with_capacity(count);
+            for i in 0..count {
+                let a = &mem[8 + i * 8..16 + i * 8];
+                let addr = u64::from_le_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]);
+                if addr % PAGE_SIZE != 0 || addr >= mem_size + crate::arch::layout::MMIO_HOLE_END {
+                    return Err(malformed(format!("page address {addr:#x}")));
+                }
+                let page = &data[i * PAGE_SIZE as usize..(i + 1) * PAGE_SIZE as usize];
+                pages.push((addr, page.to_vec()));
+            }
+            Memory::Diff(pages)
+        }
+    };
+    Ok(Snapshot {
+        kind,
+        layout,
+        state,
+        memory,
+    })
+}
+
+/// Reads a restore chain (one full snapshot, then diffs, oldest first) and
+/// checks every file and the chain's consistency before anything is used.
+pub fn read_chain(paths: &[PathBuf]) -> Result<Vec<Snapshot>, SnapshotError> {
+    let mut chain = Vec::with_capacity(paths.len());
+    for (i, path) in paths.iter().enumerate() {
+        let snap = read(path)?;
+        match (i, snap.kind) {
+            (0, Kind::Diff) => return Err(SnapshotError::ChainStart { path: path.clone() }),
+            (1.., Kind::Full) => return Err(SnapshotError::ChainFull { path: path.clone() }),
+            _ => {}
+        }
+        if let Some(first) = chain.first() {
+            let first: &Snapshot = first;
+            if first.layout != snap.layout {
+                return Err(SnapshotError::Mismatch {
+                    path: path.clone(),
+                    what: "its layout differs from the full snapshot's".into(),
+                });
+            }
+        }
+        chain.push(snap);
+    }
+    Ok(chain)
+}

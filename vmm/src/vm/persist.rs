@@ -1,0 +1,371 @@
+//! Snapshots, restores, dirty-page tracking and state hashes.
+//!
+//! Everything here runs on a paused VM: vCPUs parked (their state read and
+//! written by jobs on their own threads) and the device thread parked
+//! between two events, so queue indices and device registers are
+//! consistent with guest memory.
+
+use std::path::Path;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use devices::Persist;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use super::memory::GuestMemory;
+use super::state::{self, VcpuState};
+use super::vcpu::VcpuCommand;
+use super::{RunState, RunningVm, Vm, VmError};
+use crate::snapshot::{self, Kind, MachineState, Memory, Snapshot, PAGE_SIZE};
+
+/// How long a paused vCPU may take to run a state job.
+const JOB_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Per memory slot, one bit per 4 KiB page.
+type Bitmaps = Vec<Vec<u64>>;
+
+/// Pages dirtied since the last committed snapshot: KVM's dirty log (the
+/// guest's writes) ∪ vm-memory's bitmap (the VMM's writes) ∪ pages taken
+/// by a snapshot that then failed.
+pub(super) struct DirtyTracker {
+    enabled: bool,
+    carried: Option<Bitmaps>,
+}
+
+impl DirtyTracker {
+    pub(super) fn new(enabled: bool) -> Self {
+        Self {
+            enabled,
+            carried: None,
+        }
+    }
+
+    /// Reads and clears both logs; the caller commits the result or puts
+    /// it back with [`DirtyTracker::put_back`].
+    fn take(&mut self, vm_fd: &kvm_ioctls::VmFd, mem: &GuestMemory) -> Result<Bitmaps, VmError> {
+        let mut maps = Vec::new();
+        for (slot, region) in mem.iter().enumerate() {
+            let len = region.len() as usize;
+            let mut map = vm_fd
+                .get_dirty_log(slot as u32, len)
+                .map_err(super::kvm_err("KVM_GET_DIRTY_LOG"))?;
+            let vmm = vm_memory::MmapRegion::bitmap(region).get_and_reset();
+            for (word, extra) in map.iter_mut().zip(vmm) {
+                *word |= extra;
+            }
+            maps.push(map);
+        }
+        if let Some(carried) = self.carried.take() {
+            for (map, old) in maps.iter_mut().zip(carried) {
+                for (word, extra) in map.iter_mut().zip(old) {
+                    *word |= extra;
+                }
+            }
+        }
+        Ok(maps)
+    }
+
+    /// Returns bits a failed snapshot took, so the next one still sees them.
+    fn put_back(&mut self, maps: Bitmaps) {
+        self.carried = Some(match self.carried.take() {
+            None => maps,
+            Some(mut old) => {
+                for (a, b) in old.iter_mut().zip(maps) {
+                    for (x, y) in a.iter_mut().zip(b) {
+                        *x |= y;
+                    }
+                }
+                old
+            }
+        });
+    }
+}
+
+/// Guest-physical addresses of the pages set in `maps`.
+fn dirty_pages(mem: &GuestMemory, maps: &Bitmaps) -> Vec<u64> {
+    let mut pages = Vec::new();
+    for (region, map) in mem.iter().zip(maps) {
+        let base = region.start_addr().0;
+        for (i, &word) in map.iter().enumerate() {
+            let mut w = word;
+            while w != 0 {
+                let bit = w.trailing_zeros() as u64;
+                let page = i as u64 * 64 + bit;
+                if page * PAGE_SIZE < region.len() {
+                    pages.push(base + page * PAGE_SIZE);
+                }
+                w &= w - 1;
+            }
+        }
+    }
+    pages
+}
+
+/// All RAM, ranges in address order.
+fn read_all(mem: &GuestMemory) -> Result<Vec<u8>, VmError> {
+    let total: u64 = mem.iter().map(|r| r.len()).sum();
+    let mut out = vec![0u8; total as usize];
+    let mut at = 0usize;
+    for region in mem.iter() {
+        let len = region.len() as usize;
+        mem.read_slice(&mut out[at..at + len], region.start_addr())
+            .map_err(|e| VmError::Refused(format!("cannot read guest memory: {e}")))?;
+        at += len;
+    }
+    Ok(out)
+}
+
+impl RunningVm {
+    /// Runs `job` on every (paused) vCPU's thread, in vCPU order.
+    fn on_vcpus<T: Send + 'static>(
+        &self,
+        job: impl Fn(&kvm_ioctls::VcpuFd) -> Result<T, state::StateError>
+            + Send
+            + Sync
+            + Clone
+            + 'static,
+    ) -> Result<Vec<T>, VmError> {
+        let mut out = Vec::with_capacity(self.handles.len());
+        for handle in &self.handles {
+            let (tx, rx) = mpsc::channel();
+            let job = job.clone();
+            handle.send(VcpuCommand::Job(Box::new(move |fd| {
+                let _ = tx.send(job(fd));
+            })));
+            let result = rx.recv_timeout(JOB_TIMEOUT).map_err(|_| {
+                VmError::Refused(format!("vCPU {} did not run its state job", handle.index()))
+            })?;
+            out.push(result?);
+        }
+        Ok(out)
+    }
+
+    fn require_paused(&self, what: &str) -> Result<(), VmError> {
+        match self.handle.state() {
+            RunState::Paused => Ok(()),
+            _ => Err(VmError::Refused(format!("{what} needs a paused VM"))),
+        }
+    }
+
+    /// Every vCPU and device state.
+    fn machine_state(&self) -> Result<MachineState, VmError> {
+        let indices = self.msr_indices.clone();
+        let vcpus: Vec<VcpuState> = self.on_vcpus(move |fd| state::save_vcpu(fd, &indices))?;
+        let lock = |d: &std::sync::Arc<std::sync::Mutex<devices::virtio::MmioTransport>>| {
+            d.lock().unwrap_or_else(|p| p.into_inner()).save()
+        };
+        Ok(MachineState {
+            vcpus,
+            vm: state::save_vm(&self.vm_fd)?,
+            serial: self
+                .legacy
+                .serial
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .save(),
+            i8042: self
+                .legacy
+                .i8042
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .save(),
+            virtio: self.virtio.iter().map(|d| lock(&d.transport)).collect(),
+        })
+    }
+
+    /// Writes a snapshot of the paused VM to `path`; returns its size.
+    /// A diff holds the pages dirtied since the previous snapshot (which
+    /// needs `--track-dirty-pages`); a full one holds all memory and starts
+    /// the next diff's count afresh. If writing fails, the dirty pages it
+    /// took are put back for the next snapshot.
+    pub fn snapshot(&mut self, kind: Kind, path: &Path) -> Result<u64, VmError> {
+        self.require_paused("a snapshot")?;
+        if kind == Kind::Diff && !self.dirty.enabled {
+            return Err(VmError::Refused(
+                "a diff snapshot needs dirty tracking: start vmm with --track-dirty-pages".into(),
+            ));
+        }
+        let state = self.machine_state()?;
+        let maps = if self.dirty.enabled {
+            Some(self.dirty.take(&self.vm_fd, &self.mem)?)
+        } else {
+            None
+        };
+        let memory = (|| -> Result<Memory, VmError> {
+            Ok(match (kind, &maps) {
+                (Kind::Full, _) => Memory::Full(read_all(&self.mem)?),
+                (Kind::Diff, Some(maps)) => {
+                    let mut pages = Vec::new();
+                    for addr in dirty_pages(&self.mem, maps) {
+                        let mut page = vec![0u8; PAGE_SIZE as usize];
+                        self.mem
+                            .read_slice(&mut page, GuestAddress(addr))
+                            .map_err(|e| {
+                                VmError::Refused(format!("cannot read page {addr:#x}: {e}"))
+                            })?;
+                        pages.push((addr, page));
+                    }
+                    Memory::Diff(pages)
+                }
+                (Kind::Diff, None) => Memory::Diff(Vec::new()),
+            })
+        })();
+        let result = memory.and_then(|memory| {
+            snapshot::write(path, kind, &self.layout, &state, &memory).map_err(VmError::from)
+        });
+        if result.is_err() {
+            if let Some(maps) = maps {
+                self.dirty.put_back(maps);
+            }
+        }
+        result
+    }
+
+    /// Guest-physical addresses dirtied since the last snapshot, without
+    /// consuming them (tests and diagnostics).
+    pub fn peek_dirty_pages(&mut self) -> Result<Vec<u64>, VmError> {
+        if !self.dirty.enabled {
+            return Err(VmError::Refused(
+                "dirty tracking is off (--track-dirty-pages)".into(),
+            ));
+        }
+        let maps = self.dirty.take(&self.vm_fd, &self.mem)?;
+        let pages = dirty_pages(&self.mem, &maps);
+        self.dirty.put_back(maps);
+        Ok(pages)
+    }
+
+    /// A hash of guest memory and every vCPU and device state, leaving out
+    /// what runs on its own while paused (TSC, clocks, timer counts). Two
+    /// VMs with equal hashes are indistinguishable to their guests.
+    pub fn state_hash(&self) -> Result<u64, VmError> {
+        self.require_paused("a state hash")?;
+        let mut st = self.machine_state()?;
+        st.vcpus = st.vcpus.iter().map(VcpuState::timeless).collect();
+        st.vm = st.vm.timeless();
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        let bytes = postcard::to_stdvec(&st)
+            .map_err(|e| VmError::Refused(format!("cannot encode the state: {e}")))?;
+        h.update(&bytes);
+        let mut buf = vec![0u8; 1 << 20];
+        for region in self.mem.iter() {
+            let mut at = 0u64;
+            while at < region.len() {
+                let n = (region.len() - at).min(buf.len() as u64) as usize;
+                self.mem
+                    .read_slice(&mut buf[..n], region.start_addr().unchecked_add(at))
+                    .map_err(|e| VmError::Refused(format!("cannot read guest memory: {e}")))?;
+                h.update(&buf[..n]);
+                at += n as u64;
+            }
+        }
+        Ok(h.digest())
+    }
+}
+
+use vm_memory::Address;
+
+impl Vm {
+    /// Loads a verified snapshot chain (full, then diffs) into this VM,
+    /// which was created with the same layout and has not started. Checks
+    /// the whole chain against the VM before applying anything.
+    pub fn restore(&mut self, chain: &[Snapshot], source: &Path) -> Result<(), VmError> {
+        let mismatch = |what: String| {
+            VmError::Snapshot(snapshot::SnapshotError::Mismatch {
+                path: source.to_path_buf(),
+                what,
+            })
+        };
+        let Some(last) = chain.last() else {
+            return Err(VmError::Refused("an empty restore chain".into()));
+        };
+        if last.layout != self.layout {
+            return Err(mismatch(format!(
+                "the snapshot has {} MiB, {} vCPUs and devices {:?}; this VM has {} MiB, {} vCPUs and devices {:?}",
+                last.layout.mem_size >> 20,
+                last.layout.vcpus,
+                last.layout.devices,
+                self.layout.mem_size >> 20,
+                self.layout.vcpus,
+                self.layout.devices
+            )));
+        }
+        for snap in chain {
+            if let Memory::Diff(pages) = &snap.memory {
+                if let Some((addr, _)) = pages.iter().find(|(a, _)| {
+                    !GuestMemoryBackend::check_range(
+                        &self.mem,
+                        GuestAddress(*a),
+                        PAGE_SIZE as usize,
+                    )
+                }) {
+                    return Err(mismatch(format!("page {addr:#x} is outside guest memory")));
+                }
+            }
+        }
+        // Memory: the full image, then each diff's pages.
+        for snap in chain {
+            match &snap.memory {
+                Memory::Full(bytes) => {
+                    let mut at = 0usize;
+                    for region in self.mem.iter() {
+                        let len = region.len() as usize;
+                        self.mem
+                            .write_slice(&bytes[at..at + len], region.start_addr())
+                            .map_err(|e| {
+                                VmError::Refused(format!("cannot write guest memory: {e}"))
+                            })?;
+                        at += len;
+                    }
+                }
+                Memory::Diff(pages) => {
+                    for (addr, page) in pages {
+                        self.mem
+                            .write_slice(page, GuestAddress(*addr))
+                            .map_err(|e| {
+                                VmError::Refused(format!("cannot write page {addr:#x}: {e}"))
+                            })?;
+                    }
+                }
+            }
+        }
+        // Writing the image is not a change the next diff should carry.
+        for region in self.mem.iter() {
+            vm_memory::MmapRegion::bitmap(region).reset();
+        }
+        let st = &last.state;
+        state::restore_vm(&self.vm_fd, &st.vm)?;
+        for (vcpu, vs) in self.vcpus.iter().zip(&st.vcpus) {
+            state::restore_vcpu(vcpu.fd(), vs)?;
+        }
+        let restore_err = |what: &str| {
+            let what = what.to_string();
+            move |source| VmError::Restore { what, source }
+        };
+        self.legacy
+            .serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .restore(&st.serial)
+            .map_err(restore_err("the serial port"))?;
+        self.legacy
+            .i8042
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .restore(&st.i8042)
+            .map_err(restore_err("the i8042"))?;
+        for (dev, ts) in self.virtio.iter().zip(&st.virtio) {
+            dev.transport
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .restore(ts)
+                .map_err(restore_err(&dev.name))?;
+        }
+        tracing::info!(
+            snapshots = chain.len(),
+            source = %source.display(),
+            "VM state restored"
+        );
+        Ok(())
+    }
+}
