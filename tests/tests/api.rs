@@ -146,7 +146,13 @@ fn status_metrics_pause_resume_and_shutdown() {
 fn malformed_requests_get_4xx_and_the_vm_keeps_running() {
     let vm = plain_vm();
     /// method, path, extra headers, body, expected status
-    type Case = (&'static str, &'static str, Vec<(&'static str, &'static str)>, Vec<u8>, u16);
+    type Case = (
+        &'static str,
+        &'static str,
+        Vec<(&'static str, &'static str)>,
+        Vec<u8>,
+        u16,
+    );
     let cases: Vec<Case> = vec![
         ("GET", "/nope", vec![], vec![], 404),
         ("DELETE", "/status", vec![], vec![], 405),
