@@ -56,6 +56,7 @@ fn pause_stops_the_guest_and_resume_continues_it() {
         nets: Vec::new(),
         api_sock: None,
         restore: Vec::new(),
+        start_paused: false,
     };
     config.validate().unwrap();
     let mut vm = Vm::create(&config).unwrap().start().unwrap();

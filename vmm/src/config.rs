@@ -124,6 +124,9 @@ pub struct Cli {
     /// oldest first. Devices (--disk, --net) must match the snapshot's.
     #[arg(long, value_name = "PATH[,PATH...]", value_delimiter = ',')]
     pub restore: Vec<PathBuf>,
+    /// Start paused: nothing runs until `PUT /vm {"state":"running"}`.
+    #[arg(long)]
+    pub start_paused: bool,
 }
 
 /// Most virtio devices a VM may have (one IRQ line each, 5..=15 minus the
@@ -258,6 +261,8 @@ pub struct VmConfig {
     pub api_sock: Option<PathBuf>,
     /// Snapshot chain to start from (empty: boot the kernel).
     pub restore: Vec<PathBuf>,
+    /// Wait for a resume before running.
+    pub start_paused: bool,
 }
 
 impl NetConfig {
@@ -385,6 +390,7 @@ impl VmConfig {
             },
             api_sock: cli.api_sock.clone().or(file.api_sock),
             restore: cli.restore.clone(),
+            start_paused: cli.start_paused,
         };
         config.validate()?;
         Ok(config)

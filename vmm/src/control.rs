@@ -97,7 +97,7 @@ impl VmControl for VmmControl {
             .map_err(ControlError::Internal)
     }
 
-    fn state_hash(&self) -> Result<u64, ControlError> {
+    fn state_hash(&self) -> Result<String, ControlError> {
         self.require_paused()?;
         self.handle.state_hash().map_err(ControlError::Internal)
     }

@@ -42,8 +42,15 @@ fn run(cli: &Cli) -> anyhow::Result<VmExit> {
     } else {
         let chain = vmm::snapshot::read_chain(&config.restore).context("cannot restore")?;
         if let Some(first) = chain.first() {
-            config.mem_mib = first.layout.mem_size >> 20;
-            config.vcpus = first.layout.vcpus;
+            let (mib, vcpus) = (first.layout.mem_size >> 20, first.layout.vcpus);
+            if cli.mem_mib.is_some_and(|m| m != mib) || cli.vcpus.is_some_and(|v| v != vcpus) {
+                anyhow::bail!(
+                    "cannot restore: the snapshot is of a VM with {mib} MiB and {vcpus} vCPUs; \
+                     leave out --mem-mib/--vcpus or give those"
+                );
+            }
+            config.mem_mib = mib;
+            config.vcpus = vcpus;
         }
         chain
     };
@@ -52,7 +59,9 @@ fn run(cli: &Cli) -> anyhow::Result<VmExit> {
         vm.restore(&chain, last).context("cannot restore")?;
         drop(chain);
     }
-    let running = vm.start().context("cannot start the VM")?;
+    let running = vm
+        .start_with(config.start_paused)
+        .context("cannot start the VM")?;
     // Dropped after `wait` returns: the socket goes away with the VM.
     let _api = match &config.api_sock {
         Some(path) => Some(

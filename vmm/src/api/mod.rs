@@ -7,7 +7,7 @@
 //! | PUT | `/actions` | `{"action": "shutdown"}` | 202 |
 //! | GET | `/metrics` | | 200 Prometheus text |
 //! | PUT | `/snapshot` | `{"type": "full" \| "diff", "path": "..."}` (paused VM) | 200 `{"bytes": N}` |
-//! | GET | `/state-hash` | (paused VM) | 200 `{"hash": "<16 hex digits>"}` |
+//! | GET | `/state-hash` | (paused VM) | 200 `{"hash": "<16 hex digits>", "parts": {...}}` |
 //!
 //! Errors carry `{"error": "..."}`: 404 unknown path, 405 wrong method
 //! (with `Allow`), 400 malformed JSON, wrong types, unknown fields or bad
@@ -51,8 +51,9 @@ pub trait VmControl: Send + Sync + 'static {
         kind: crate::snapshot::Kind,
         path: &std::path::Path,
     ) -> Result<u64, ControlError>;
-    /// The state hash of the paused VM.
-    fn state_hash(&self) -> Result<u64, ControlError>;
+    /// The state hash of the paused VM, as a JSON object
+    /// (`{"hash": "<hex>", "parts": {"memory": "<hex>", ...}}`).
+    fn state_hash(&self) -> Result<String, ControlError>;
 }
 
 /// `PUT /snapshot`.

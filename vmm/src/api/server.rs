@@ -281,10 +281,7 @@ async fn handle(req: Request<Incoming>, control: &dyn VmControl) -> Reply {
         },
         ("/snapshot", _) => method_not_allowed("PUT"),
         ("/state-hash", Method::GET) => match control.state_hash() {
-            Ok(hash) => json_reply(
-                StatusCode::OK,
-                serde_json::json!({ "hash": format!("{hash:016x}") }).to_string(),
-            ),
+            Ok(json) => json_reply(StatusCode::OK, json),
             Err(e) => control_error(e),
         },
         ("/state-hash", _) => method_not_allowed("GET"),

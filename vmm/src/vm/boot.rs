@@ -261,6 +261,7 @@ mod tests {
             nets: Vec::new(),
             api_sock: None,
             restore: Vec::new(),
+            start_paused: false,
         }
     }
 

@@ -91,14 +91,17 @@ impl MutEventSubscriber for Control {
 /// The running device thread.
 pub struct DeviceLoop {
     thread: Option<JoinHandle<()>>,
+    /// Holds a loop started paused before its first event.
+    gate: Option<Sender<()>>,
     evt: EventFd,
     commands: Sender<Command>,
     acks: Receiver<Command>,
 }
 
 impl DeviceLoop {
-    /// Starts the loop over `subscribers`.
-    pub fn start(subscribers: Vec<Subscriber>) -> Result<Self, DeviceLoopError> {
+    /// Starts the loop over `subscribers`; with `paused`, it handles no
+    /// event before the first [`DeviceLoop::resume`].
+    pub fn start(subscribers: Vec<Subscriber>, paused: bool) -> Result<Self, DeviceLoopError> {
         let mut manager: EventManager<Subscriber> =
             EventManager::new().map_err(DeviceLoopError::EventManager)?;
         let evt = EventFd::new(EFD_NONBLOCK).map_err(DeviceLoopError::Start)?;
@@ -115,9 +118,13 @@ impl DeviceLoop {
         for s in subscribers {
             manager.add_subscriber(s);
         }
+        let (gate, gate_rx) = mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("devices".into())
             .spawn(move || {
+                if paused && gate_rx.recv().is_err() {
+                    return; // dropped before it was ever resumed
+                }
                 while !stop.load(Ordering::SeqCst) {
                     if let Err(e) = manager.run() {
                         tracing::error!("device loop: {e:?}");
@@ -128,6 +135,7 @@ impl DeviceLoop {
             .map_err(DeviceLoopError::Start)?;
         Ok(Self {
             thread: Some(thread),
+            gate: paused.then_some(gate),
             evt,
             commands,
             acks,
@@ -147,17 +155,26 @@ impl DeviceLoop {
 
     /// Returns once the loop is parked between two events.
     pub fn pause(&self) -> Result<(), DeviceLoopError> {
+        if self.gate.is_some() {
+            return Ok(()); // not started yet
+        }
         self.command(Command::Pause, "pause")
     }
 
     /// Lets the loop run again.
-    pub fn resume(&self) -> Result<(), DeviceLoopError> {
+    pub fn resume(&mut self) -> Result<(), DeviceLoopError> {
+        if let Some(gate) = self.gate.take() {
+            return gate.send(()).map_err(|_| DeviceLoopError::NoAck("resume"));
+        }
         self.command(Command::Resume, "resume")
     }
 }
 
 impl Drop for DeviceLoop {
     fn drop(&mut self) {
+        if let Some(gate) = self.gate.take() {
+            let _ = gate.send(());
+        }
         if self.command(Command::Stop, "stop").is_err() {
             tracing::warn!("device loop: no answer to stop");
         }
@@ -196,7 +213,7 @@ mod tests {
             evt: evt.try_clone().unwrap(),
             seen: seen.clone(),
         };
-        let dl = DeviceLoop::start(vec![Arc::new(Mutex::new(counter))]).unwrap();
+        let mut dl = DeviceLoop::start(vec![Arc::new(Mutex::new(counter))], false).unwrap();
         dl.pause().unwrap();
         evt.write(3).unwrap();
         // A second pause round-trips through the parked loop: had the loop
@@ -213,5 +230,26 @@ mod tests {
         }
         assert_eq!(seen.load(Ordering::SeqCst), 3);
         drop(dl);
+    }
+
+    #[test]
+    fn a_loop_started_paused_waits_for_resume() {
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let seen = Arc::new(AtomicU64::new(0));
+        let counter = Counter {
+            evt: evt.try_clone().unwrap(),
+            seen: seen.clone(),
+        };
+        evt.write(2).unwrap();
+        let mut dl = DeviceLoop::start(vec![Arc::new(Mutex::new(counter))], true).unwrap();
+        dl.pause().unwrap();
+        assert_eq!(seen.load(Ordering::SeqCst), 0);
+        dl.resume().unwrap();
+        // Once running, a pause is acknowledged only between events, after
+        // the pending one was handled.
+        dl.pause().unwrap();
+        dl.resume().unwrap();
+        dl.pause().unwrap();
+        assert_eq!(seen.load(Ordering::SeqCst), 2);
     }
 }

@@ -6,6 +6,7 @@ pub mod cpuid;
 pub mod device_loop;
 pub mod memory;
 mod persist;
+pub use persist::StateHash;
 pub mod regs;
 pub mod state;
 pub mod vcpu;
@@ -273,6 +274,12 @@ impl Vm {
 
     /// Starts the vCPU threads.
     pub fn start(self) -> Result<RunningVm, VmError> {
+        self.start_with(false)
+    }
+
+    /// Starts the vCPU and device threads; with `paused`, nothing runs until
+    /// the first resume (a restored VM can be inspected first).
+    pub fn start_with(self, paused: bool) -> Result<RunningVm, VmError> {
         vcpu::install_kick_handler().map_err(VmError::Signal)?;
         let (events_tx, events) = mpsc::channel();
         let wake = EventFd::new(EFD_NONBLOCK).map_err(io_err("the vCPU eventfd"))?;
@@ -281,7 +288,7 @@ impl Vm {
             .iter()
             .map(|d| d.transport.clone() as device_loop::Subscriber)
             .collect();
-        let device_loop = DeviceLoop::start(subscribers)?;
+        let device_loop = DeviceLoop::start(subscribers, paused)?;
         let mut running = RunningVm {
             device_loop,
             handle: VmHandle::new().map_err(io_err("the control eventfd"))?,
@@ -307,11 +314,15 @@ impl Vm {
                 .map_err(io_err("the vCPU eventfd"))?;
             // On error, dropping `running` stops the vCPUs already started.
             let handle = vcpu
-                .start(events_tx.clone(), wake)
+                .start(events_tx.clone(), wake, paused)
                 .map_err(io_err("a vCPU thread"))?;
             running.handles.push(handle);
         }
+        if paused {
+            running.handle.set_state(RunState::Paused);
+        }
         tracing::info!(
+            paused,
             "VM started {:.1} ms after creation began",
             running.created.elapsed().as_secs_f64() * 1e3
         );
@@ -456,10 +467,9 @@ impl VmHandle {
             .map_err(|_| format!("bad snapshot size {size:?}"))
     }
 
-    /// The state hash of the paused VM.
-    pub fn state_hash(&self) -> Result<u64, String> {
-        let hash = self.call(Request::StateHash)?;
-        u64::from_str_radix(&hash, 16).map_err(|_| format!("bad hash {hash:?}"))
+    /// The state hash of the paused VM, as JSON: `{"hash": ..., "parts": {...}}`.
+    pub fn state_hash(&self) -> Result<String, String> {
+        self.call(Request::StateHash)
     }
 
     /// Resumes after [`VmHandle::pause`]; a no-op when running.
@@ -565,9 +575,7 @@ impl RunningVm {
                     );
                     r
                 }
-                (Request::StateHash, _) => {
-                    self.state_hash().map(|h| format!("{h:016x}")).map_err(text)
-                }
+                (Request::StateHash, _) => self.state_hash().map(|h| h.to_json()).map_err(text),
                 (Request::Shutdown, _) => {
                     self.handle.set_state(RunState::ShuttingDown);
                     let _ = reply.send(Ok(String::new()));

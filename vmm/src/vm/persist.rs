@@ -237,29 +237,100 @@ impl RunningVm {
 
     /// A hash of guest memory and every vCPU and device state, leaving out
     /// what runs on its own while paused (TSC, clocks, timer counts). Two
-    /// VMs with equal hashes are indistinguishable to their guests.
-    pub fn state_hash(&self) -> Result<u64, VmError> {
+    /// VMs with equal hashes are indistinguishable to their guests. The
+    /// parts (memory, each vCPU, VM, each device) are hashed separately
+    /// too, to tell where two VMs differ.
+    pub fn state_hash(&self) -> Result<StateHash, VmError> {
         self.require_paused("a state hash")?;
-        let mut st = self.machine_state()?;
-        st.vcpus = st.vcpus.iter().map(VcpuState::timeless).collect();
-        st.vm = st.vm.timeless();
+        let st = self.machine_state()?;
+        let encode = |what: &str, value: &dyn erased::Encode| -> Result<u64, VmError> {
+            value
+                .encode()
+                .map(|bytes| xxhash_rust::xxh3::xxh3_64(&bytes))
+                .map_err(|e| VmError::Refused(format!("cannot encode {what}: {e}")))
+        };
+        let mut parts = Vec::new();
+        for (i, v) in st.vcpus.iter().enumerate() {
+            parts.push((format!("vcpu{i}"), encode("a vCPU", &v.timeless())?));
+        }
+        parts.push(("vm".to_string(), encode("the VM", &st.vm.timeless())?));
+        parts.push(("serial".to_string(), encode("the serial port", &st.serial)?));
+        parts.push(("i8042".to_string(), encode("the i8042", &st.i8042)?));
+        for (dev, ts) in self.virtio.iter().zip(&st.virtio) {
+            parts.push((dev.name.clone(), encode(&dev.name, ts)?));
+        }
+        // KVM rewrites each vCPU's kvmclock area whenever it likes (on
+        // restore, on entry): time, like the TSC, is not part of the hash.
+        let clocks: Vec<(u64, u64)> = st
+            .vcpus
+            .iter()
+            .flat_map(|v| v.msrs.iter())
+            .filter_map(|&(index, value)| state::kvm_time_area(index, value))
+            .collect();
         let mut h = xxhash_rust::xxh3::Xxh3::new();
-        let bytes = postcard::to_stdvec(&st)
-            .map_err(|e| VmError::Refused(format!("cannot encode the state: {e}")))?;
-        h.update(&bytes);
         let mut buf = vec![0u8; 1 << 20];
         for region in self.mem.iter() {
             let mut at = 0u64;
             while at < region.len() {
                 let n = (region.len() - at).min(buf.len() as u64) as usize;
+                let start = region.start_addr().unchecked_add(at);
                 self.mem
-                    .read_slice(&mut buf[..n], region.start_addr().unchecked_add(at))
+                    .read_slice(&mut buf[..n], start)
                     .map_err(|e| VmError::Refused(format!("cannot read guest memory: {e}")))?;
+                for &(addr, len) in &clocks {
+                    let lo = addr.max(start.0);
+                    let hi = (addr + len).min(start.0 + n as u64);
+                    if lo < hi {
+                        buf[(lo - start.0) as usize..(hi - start.0) as usize].fill(0);
+                    }
+                }
                 h.update(&buf[..n]);
                 at += n as u64;
             }
         }
-        Ok(h.digest())
+        parts.insert(0, ("memory".to_string(), h.digest()));
+        let mut total = xxhash_rust::xxh3::Xxh3::new();
+        for (name, part) in &parts {
+            total.update(name.as_bytes());
+            total.update(&part.to_le_bytes());
+        }
+        Ok(StateHash {
+            hash: total.digest(),
+            parts,
+        })
+    }
+}
+
+/// A state hash and its parts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateHash {
+    pub hash: u64,
+    /// (part, hash): memory, vcpuN, vm, serial, i8042, each virtio device.
+    pub parts: Vec<(String, u64)>,
+}
+
+impl StateHash {
+    /// `{"hash": "<hex>", "parts": {"memory": "<hex>", ...}}`.
+    pub fn to_json(&self) -> String {
+        let parts: serde_json::Map<String, serde_json::Value> = self
+            .parts
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(format!("{v:016x}"))))
+            .collect();
+        serde_json::json!({ "hash": format!("{:016x}", self.hash), "parts": parts }).to_string()
+    }
+}
+
+/// Postcard encoding behind a trait object.
+mod erased {
+    pub trait Encode {
+        fn encode(&self) -> Result<Vec<u8>, postcard::Error>;
+    }
+
+    impl<T: serde::Serialize> Encode for T {
+        fn encode(&self) -> Result<Vec<u8>, postcard::Error> {
+            postcard::to_stdvec(self)
+        }
     }
 }
 

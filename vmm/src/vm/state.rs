@@ -203,6 +203,27 @@ pub fn restore_vm(vm: &VmFd, state: &VmState) -> Result<(), StateError> {
     Ok(())
 }
 
+/// kvmclock MSRs (new and legacy numbering) and the size of the
+/// `pvclock_vcpu_time_info` they point KVM at.
+const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
+const MSR_KVM_SYSTEM_TIME: u32 = 0x12;
+const MSR_KVM_STEAL_TIME: u32 = 0x4b56_4d03;
+const PVCLOCK_LEN: u64 = 32;
+const STEAL_TIME_LEN: u64 = 64;
+
+/// The guest memory KVM itself writes with the time for MSR `index` set to
+/// `value` (an enabled kvmclock or steal-time area): (address, length).
+pub fn kvm_time_area(index: u32, value: u64) -> Option<(u64, u64)> {
+    // Bit 0 enables; steal time keeps flags in the low 6 bits (its area is
+    // 64-byte aligned).
+    let (len, flags) = match index {
+        MSR_KVM_SYSTEM_TIME_NEW | MSR_KVM_SYSTEM_TIME => (PVCLOCK_LEN, 1),
+        MSR_KVM_STEAL_TIME => (STEAL_TIME_LEN, 0x3f),
+        _ => return None,
+    };
+    (value & 1 == 1).then_some((value & !flags, len))
+}
+
 impl VcpuState {
     /// The state with what runs on its own while the VM is paused (the TSC,
     /// the LAPIC timer's current count) zeroed: what a state hash covers.

@@ -192,12 +192,19 @@ impl Vcpu {
 
     /// Starts the vCPU thread. It reports to `events` and writes `wake` after
     /// every report.
-    pub fn start(self, events: Sender<VcpuEvent>, wake: EventFd) -> std::io::Result<VcpuHandle> {
+    /// With `paused`, the thread waits for a resume before it first enters
+    /// the guest.
+    pub fn start(
+        self,
+        events: Sender<VcpuEvent>,
+        wake: EventFd,
+        paused: bool,
+    ) -> std::io::Result<VcpuHandle> {
         let (commands, rx) = mpsc::channel();
         let index = self.index;
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || self.thread_main(&rx, &events, &wake))?;
+            .spawn(move || self.thread_main(&rx, &events, &wake, paused))?;
         Ok(VcpuHandle {
             index,
             thread,
@@ -210,6 +217,7 @@ impl Vcpu {
         commands: &Receiver<VcpuCommand>,
         events: &Sender<VcpuEvent>,
         wake: &EventFd,
+        paused: bool,
     ) {
         let report = |event| {
             // The VM may be gone already when it is tearing down.
@@ -217,7 +225,10 @@ impl Vcpu {
             let _ = wake.write(1);
         };
         KVM_RUN.with(|cell| cell.set(self.fd.get_kvm_run()));
-        let stop = self.run_loop(commands, &report);
+        let stop = match paused.then(|| self.wait_while_paused(commands, &report)) {
+            Some(Some(stop)) => stop,
+            _ => self.run_loop(commands, &report),
+        };
         KVM_RUN.with(|cell| cell.set(std::ptr::null_mut()));
         report(VcpuEvent::Exited(self.index, stop));
     }
