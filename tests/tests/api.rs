@@ -189,12 +189,36 @@ fn malformed_requests_get_4xx_and_the_vm_keeps_running() {
             400,
         ),
         ("PUT", "/actions", vec![], vec![b'x'; 1 << 20], 413),
-        ("PUT", "/snapshot", vec![], br#"{"type": "half", "path": "/tmp/x"}"#.to_vec(), 400),
-        ("PUT", "/snapshot", vec![], br#"{"type": "full"}"#.to_vec(), 400),
-        ("PUT", "/snapshot", vec![], br#"{"type": "full", "path": ""}"#.to_vec(), 400),
+        (
+            "PUT",
+            "/snapshot",
+            vec![],
+            br#"{"type": "half", "path": "/tmp/x"}"#.to_vec(),
+            400,
+        ),
+        (
+            "PUT",
+            "/snapshot",
+            vec![],
+            br#"{"type": "full"}"#.to_vec(),
+            400,
+        ),
+        (
+            "PUT",
+            "/snapshot",
+            vec![],
+            br#"{"type": "full", "path": ""}"#.to_vec(),
+            400,
+        ),
         ("GET", "/snapshot", vec![], vec![], 405),
         // The VM runs: snapshots and hashes need it paused.
-        ("PUT", "/snapshot", vec![], br#"{"type": "full", "path": "/tmp/colo-never.snap"}"#.to_vec(), 409),
+        (
+            "PUT",
+            "/snapshot",
+            vec![],
+            br#"{"type": "full", "path": "/tmp/colo-never.snap"}"#.to_vec(),
+            409,
+        ),
         ("GET", "/state-hash", vec![], vec![], 409),
     ];
     for (method, path, headers, body, want) in cases {
@@ -227,10 +251,20 @@ fn malformed_requests_get_4xx_and_the_vm_keeps_running() {
     assert!(!Path::new("/tmp/colo-never.snap").exists());
 
     // Paused, but started without --track-dirty-pages: no diffs.
-    assert_eq!(put_json(&vm.sock, "/vm", r#"{"state":"paused"}"#).status, 204);
-    let r = put_json(&vm.sock, "/snapshot", r#"{"type":"diff","path":"/tmp/colo-never.snap"}"#);
+    assert_eq!(
+        put_json(&vm.sock, "/vm", r#"{"state":"paused"}"#).status,
+        204
+    );
+    let r = put_json(
+        &vm.sock,
+        "/snapshot",
+        r#"{"type":"diff","path":"/tmp/colo-never.snap"}"#,
+    );
     assert_eq!(r.status, 409, "{}", r.text());
-    assert!(json(&r)["error"].as_str().unwrap().contains("--track-dirty-pages"));
+    assert!(json(&r)["error"]
+        .as_str()
+        .unwrap()
+        .contains("--track-dirty-pages"));
     let r = api(&vm.sock).request("GET", "/state-hash", b"").unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(json(&r)["hash"].as_str().unwrap().len(), 16);
@@ -255,6 +289,20 @@ fn vmmctl_calls_every_endpoint() {
         String::from_utf8_lossy(&out.stderr).contains("HTTP 400"),
         "{out:?}"
     );
+    assert!(vmmctl(&vm.sock, &["pause"]).status.success());
+    let snap = vm._dir.path().join("ctl.snap");
+    let out = vmmctl(
+        &vm.sock,
+        &["snapshot", "--type", "full", snap.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(snap.exists());
+    let out = vmmctl(&vm.sock, &["state-hash"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("\"memory\""),
+        "{out:?}"
+    );
+    assert!(vmmctl(&vm.sock, &["resume"]).status.success());
     let out = vmmctl(&vm.sock, &["raw", "GET", "/missing"]);
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("HTTP 404"),

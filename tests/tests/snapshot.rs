@@ -288,7 +288,11 @@ fn pages_the_vmm_writes_for_received_packets_are_dirty() {
     let body = r#"{"type":"diff","path":"/proc/colo-no-such-dir/x.diff"}"#;
     let failed = api(&sock, "PUT", "/snapshot", body);
     assert_eq!(failed.status, 500, "{}", failed.text());
-    assert!(failed.text().contains("cannot write snapshot"), "{}", failed.text());
+    assert!(
+        failed.text().contains("cannot write snapshot"),
+        "{}",
+        failed.text()
+    );
     let diff = rig.path("rx.diff");
     let image = rig.path("after.full");
     snapshot(&sock, "diff", &diff);

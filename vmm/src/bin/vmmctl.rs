@@ -34,6 +34,16 @@ enum Command {
     Shutdown,
     /// Print the Prometheus metrics.
     Metrics,
+    /// Write a snapshot of the paused VM.
+    Snapshot {
+        /// full or diff.
+        #[arg(long = "type", default_value = "full")]
+        kind: String,
+        /// Where the vmm writes it.
+        path: PathBuf,
+    },
+    /// Print the state hash of the paused VM (JSON, with its parts).
+    StateHash,
     /// Send any request: METHOD URI [JSON-BODY].
     Raw {
         method: String,
@@ -53,7 +63,13 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: &Cli) -> anyhow::Result<()> {
+    let snapshot_body;
     let (method, uri, body) = match &cli.command {
+        Command::Snapshot { kind, path } => {
+            snapshot_body = serde_json::json!({ "type": kind, "path": path }).to_string();
+            ("PUT", "/snapshot", Some(snapshot_body.as_str()))
+        }
+        Command::StateHash => ("GET", "/state-hash", None),
         Command::Status => ("GET", "/status", None),
         Command::Metrics => ("GET", "/metrics", None),
         Command::Pause => ("PUT", "/vm", Some(r#"{"state":"paused"}"#)),
