@@ -180,7 +180,13 @@ fn key_value_records_survive_a_restart_at_the_expected_offsets() {
     let disk = disk_file(4096);
     let alpha: Vec<u8> = b"first value".to_vec();
     let beta: Vec<u8> = (0..3000u32).map(|i| (i % 253) as u8).collect();
-    let mut g = Guest::new(Some((disk.path(), false)));
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let topo = Topology::builder().host_b(false).build();
+    topo.add_tap(Host::A, TAP);
+    let api = ["--api-sock", sock.to_str().unwrap()];
+    let vmm = start_guest(&topo, Some((disk.path(), false)), &api);
+    let mut g = Guest { topo, vmm };
     let statuses = g.http(|c| {
         [
             c.request("POST", "/kv/alpha", &alpha).unwrap().status,
@@ -189,7 +195,18 @@ fn key_value_records_survive_a_restart_at_the_expected_offsets() {
         ]
     });
     assert_eq!(statuses, [201, 201, 400]);
-    g.vmm.kill();
+    // An orderly shutdown over the API.
+    let ctl = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    let r = Client::new(ctl, "localhost")
+        .request_with(
+            "PUT",
+            "/actions",
+            &[("Content-Type", "application/json")],
+            br#"{"action":"shutdown"}"#,
+        )
+        .unwrap();
+    assert_eq!(r.status, 202);
+    assert!(g.vmm.wait_exit(BOOT).success());
 
     // The host sees both records, flushed, where the format puts them.
     let bytes = std::fs::read(disk.path()).unwrap();
