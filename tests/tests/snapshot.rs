@@ -98,16 +98,23 @@ impl Rig {
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
+
+    /// Boots the test guest (dirty tracking on, API at `a.sock`) with
+    /// `cmdline` and `extra` flags; returns once it is ready.
+    fn boot(&self, cmdline: &str, extra: &[&str]) -> (Vmm, PathBuf) {
+        let sock = self.path("a.sock");
+        let mut args = boot_args(&guest_artifact("test-guest"), cmdline);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut vmm = start(&self.topo, &sock, &strs(&args));
+        vmm.wait_for_serial("colo-test-guest: ready", BOOT);
+        (vmm, sock)
+    }
 }
 
 #[test]
 fn a_restored_guest_carries_on_with_its_counter_memory_and_open_connections() {
     let rig = Rig::new();
-    let kernel = guest_artifact("test-guest");
-    let sock = rig.path("a.sock");
-    let args = boot_args(&kernel, "dirty_mib_per_s=16 workload_mib=16");
-    let mut vmm = start(&rig.topo, &sock, &strs(&args));
-    vmm.wait_for_serial("colo-test-guest: ready", BOOT);
+    let (mut vmm, sock) = rig.boot("dirty_mib_per_s=16 workload_mib=16", &[]);
     vmm.wait_for_serial("workload generation 1 ok", BOOT);
     let snap = rig.path("full.snap");
 
@@ -161,11 +168,7 @@ fn next_generation(vmm: &mut Vmm) {
 #[test]
 fn full_plus_diffs_restore_to_the_state_of_a_full_snapshot_at_the_end() {
     let rig = Rig::new();
-    let kernel = guest_artifact("test-guest");
-    let sock = rig.path("a.sock");
-    let args = boot_args(&kernel, "dirty_mib_per_s=8 workload_mib=8");
-    let mut vmm = start(&rig.topo, &sock, &strs(&args));
-    vmm.wait_for_serial("colo-test-guest: ready", BOOT);
+    let (mut vmm, sock) = rig.boot("dirty_mib_per_s=8 workload_mib=8", &[]);
     let (full, d1, d2, last) = (
         rig.path("0.full"),
         rig.path("1.diff"),
@@ -253,12 +256,8 @@ fn sections(bytes: &[u8]) -> Vec<([u8; 4], &[u8])> {
 #[test]
 fn pages_the_vmm_writes_for_received_packets_are_dirty() {
     let rig = Rig::new();
-    let kernel = guest_artifact("test-guest");
-    let sock = rig.path("a.sock");
     // No workload: the guest is idle but for the network.
-    let args = boot_args(&kernel, "");
-    let mut vmm = start(&rig.topo, &sock, &strs(&args));
-    vmm.wait_for_serial("colo-test-guest: ready", BOOT);
+    let (_vmm, sock) = rig.boot("", &[]);
     pause(&sock);
     snapshot(&sock, "full", &rig.path("base.full"));
     resume(&sock);
@@ -333,11 +332,7 @@ fn pages_the_vmm_writes_for_received_packets_are_dirty() {
 #[test]
 fn two_vcpus_round_trip_with_equal_state_hashes() {
     let rig = Rig::new();
-    let kernel = guest_artifact("test-guest");
-    let sock = rig.path("a.sock");
-    let mut args = boot_args(&kernel, "dirty_mib_per_s=4 workload_mib=4");
-    args.extend(["--vcpus".to_string(), "2".to_string()]);
-    let mut vmm = start(&rig.topo, &sock, &strs(&args));
+    let (mut vmm, sock) = rig.boot("dirty_mib_per_s=4 workload_mib=4", &["--vcpus", "2"]);
     vmm.wait_for_serial("workload generation 1 ok", BOOT);
     pause(&sock);
     let hash = state_hash(&sock);
@@ -362,11 +357,7 @@ fn two_vcpus_round_trip_with_equal_state_hashes() {
 #[test]
 fn bad_snapshot_files_are_refused_before_anything_runs() {
     let rig = Rig::new();
-    let kernel = guest_artifact("test-guest");
-    let sock = rig.path("a.sock");
-    let args = boot_args(&kernel, "");
-    let mut vmm = start(&rig.topo, &sock, &strs(&args));
-    vmm.wait_for_serial("colo-test-guest: ready", BOOT);
+    let (mut vmm, sock) = rig.boot("", &[]);
     pause(&sock);
     let good = rig.path("good.full");
     snapshot(&sock, "full", &good);
