@@ -372,3 +372,149 @@ pub fn read_chain(paths: &[PathBuf]) -> Result<Vec<Snapshot>, SnapshotError> {
     }
     Ok(chain)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::state::{VcpuState, VmState};
+
+    fn state(vcpus: usize) -> MachineState {
+        let vcpu = VcpuState {
+            mp_state: Default::default(),
+            events: Default::default(),
+            regs: kvm_bindings::kvm_regs {
+                rip: 0x1234,
+                ..Default::default()
+            },
+            sregs: Default::default(),
+            xsave: vec![7; 1024],
+            xcrs: Default::default(),
+            debugregs: Default::default(),
+            lapic: Default::default(),
+            msrs: vec![(0x10, 99)],
+        };
+        MachineState {
+            vcpus: vec![vcpu; vcpus],
+            vm: VmState {
+                pic_master: Default::default(),
+                pic_slave: Default::default(),
+                ioapic: Default::default(),
+                pit: Default::default(),
+                clock: Default::default(),
+            },
+            serial: SerialSnapshot {
+                baud_divisor_low: 1,
+                baud_divisor_high: 0,
+                interrupt_enable: 0,
+                interrupt_identification: 1,
+                line_control: 3,
+                line_status: 0x60,
+                modem_control: 8,
+                modem_status: 0xb0,
+                scratch: 0,
+                in_buffer: vec![],
+            },
+            i8042: I8042Snapshot {
+                status: 0x14,
+                ctr: 0x64,
+                out: vec![],
+                pending: None,
+            },
+            virtio: vec![],
+        }
+    }
+
+    fn layout() -> Layout {
+        Layout {
+            mem_size: 8192,
+            vcpus: 2,
+            devices: vec![("net0".into(), "virtio-net".into())],
+        }
+    }
+
+    #[test]
+    fn full_and_diff_files_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let full = dir.path().join("f");
+        let mem: Vec<u8> = (0..8192u32).map(|i| i as u8).collect();
+        write(
+            &full,
+            Kind::Full,
+            &layout(),
+            &state(2),
+            &Memory::Full(mem.clone()),
+        )
+        .unwrap();
+        let snap = read(&full).unwrap();
+        assert_eq!((snap.kind, snap.layout), (Kind::Full, layout()));
+        assert_eq!(snap.state.vcpus[1].regs.rip, 0x1234);
+        assert!(matches!(snap.memory, Memory::Full(ref m) if *m == mem));
+
+        let diff = dir.path().join("d");
+        let page = vec![0xabu8; PAGE_SIZE as usize];
+        write(
+            &diff,
+            Kind::Diff,
+            &layout(),
+            &state(2),
+            &Memory::Diff(vec![(4096, page.clone())]),
+        )
+        .unwrap();
+        let snap = read(&diff).unwrap();
+        assert!(matches!(snap.memory, Memory::Diff(ref p) if *p == vec![(4096, page)]));
+        assert_eq!(read_chain(&[full.clone(), diff.clone()]).unwrap().len(), 2);
+        assert!(matches!(
+            read_chain(&[diff.clone()]),
+            Err(SnapshotError::ChainStart { .. })
+        ));
+        assert!(matches!(
+            read_chain(&[full.clone(), full]),
+            Err(SnapshotError::ChainFull { .. })
+        ));
+        assert!(!dir.path().join("d.partial").exists());
+    }
+
+    #[test]
+    fn every_corruption_is_caught() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        write(
+            &path,
+            Kind::Full,
+            &layout(),
+            &state(2),
+            &Memory::Full(vec![1; 8192]),
+        )
+        .unwrap();
+        let good = std::fs::read(&path).unwrap();
+        let bad = dir.path().join("bad");
+        // Any single flipped byte and any truncation is refused.
+        for i in (0..good.len()).step_by(97) {
+            let mut b = good.clone();
+            b[i] ^= 0x01;
+            std::fs::write(&bad, &b).unwrap();
+            assert!(read(&bad).is_err(), "flipped byte {i} accepted");
+        }
+        for len in (0..good.len()).step_by(101) {
+            std::fs::write(&bad, &good[..len]).unwrap();
+            assert!(read(&bad).is_err(), "truncated to {len} accepted");
+        }
+        let mut b = good.clone();
+        b[8] = 2;
+        std::fs::write(&bad, &b).unwrap();
+        assert!(matches!(
+            read(&bad),
+            Err(SnapshotError::Version { found: 2, .. })
+        ));
+        // A state for 1 vCPU in a 2-vCPU layout is inconsistent.
+        write(
+            &path,
+            Kind::Full,
+            &layout(),
+            &state(1),
+            &Memory::Full(vec![1; 8192]),
+        )
+        .unwrap();
+        assert!(matches!(read(&path), Err(SnapshotError::Malformed { .. })));
+    }
+}
