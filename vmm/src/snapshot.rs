@@ -464,7 +464,7 @@ mod tests {
         assert!(matches!(snap.memory, Memory::Diff(ref p) if *p == vec![(4096, page)]));
         assert_eq!(read_chain(&[full.clone(), diff.clone()]).unwrap().len(), 2);
         assert!(matches!(
-            read_chain(&[diff.clone()]),
+            read_chain(std::slice::from_ref(&diff)),
             Err(SnapshotError::ChainStart { .. })
         ));
         assert!(matches!(
