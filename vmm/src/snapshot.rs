@@ -19,7 +19,7 @@
 //! corrupt or foreign file is refused with nothing applied.
 
 use std::fs::File;
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use devices::legacy::{I8042Snapshot, SerialSnapshot};
@@ -69,6 +69,96 @@ pub enum Memory {
     Full(Vec<u8>),
     /// (guest-physical page address, page bytes).
     Diff(Vec<(u64, Vec<u8>)>),
+}
+
+/// Where a snapshot's memory section comes from when it is written: the
+/// writer streams it, so a snapshot never holds a second copy of guest RAM.
+pub trait MemorySource {
+    /// Full or diff.
+    fn kind(&self) -> Kind;
+    /// Number of pages a diff holds (ignored for a full image).
+    fn page_count(&self) -> u64;
+    /// Writes the page addresses of a diff, little-endian u64 each.
+    fn write_addresses(&self, out: &mut dyn Write) -> io::Result<()>;
+    /// Writes the memory bytes: all RAM, or each listed page.
+    fn write_bytes(&self, out: &mut dyn Write) -> io::Result<()>;
+}
+
+impl MemorySource for Memory {
+    fn kind(&self) -> Kind {
+        match self {
+            Memory::Full(_) => Kind::Full,
+            Memory::Diff(_) => Kind::Diff,
+        }
+    }
+
+    fn page_count(&self) -> u64 {
+        match self {
+            Memory::Full(_) => 0,
+            Memory::Diff(pages) => pages.len() as u64,
+        }
+    }
+
+    fn write_addresses(&self, out: &mut dyn Write) -> io::Result<()> {
+        if let Memory::Diff(pages) = self {
+            for (addr, _) in pages {
+                out.write_all(&addr.to_le_bytes())?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_bytes(&self, out: &mut dyn Write) -> io::Result<()> {
+        match self {
+            Memory::Full(bytes) => out.write_all(bytes),
+            Memory::Diff(pages) => pages.iter().try_for_each(|(_, page)| out.write_all(page)),
+        }
+    }
+}
+
+/// Passes bytes on while it counts them and folds them into a CRC-32.
+struct CrcWriter<'a, W: Write> {
+    inner: &'a mut W,
+    crc: crc32fast::Hasher,
+    len: u64,
+}
+
+impl<W: Write> Write for CrcWriter<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.crc.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Writes a section whose payload `fill` streams; its length and CRC are
+/// patched in once the payload is written.
+fn streamed_section<W: Write + Seek>(
+    out: &mut W,
+    tag: &[u8; 4],
+    fill: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+) -> io::Result<()> {
+    let start = out.stream_position()?;
+    out.write_all(tag)?;
+    out.write_all(&[0u8; 12])?;
+    let mut w = CrcWriter {
+        inner: out,
+        crc: crc32fast::Hasher::new(),
+        len: 0,
+    };
+    fill(&mut w)?;
+    let (len, crc) = (w.len, w.crc.finalize());
+    let end = out.stream_position()?;
+    out.seek(SeekFrom::Start(start + 4))?;
+    out.write_all(&len.to_le_bytes())?;
+    out.write_all(&crc.to_le_bytes())?;
+    out.seek(SeekFrom::Start(end))?;
+    Ok(())
 }
 
 /// A verified snapshot file.
@@ -124,18 +214,18 @@ fn to_io(e: postcard::Error) -> io::Error {
 }
 
 /// Writes a snapshot to `path` atomically (a temporary file renamed into
-/// place once complete and synced).
+/// place once complete and synced); returns its size.
 pub fn write(
     path: &Path,
-    kind: Kind,
     layout: &Layout,
     state: &MachineState,
-    memory: &Memory,
+    memory: &dyn MemorySource,
 ) -> Result<u64, SnapshotError> {
     let err = |source| SnapshotError::Write {
         path: path.to_path_buf(),
         source,
     };
+    let kind = memory.kind();
     let tmp = path.with_extension("partial");
     let file = File::create(&tmp).map_err(err)?;
     let mut out = BufWriter::with_capacity(1 << 20, file);
@@ -158,19 +248,13 @@ pub fn write(
             b"STAT",
             &postcard::to_stdvec(state).map_err(to_io)?,
         )?;
-        match memory {
-            Memory::Full(bytes) => section(&mut out, b"MEMF", bytes)?,
-            Memory::Diff(pages) => {
-                let mut payload = Vec::with_capacity(8 + pages.len() * (8 + PAGE_SIZE as usize));
-                payload.extend_from_slice(&(pages.len() as u64).to_le_bytes());
-                for (addr, _) in pages {
-                    payload.extend_from_slice(&addr.to_le_bytes());
-                }
-                for (_, page) in pages {
-                    payload.extend_from_slice(page);
-                }
-                section(&mut out, b"MEMD", &payload)?;
-            }
+        match kind {
+            Kind::Full => streamed_section(&mut out, b"MEMF", |w| memory.write_bytes(w))?,
+            Kind::Diff => streamed_section(&mut out, b"MEMD", |w| {
+                w.write_all(&memory.page_count().to_le_bytes())?;
+                memory.write_addresses(w)?;
+                memory.write_bytes(w)
+            })?,
         }
         section(&mut out, b"END.", &[])?;
         let file = out.into_inner().map_err(|e| e.into_error())?;
@@ -437,14 +521,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let full = dir.path().join("f");
         let mem: Vec<u8> = (0..8192u32).map(|i| i as u8).collect();
-        write(
-            &full,
-            Kind::Full,
-            &layout(),
-            &state(2),
-            &Memory::Full(mem.clone()),
-        )
-        .unwrap();
+        write(&full, &layout(), &state(2), &Memory::Full(mem.clone())).unwrap();
         let snap = read(&full).unwrap();
         assert_eq!((snap.kind, snap.layout), (Kind::Full, layout()));
         assert_eq!(snap.state.vcpus[1].regs.rip, 0x1234);
@@ -454,7 +531,6 @@ mod tests {
         let page = vec![0xabu8; PAGE_SIZE as usize];
         write(
             &diff,
-            Kind::Diff,
             &layout(),
             &state(2),
             &Memory::Diff(vec![(4096, page.clone())]),
@@ -478,14 +554,7 @@ mod tests {
     fn every_corruption_is_caught() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
-        write(
-            &path,
-            Kind::Full,
-            &layout(),
-            &state(2),
-            &Memory::Full(vec![1; 8192]),
-        )
-        .unwrap();
+        write(&path, &layout(), &state(2), &Memory::Full(vec![1; 8192])).unwrap();
         let good = std::fs::read(&path).unwrap();
         let bad = dir.path().join("bad");
         // Any single flipped byte and any truncation is refused.
@@ -507,14 +576,7 @@ mod tests {
             Err(SnapshotError::Version { found: 2, .. })
         ));
         // A state for 1 vCPU in a 2-vCPU layout is inconsistent.
-        write(
-            &path,
-            Kind::Full,
-            &layout(),
-            &state(1),
-            &Memory::Full(vec![1; 8192]),
-        )
-        .unwrap();
+        write(&path, &layout(), &state(1), &Memory::Full(vec![1; 8192])).unwrap();
         assert!(matches!(read(&path), Err(SnapshotError::Malformed { .. })));
     }
 }

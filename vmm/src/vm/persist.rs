@@ -17,6 +17,7 @@ use super::state::{self, VcpuState};
 use super::vcpu::VcpuCommand;
 use super::{RunState, RunningVm, Vm, VmError};
 use crate::snapshot::{self, Kind, MachineState, Memory, Snapshot, PAGE_SIZE};
+use vm_memory::Address;
 
 /// How long a paused vCPU may take to run a state job.
 const JOB_TIMEOUT: Duration = Duration::from_secs(10);
@@ -101,18 +102,62 @@ fn dirty_pages(mem: &GuestMemory, maps: &Bitmaps) -> Vec<u64> {
     pages
 }
 
-/// All RAM, ranges in address order.
-fn read_all(mem: &GuestMemory) -> Result<Vec<u8>, VmError> {
-    let total: u64 = mem.iter().map(|r| r.len()).sum();
-    let mut out = vec![0u8; total as usize];
-    let mut at = 0usize;
-    for region in mem.iter() {
-        let len = region.len() as usize;
-        mem.read_slice(&mut out[at..at + len], region.start_addr())
-            .map_err(|e| VmError::Refused(format!("cannot read guest memory: {e}")))?;
-        at += len;
+/// Guest memory streamed into a snapshot file straight from the guest's
+/// RAM: all of it, or the listed pages.
+struct GuestImage<'a> {
+    mem: &'a GuestMemory,
+    kind: Kind,
+    pages: Vec<u64>,
+}
+
+fn mem_err(e: vm_memory::GuestMemoryError) -> std::io::Error {
+    std::io::Error::other(format!("cannot read guest memory: {e}"))
+}
+
+impl snapshot::MemorySource for GuestImage<'_> {
+    fn kind(&self) -> Kind {
+        self.kind
     }
-    Ok(out)
+
+    fn page_count(&self) -> u64 {
+        self.pages.len() as u64
+    }
+
+    fn write_addresses(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        for addr in &self.pages {
+            out.write_all(&addr.to_le_bytes())?;
+        }
+        Ok(())
+    }
+
+    fn write_bytes(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        let mut buf = vec![0u8; 1 << 20];
+        match self.kind {
+            Kind::Full => {
+                for region in self.mem.iter() {
+                    let mut at = 0u64;
+                    while at < region.len() {
+                        let n = (region.len() - at).min(buf.len() as u64) as usize;
+                        self.mem
+                            .read_slice(&mut buf[..n], region.start_addr().unchecked_add(at))
+                            .map_err(mem_err)?;
+                        out.write_all(&buf[..n])?;
+                        at += n as u64;
+                    }
+                }
+            }
+            Kind::Diff => {
+                let page = &mut buf[..PAGE_SIZE as usize];
+                for &addr in &self.pages {
+                    self.mem
+                        .read_slice(page, GuestAddress(addr))
+                        .map_err(mem_err)?;
+                    out.write_all(page)?;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl RunningVm {
@@ -191,28 +236,16 @@ impl RunningVm {
         } else {
             None
         };
-        let memory = (|| -> Result<Memory, VmError> {
-            Ok(match (kind, &maps) {
-                (Kind::Full, _) => Memory::Full(read_all(&self.mem)?),
-                (Kind::Diff, Some(maps)) => {
-                    let mut pages = Vec::new();
-                    for addr in dirty_pages(&self.mem, maps) {
-                        let mut page = vec![0u8; PAGE_SIZE as usize];
-                        self.mem
-                            .read_slice(&mut page, GuestAddress(addr))
-                            .map_err(|e| {
-                                VmError::Refused(format!("cannot read page {addr:#x}: {e}"))
-                            })?;
-                        pages.push((addr, page));
-                    }
-                    Memory::Diff(pages)
-                }
-                (Kind::Diff, None) => Memory::Diff(Vec::new()),
-            })
-        })();
-        let result = memory.and_then(|memory| {
-            snapshot::write(path, kind, &self.layout, &state, &memory).map_err(VmError::from)
-        });
+        let pages = match (&maps, kind) {
+            (Some(maps), Kind::Diff) => dirty_pages(&self.mem, maps),
+            _ => Vec::new(),
+        };
+        let source = GuestImage {
+            mem: &self.mem,
+            kind,
+            pages,
+        };
+        let result = snapshot::write(path, &self.layout, &state, &source).map_err(VmError::from);
         if result.is_err() {
             if let Some(maps) = maps {
                 self.dirty.put_back(maps);
@@ -333,8 +366,6 @@ mod erased {
         }
     }
 }
-
-use vm_memory::Address;
 
 impl Vm {
     /// Loads a verified snapshot chain (full, then diffs) into this VM,
