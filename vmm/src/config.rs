@@ -242,6 +242,9 @@ pub struct FileConfig {
     /// Same syntax as `--net`.
     pub nets: Option<Vec<String>>,
     pub api_sock: Option<PathBuf>,
+    /// Same as `--restore`: a full snapshot, then diffs.
+    pub restore: Option<Vec<PathBuf>>,
+    pub start_paused: Option<bool>,
 }
 
 /// A complete, validated VM configuration.
@@ -355,12 +358,17 @@ impl VmConfig {
     }
 
     fn merge(cli: &Cli, file: FileConfig) -> Result<Self, ConfigError> {
+        let restore = if cli.restore.is_empty() {
+            file.restore.clone().unwrap_or_default()
+        } else {
+            cli.restore.clone()
+        };
         let config = VmConfig {
             role: cli.role.or(file.role).unwrap_or(Role::Standalone),
             kernel: match cli.kernel.clone().or(file.kernel) {
                 Some(kernel) => kernel,
                 // A restored VM needs no kernel.
-                None if !cli.restore.is_empty() => PathBuf::new(),
+                None if !restore.is_empty() => PathBuf::new(),
                 None => return Err(ConfigError::MissingKernel),
             },
             initrd: cli.initrd.clone().or(file.initrd),
@@ -389,8 +397,8 @@ impl VmConfig {
                 cli.nets.clone()
             },
             api_sock: cli.api_sock.clone().or(file.api_sock),
-            restore: cli.restore.clone(),
-            start_paused: cli.start_paused,
+            restore,
+            start_paused: cli.start_paused || file.start_paused.unwrap_or(false),
         };
         config.validate()?;
         Ok(config)
@@ -595,6 +603,25 @@ mod tests {
         assert!(matches!(
             err(&["--kernel", k, "--role", "primary"]),
             ConfigError::RoleNotBuilt(Role::Primary)
+        ));
+    }
+
+    #[test]
+    fn restore_needs_no_kernel_and_comes_from_flags_or_file() {
+        let c =
+            VmConfig::from_cli(&cli(&["--restore", "/a.full,/b.diff", "--start-paused"])).unwrap();
+        assert_eq!(
+            c.restore,
+            [PathBuf::from("/a.full"), PathBuf::from("/b.diff")]
+        );
+        assert!(c.start_paused);
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "restore = [\"/x.full\"]\nstart-paused = true").unwrap();
+        let c = VmConfig::from_cli(&cli(&["--config", f.path().to_str().unwrap()])).unwrap();
+        assert_eq!((c.restore.len(), c.start_paused), (1, true));
+        assert!(matches!(
+            VmConfig::from_cli(&cli(&[])),
+            Err(ConfigError::MissingKernel)
         ));
     }
 
