@@ -17,19 +17,23 @@ use alloc::vec::Vec;
 use core::cell::RefCell;
 use core::fmt::Write;
 
+use alloc::boxed::Box;
+use alloc::collections::VecDeque;
 use colo_test_guest::http;
 use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
 use smoltcp::phy::{Device, DeviceCapabilities, Medium, RxToken, TxToken};
 use smoltcp::socket::{tcp, udp};
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, Ipv4Address};
-use virtio_drivers::device::net::{RxBuffer, VirtIONet};
+use virtio_drivers::device::net::VirtIONetRaw;
 
 use crate::store::{PutError, Store};
 use crate::virtio::{GuestHal, Mmio};
 
 const QUEUE_SIZE: usize = 64;
 const RX_BUFFER_LEN: usize = 2048;
+/// `virtio_net_hdr_v1`, what the device expects before each frame.
+const NET_HDR_LEN: usize = 12;
 const MTU: usize = 1514;
 const ECHO_PORT: u16 = 7;
 const HTTP_PORT: u16 = 80;
@@ -38,41 +42,124 @@ const HTTP_SOCKETS: usize = 8;
 const ECHO_BUFFER: usize = 64 * 1024;
 const HTTP_BUFFER: usize = 32 * 1024;
 
-type NetDevice = VirtIONet<GuestHal, Mmio, QUEUE_SIZE>;
+type NetDevice = VirtIONetRaw<GuestHal, Mmio, QUEUE_SIZE>;
+
+/// The NIC with its buffers: receive buffers posted to the device (by
+/// token), and frames in flight to it, oldest first. Transmits are not
+/// waited for: up to a queue's worth are in flight while the guest goes on.
+struct Nic {
+    dev: NetDevice,
+    rx: Vec<Option<Box<[u8]>>>,
+    tx: VecDeque<(u16, Vec<u8>)>,
+}
+
+impl Nic {
+    fn new(mut dev: NetDevice) -> Result<Self, virtio_drivers::Error> {
+        let mut rx: Vec<Option<Box<[u8]>>> = (0..QUEUE_SIZE).map(|_| None).collect();
+        for _ in 0..QUEUE_SIZE {
+            let mut buf = vec![0u8; RX_BUFFER_LEN].into_boxed_slice();
+            // SAFETY: the buffer is kept in `rx` (its heap block never
+            // moves) and not touched until the device returns it.
+            let token = unsafe { dev.receive_begin(&mut buf)? };
+            rx[usize::from(token)] = Some(buf);
+        }
+        Ok(Self {
+            dev,
+            rx,
+            tx: VecDeque::new(),
+        })
+    }
+
+    /// Takes back the buffers of completed transmits.
+    fn reap(&mut self) {
+        while let Some(token) = self.dev.poll_transmit() {
+            match self.tx.front() {
+                Some((t, _)) if *t == token => {
+                    if let Some((_, buf)) = self.tx.pop_front() {
+                        // SAFETY: the buffer passed to transmit_begin for
+                        // this token.
+                        if let Err(e) = unsafe { self.dev.transmit_complete(token, &buf) } {
+                            crate::say!("net: transmit completion: {e:?}");
+                        }
+                    }
+                }
+                _ => {
+                    crate::say!("net: transmit {token} completed out of order");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// A received frame: its buffer and where the frame lies in it.
+    fn receive(&mut self) -> Option<(Box<[u8]>, usize, usize)> {
+        let token = self.dev.poll_receive()?;
+        let mut buf = self.rx.get_mut(usize::from(token))?.take()?;
+        // SAFETY: the buffer posted with this token.
+        match unsafe { self.dev.receive_complete(token, &mut buf) } {
+            Ok((hdr, len)) => Some((buf, hdr, len)),
+            Err(e) => {
+                crate::say!("net: receive completion: {e:?}");
+                self.repost(buf);
+                None
+            }
+        }
+    }
+
+    /// Gives a receive buffer back to the device.
+    fn repost(&mut self, mut buf: Box<[u8]>) {
+        // SAFETY: as in `new`.
+        match unsafe { self.dev.receive_begin(&mut buf) } {
+            Ok(token) => self.rx[usize::from(token)] = Some(buf),
+            Err(e) => crate::say!("net: cannot repost an rx buffer: {e:?}"),
+        }
+    }
+
+    /// Queues a frame of `len` bytes that `fill` writes.
+    fn transmit<R>(&mut self, len: usize, fill: impl FnOnce(&mut [u8]) -> R) -> R {
+        self.reap();
+        while !self.dev.can_send() {
+            core::hint::spin_loop();
+            self.reap();
+        }
+        let mut buf = vec![0u8; NET_HDR_LEN + len];
+        let hdr = self.dev.fill_buffer_header(&mut buf).unwrap_or(NET_HDR_LEN);
+        let result = fill(&mut buf[hdr..]);
+        // SAFETY: the buffer is kept in `tx` until its completion is reaped.
+        match unsafe { self.dev.transmit_begin(&buf) } {
+            Ok(token) => self.tx.push_back((token, buf)),
+            Err(e) => crate::say!("net: send failed: {e:?}"),
+        }
+        result
+    }
+}
 
 /// smoltcp's view of the virtio NIC.
 struct Phy {
-    dev: RefCell<NetDevice>,
+    nic: RefCell<Nic>,
 }
 
 struct Rx<'a> {
-    buf: RxBuffer,
-    dev: &'a RefCell<NetDevice>,
+    buf: Box<[u8]>,
+    range: core::ops::Range<usize>,
+    nic: &'a RefCell<Nic>,
 }
 
 struct Tx<'a> {
-    dev: &'a RefCell<NetDevice>,
+    nic: &'a RefCell<Nic>,
 }
 
 impl RxToken for Rx<'_> {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        let result = f(self.buf.packet());
-        if let Err(e) = self.dev.borrow_mut().recycle_rx_buffer(self.buf) {
-            crate::say!("net: cannot recycle an rx buffer: {e:?}");
-        }
+        let result = f(&self.buf[self.range.clone()]);
+        self.nic.borrow_mut().repost(self.buf);
         result
     }
 }
 
 impl TxToken for Tx<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let mut dev = self.dev.borrow_mut();
-        let mut buf = dev.new_tx_buffer(len);
-        let result = f(buf.packet_mut());
-        if let Err(e) = dev.send(buf) {
-            crate::say!("net: send failed: {e:?}");
-        }
-        result
+        self.nic.borrow_mut().transmit(len, f)
     }
 }
 
@@ -81,18 +168,19 @@ impl Device for Phy {
     type TxToken<'a> = Tx<'a>;
 
     fn receive(&mut self, _now: Instant) -> Option<(Rx<'_>, Tx<'_>)> {
-        let buf = self.dev.borrow_mut().receive().ok()?;
+        let (buf, hdr, len) = self.nic.borrow_mut().receive()?;
         Some((
             Rx {
                 buf,
-                dev: &self.dev,
+                range: hdr..hdr + len,
+                nic: &self.nic,
             },
-            Tx { dev: &self.dev },
+            Tx { nic: &self.nic },
         ))
     }
 
     fn transmit(&mut self, _now: Instant) -> Option<Tx<'_>> {
-        Some(Tx { dev: &self.dev })
+        Some(Tx { nic: &self.nic })
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -160,10 +248,10 @@ impl Net {
         store: Option<Store>,
         now_ns: u64,
     ) -> Result<Self, virtio_drivers::Error> {
-        let dev = NetDevice::new(transport, RX_BUFFER_LEN)?;
+        let dev = NetDevice::new(transport)?;
         let mac = dev.mac_address();
         let mut phy = Phy {
-            dev: RefCell::new(dev),
+            nic: RefCell::new(Nic::new(dev)?),
         };
         let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
         // Deterministic: a replica of this guest must pick the same ports

@@ -100,8 +100,13 @@ pub struct DeviceLoop {
 
 impl DeviceLoop {
     /// Starts the loop over `subscribers`; with `paused`, it handles no
-    /// event before the first [`DeviceLoop::resume`].
-    pub fn start(subscribers: Vec<Subscriber>, paused: bool) -> Result<Self, DeviceLoopError> {
+    /// event before the first [`DeviceLoop::resume`]. `on_start` runs on the
+    /// device thread before its first event.
+    pub fn start(
+        subscribers: Vec<Subscriber>,
+        paused: bool,
+        on_start: Box<dyn FnOnce() + Send>,
+    ) -> Result<Self, DeviceLoopError> {
         let mut manager: EventManager<Subscriber> =
             EventManager::new().map_err(DeviceLoopError::EventManager)?;
         let evt = EventFd::new(EFD_NONBLOCK).map_err(DeviceLoopError::Start)?;
@@ -125,6 +130,7 @@ impl DeviceLoop {
                 if paused && gate_rx.recv().is_err() {
                     return; // dropped before it was ever resumed
                 }
+                on_start();
                 while !stop.load(Ordering::SeqCst) {
                     if let Err(e) = manager.run() {
                         tracing::error!("device loop: {e:?}");
@@ -213,7 +219,8 @@ mod tests {
             evt: evt.try_clone().unwrap(),
             seen: seen.clone(),
         };
-        let mut dl = DeviceLoop::start(vec![Arc::new(Mutex::new(counter))], false).unwrap();
+        let mut dl =
+            DeviceLoop::start(vec![Arc::new(Mutex::new(counter))], false, Box::new(|| {})).unwrap();
         dl.pause().unwrap();
         evt.write(3).unwrap();
         // A second pause round-trips through the parked loop: had the loop
@@ -241,7 +248,8 @@ mod tests {
             seen: seen.clone(),
         };
         evt.write(2).unwrap();
-        let mut dl = DeviceLoop::start(vec![Arc::new(Mutex::new(counter))], true).unwrap();
+        let mut dl =
+            DeviceLoop::start(vec![Arc::new(Mutex::new(counter))], true, Box::new(|| {})).unwrap();
         dl.pause().unwrap();
         assert_eq!(seen.load(Ordering::SeqCst), 0);
         dl.resume().unwrap();

@@ -288,7 +288,15 @@ impl Vm {
             .iter()
             .map(|d| d.transport.clone() as device_loop::Subscriber)
             .collect();
-        let device_loop = DeviceLoop::start(subscribers, paused)?;
+        // Queues may hold work whose notification a snapshot could not
+        // carry (it sat in an ioeventfd): serve every queue once first.
+        let transports: Vec<_> = self.virtio.iter().map(|d| d.transport.clone()).collect();
+        let kick_all = Box::new(move || {
+            for t in transports {
+                t.lock().unwrap_or_else(|p| p.into_inner()).kick();
+            }
+        });
+        let device_loop = DeviceLoop::start(subscribers, paused, kick_all)?;
         let mut running = RunningVm {
             device_loop,
             handle: VmHandle::new().map_err(io_err("the control eventfd"))?,
