@@ -2,9 +2,10 @@
 # Demo of what colo-vmm does today: a test guest with a disk and a NIC in a
 # "host" network namespace, served to a "client" namespace across a bridge;
 # the client talks HTTP and TCP echo to it, stores a value on its disk, the
-# VM is paused and resumed over the REST socket, shut down, restarted on the
-# same disk, and the value is still there. Then a guest crash, reported with
-# exit reason and RIP. Needs root (namespaces, taps) and /dev/kvm.
+# VM is paused and resumed over the REST socket; then it is snapshotted,
+# killed and restored while the client's TCP connection stays open; then
+# it is cold-booted on the same disk and the value is still there. Last, a
+# guest crash, reported with exit reason and RIP. Needs root (namespaces, taps) and /dev/kvm.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 [ -c /dev/kvm ] || { echo "FATAL: /dev/kvm is missing" >&2; exit 1; }
@@ -72,12 +73,34 @@ echo "(no answer while paused)"
 "$ctl" --api-sock "$work/api.sock" resume
 echo "after resume:"; http http://10.77.0.10/count
 "$ctl" --api-sock "$work/api.sock" metrics | grep -E "virtio_requests|serial_tx"
+echo "== snapshot: pause, write a full snapshot, kill the vmm, restore it"
+in_client python3 -c "
+import socket, subprocess, sys
+s = socket.create_connection(('10.77.0.10', 7), timeout=5)
+s.sendall(b'before'); print('echo before the snapshot:', s.recv(64).decode())
+ctl = ['$ctl', '--api-sock', '$work/api.sock']
+subprocess.run(ctl + ['pause'], check=True)
+subprocess.run(ctl + ['snapshot', '--type', 'full', '$work/vm.snap'], check=True)
+print('snapshot written; killing the vmm'); sys.stdout.flush()
+subprocess.run(['kill', '-9', '$pid'], check=True)
+subprocess.run(['ip', 'netns', 'exec', '$host', 'sh', '-c',
+    '$vmm --restore $work/vm.snap --disk $work/disk.img --net tap=tap0 --api-sock $work/api2.sock >> $work/console.log 2>> $work/vmm.log &'],
+    check=True)
+s.sendall(b'after'); print('same TCP connection after the restore:', s.recv(64).decode())
+"
+wait "$pid" 2>/dev/null || true
+pid=$(pgrep -f "api-sock $work/api2.sock" | head -1)
+"$ctl" --api-sock "$work/api2.sock" status
+echo "GET /count continues:"; http http://10.77.0.10/count
+"$ctl" --api-sock "$work/api2.sock" shutdown
+wait "$pid" 2>/dev/null || while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+pid=
+
 echo
-echo "== shutdown over the API, restart on the same disk"
-"$ctl" --api-sock "$work/api.sock" shutdown
-wait "$pid"; pid=
+echo "== restart from the disk alone (a cold boot): the stored value is still there"
 echo "record on the host's disk file at byte 512:"
 xxd -s 512 -l 64 "$work/disk.img"
+rm -f "$work/console.log"
 start_vm
 echo "GET /kv/greeting:"; http http://10.77.0.10/kv/greeting
 "$ctl" --api-sock "$work/api.sock" shutdown
