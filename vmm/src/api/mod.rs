@@ -10,14 +10,23 @@
 //! | GET | `/state-hash` | (paused VM) | 200 `{"hash": "<16 hex digits>", "parts": {...}}` |
 //!
 //! Errors carry `{"error": "..."}`: 404 unknown path, 405 wrong method
-//! (with `Allow`), 400 malformed JSON, wrong types, unknown fields or bad
-//! values, 413 a body over 16 KiB, 415 a PUT body that is not JSON, 409 a
-//! request the VM's state forbids, 500 a failure inside the VMM.
-//! `docs/api.yaml` is the OpenAPI description; `vmmctl` the client.
+//! (with `Allow`), 400 malformed JSON, a body that is not an object, wrong
+//! types, unknown fields, missing fields or bad values, 413 a body (or a
+//! declared `Content-Length`) over 16 KiB, 415 a PUT whose `Content-Type`
+//! is not `application/json` (a missing `Content-Type` is taken as JSON),
+//! and from [`ControlError`] 400 / 409 / 500.
+//! `docs/api.yaml` is the OpenAPI description; `vmmctl` the client
+//! ([`client`]).
 //!
-//! The server runs on its own thread with a single-threaded tokio runtime;
-//! requests reach the VM through [`VmControl`], which `vmm` implements over
-//! its `VmHandle`.
+//! The server ([`spawn_server`]) runs on its own thread with a
+//! single-threaded tokio runtime; requests reach the VM through
+//! [`VmControl`], which `vmm` implements over its `VmHandle`
+//! (`crate::control::VmmControl`):
+//!
+//! ```ignore
+//! let _api = vmm::api::spawn_server(path, Arc::new(VmmControl::new(&config, &running)))?;
+//! running.wait()?; // the socket is removed when `_api` is dropped
+//! ```
 
 pub mod client;
 mod metrics;
@@ -33,7 +42,8 @@ pub use server::{spawn_server, ApiError, ApiServer};
 /// Largest request body the API reads.
 pub const MAX_BODY: usize = 16 * 1024;
 
-/// What the API needs from the VM.
+/// What the API needs from the VM. Calls come from the API thread, one
+/// at a time.
 pub trait VmControl: Send + Sync + 'static {
     /// Current status.
     fn status(&self) -> Status;
@@ -41,7 +51,8 @@ pub trait VmControl: Send + Sync + 'static {
     fn pause(&self) -> Result<(), ControlError>;
     /// Resumes; idempotent.
     fn resume(&self) -> Result<(), ControlError>;
-    /// Stops the VM; the process exits after it stopped.
+    /// Asks the VM to shut down; the process exits after it stopped.
+    /// [`ControlError::Conflict`] if it is already shutting down.
     fn shutdown(&self) -> Result<(), ControlError>;
     /// Counters.
     fn metrics(&self) -> Metrics;
@@ -65,7 +76,7 @@ struct SnapshotRequest {
     path: std::path::PathBuf,
 }
 
-/// The VM's run state.
+/// The VM's run state: `"running"`, `"paused"` or `"shutting_down"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum VmState {
@@ -77,6 +88,7 @@ pub enum VmState {
 /// `GET /status`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Status {
+    /// `standalone`, `primary` or `secondary`.
     pub role: String,
     pub state: VmState,
     pub uptime_secs: f64,
@@ -87,7 +99,9 @@ pub struct Status {
 /// Counters of one virtio device.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DeviceMetrics {
+    /// `blk0`, `net0`, ...
     pub name: String,
+    /// `virtio-blk` or `virtio-net`.
     pub kind: String,
     pub requests: u64,
     pub read_bytes: u64,

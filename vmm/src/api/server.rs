@@ -1,16 +1,22 @@
 //! The HTTP server: hyper 1 on a tokio current-thread runtime, on its own
 //! OS thread, accepting on a Unix socket.
+//!
+//! Requests are served one at a time as far as the VM is concerned: the
+//! [`VmControl`] calls run on the runtime's only thread, so a slow `pause`
+//! holds back the other connections until it returns (and the VMM never
+//! sees two control calls at once).
 
 use std::convert::Infallible;
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixStream as StdUnixStream;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener as StdUnixListener, UnixStream as StdUnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::{Bytes, Incoming};
-use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Buf, Bytes};
+use hyper::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -25,21 +31,34 @@ use super::{
 /// Errors starting the server.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
+    /// Another process answers on the socket.
     #[error("API socket {path} is in use by another process")]
     InUse { path: PathBuf },
+    /// Something that is not a socket is in the way; it is left alone.
+    #[error("{path} exists and is not a socket; not replacing it")]
+    NotASocket { path: PathBuf },
+    /// Binding (or probing, removing, chmod-ing) the socket failed.
     #[error("cannot create API socket {path}")]
     Bind {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
+    /// The tokio runtime could not be built.
+    #[error("cannot start the API runtime")]
+    Runtime(#[source] std::io::Error),
+    /// The server thread could not be spawned.
     #[error("cannot start the API thread")]
     Thread(#[source] std::io::Error),
 }
 
-/// The running server; dropping it stops it and removes the socket file.
+/// The running server; [`ApiServer::shutdown`] or dropping it stops the
+/// thread and removes the socket file.
+#[derive(Debug)]
 pub struct ApiServer {
     path: PathBuf,
+    /// (device, inode) of the socket file we bound.
+    inode: (u64, u64),
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -49,105 +68,156 @@ impl ApiServer {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Stops accepting, drops open connections, joins the thread and
+    /// removes the socket file. The same as dropping it.
+    pub fn shutdown(self) {
+        drop(self);
+    }
+
+    fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            // The thread may have ended already; then nobody listens.
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::error!("API thread panicked");
+            }
+            // Only our own socket: somebody may have put another there.
+            let ours = std::fs::symlink_metadata(&self.path)
+                .is_ok_and(|m| (m.dev(), m.ino()) == self.inode);
+            if ours {
+                if let Err(e) = std::fs::remove_file(&self.path) {
+                    tracing::warn!(path = %self.path.display(), "cannot remove API socket: {e}");
+                }
+            }
+        }
+    }
 }
 
 impl Drop for ApiServer {
     fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-        let _ = std::fs::remove_file(&self.path);
+        self.stop();
     }
 }
 
-/// Binds `path` (mode 0600) and serves the API on a new thread.
+/// Makes way for a new socket at `path`: nothing there is fine; a socket
+/// nobody listens on (left by a process that died) is removed; a live
+/// socket or anything that is not a socket is refused.
+fn clear_stale_socket(path: &Path) -> Result<(), ApiError> {
+    let bind_err = |source| ApiError::Bind {
+        path: path.to_path_buf(),
+        source,
+    };
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(bind_err(e)),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(ApiError::NotASocket {
+            path: path.to_path_buf(),
+        });
+    }
+    match StdUnixStream::connect(path) {
+        Ok(_) => Err(ApiError::InUse {
+            path: path.to_path_buf(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            tracing::info!(path = %path.display(), "removing stale API socket");
+            std::fs::remove_file(path).map_err(bind_err)
+        }
+        // Not ours to judge (permission denied, say): leave it.
+        Err(e) => Err(bind_err(e)),
+    }
+}
+
+/// Binds a Unix socket at `path` (mode 0600) and serves the API on a new
+/// thread until the returned [`ApiServer`] is shut down or dropped.
+///
+/// A stale socket file at `path` (nobody listening) is replaced; a live
+/// one, or a file that is not a socket, is an error.
 pub fn spawn_server(path: &Path, control: Arc<dyn VmControl>) -> Result<ApiServer, ApiError> {
     let bind_err = |source| ApiError::Bind {
         path: path.to_path_buf(),
         source,
     };
-    if path.exists() {
-        // A socket somebody still listens on is not ours to take.
-        if StdUnixStream::connect(path).is_ok() {
-            return Err(ApiError::InUse {
-                path: path.to_path_buf(),
-            });
-        }
-        std::fs::remove_file(path).map_err(bind_err)?;
-    }
-    let listener = std::os::unix::net::UnixListener::bind(path).map_err(bind_err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
-    listener.set_nonblocking(true).map_err(bind_err)?;
+    clear_stale_socket(path)?;
+    let listener = StdUnixListener::bind(path).map_err(bind_err)?;
+    // From here on the file is ours: remove it again on any failure.
+    let cleanup = |e: ApiError| {
+        let _ = std::fs::remove_file(path);
+        e
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| cleanup(bind_err(e)))?;
+    let inode = std::fs::symlink_metadata(path)
+        .map(|m| (m.dev(), m.ino()))
+        .map_err(|e| cleanup(bind_err(e)))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| cleanup(bind_err(e)))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .map_err(|e| cleanup(ApiError::Runtime(e)))?;
+    let listener = {
+        let _context = runtime.enter();
+        tokio::net::UnixListener::from_std(listener).map_err(|e| cleanup(bind_err(e)))?
+    };
     let (stop_tx, stop_rx) = oneshot::channel();
     let thread = std::thread::Builder::new()
         .name("api".into())
-        .spawn(move || serve(listener, control, stop_rx))
-        .map_err(ApiError::Thread)?;
+        .spawn(move || runtime.block_on(serve(listener, control, stop_rx)))
+        .map_err(|e| cleanup(ApiError::Thread(e)))?;
     tracing::info!(path = %path.display(), "API socket listening");
     Ok(ApiServer {
         path: path.to_path_buf(),
+        inode,
         stop: Some(stop_tx),
         thread: Some(thread),
     })
 }
 
-fn serve(
-    listener: std::os::unix::net::UnixListener,
+async fn serve(
+    listener: tokio::net::UnixListener,
     control: Arc<dyn VmControl>,
     mut stop: oneshot::Receiver<()>,
 ) {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!("API: cannot start its runtime: {e}");
-            return;
-        }
-    };
-    runtime.block_on(async move {
-        let listener = match tokio::net::UnixListener::from_std(listener) {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!("API: {e}");
-                return;
-            }
-        };
-        loop {
-            tokio::select! {
-                _ = &mut stop => break,
-                accepted = listener.accept() => {
-                    let stream = match accepted {
-                        Ok((stream, _)) => stream,
-                        Err(e) => {
-                            tracing::warn!("API: accept failed: {e}");
-                            continue;
-                        }
-                    };
-                    let control = control.clone();
-                    tokio::spawn(async move {
-                        let service = service_fn(move |req| {
-                            let control = control.clone();
-                            async move { Ok::<_, Infallible>(handle(req, control.as_ref()).await) }
-                        });
-                        if let Err(e) = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(TokioIo::new(stream), service)
-                            .await
-                        {
-                            tracing::debug!("API connection: {e}");
-                        }
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        tracing::warn!("API: accept failed: {e}");
+                        continue;
+                    }
+                };
+                let control = control.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| {
+                        let control = control.clone();
+                        async move { Ok::<_, Infallible>(handle(req, control.as_ref()).await) }
                     });
-                }
+                    if let Err(e) = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await
+                    {
+                        tracing::debug!("API connection: {e}");
+                    }
+                });
             }
         }
-    });
+    }
+    tracing::debug!("API server stopped");
 }
 
-type Reply = Response<Full<Bytes>>;
+/// A reply: always a complete, in-memory body.
+pub(super) type Reply = Response<Full<Bytes>>;
 
 fn json_reply(status: StatusCode, body: String) -> Reply {
     let mut r = Response::new(Full::new(Bytes::from(body)));
@@ -157,6 +227,7 @@ fn json_reply(status: StatusCode, body: String) -> Reply {
     r
 }
 
+/// An error reply: `{"error": message}`.
 fn error(status: StatusCode, message: impl std::fmt::Display) -> Reply {
     let body = serde_json::json!({ "error": message.to_string() }).to_string();
     json_reply(status, body)
@@ -168,76 +239,191 @@ fn empty(status: StatusCode) -> Reply {
     r
 }
 
+/// 413; `close` when the rest of the body was not read, so the
+/// connection cannot be reused.
+fn too_large(close: bool) -> Reply {
+    let mut r = error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("request body over {MAX_BODY} bytes"),
+    );
+    if close {
+        r.headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    r
+}
+
 fn control_error(e: ControlError) -> Reply {
     let status = match e {
         ControlError::Invalid(_) => StatusCode::BAD_REQUEST,
         ControlError::Conflict(_) => StatusCode::CONFLICT,
         ControlError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };
+    tracing::debug!(%status, "API request refused: {e}");
     error(status, e)
 }
 
-/// Reads a JSON body of at most [`MAX_BODY`] bytes into `T`.
-async fn json_body<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, Reply> {
-    let declared = req
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY as u64) {
-        return Err(error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("request body over {MAX_BODY} bytes"),
-        ));
-    }
-    let content_type = req
-        .headers()
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    if !content_type.is_empty() && !content_type.starts_with("application/json") {
-        return Err(error(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            format!("content type {content_type:?}: send application/json"),
-        ));
-    }
-    let bytes = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("request body over {MAX_BODY} bytes"),
-            ))
-        }
-        Err(e) => {
-            return Err(error(
-                StatusCode::BAD_REQUEST,
-                format!("cannot read the body: {e}"),
-            ))
-        }
-    };
-    serde_json::from_slice(&bytes)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))
+/// Whether a Content-Type header names JSON: `application/json`, any
+/// case, with or without parameters (`; charset=utf-8`).
+fn is_json(content_type: &str) -> bool {
+    content_type
+        .split(';')
+        .next()
+        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
 }
 
-fn method_not_allowed(allow: &'static str) -> Reply {
-    let mut r = error(StatusCode::METHOD_NOT_ALLOWED, format!("use {allow}"));
+/// A body over [`MAX_BODY`] but at most this long is read and thrown away
+/// before the 413 goes out, so that a client still sending it sees the
+/// answer rather than a broken pipe; a longer one is refused as soon as
+/// it is seen to be longer (up front if its `Content-Length` says so), and
+/// the connection closed.
+pub const DRAIN_LIMIT: u64 = 4 << 20;
+
+/// How long throwing such a body away may take.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Reads the body: at most [`MAX_BODY`] bytes are kept.
+async fn read_body<B>(body: B) -> Result<Vec<u8>, Reply>
+where
+    B: Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut body = std::pin::pin!(body);
+    let mut bytes = Vec::new();
+    let mut seen = 0u64;
+    while let Some(frame) = body.as_mut().frame().await {
+        let frame = frame.map_err(|e| {
+            let e: Box<dyn std::error::Error + Send + Sync> = e.into();
+            error(
+                StatusCode::BAD_REQUEST,
+                format!("cannot read the body: {e}"),
+            )
+        })?;
+        // Trailers are ignored.
+        let Ok(mut data) = frame.into_data() else {
+            continue;
+        };
+        seen = seen.saturating_add(data.remaining() as u64);
+        if seen > MAX_BODY as u64 {
+            let drained = drain(body.as_mut(), seen).await;
+            return Err(too_large(!drained));
+        }
+        while data.has_remaining() {
+            let chunk = data.chunk();
+            bytes.extend_from_slice(chunk);
+            let n = chunk.len();
+            data.advance(n);
+        }
+    }
+    Ok(bytes)
+}
+
+/// Reads the rest of a body without keeping it, up to [`DRAIN_LIMIT`]
+/// bytes in all and [`DRAIN_TIMEOUT`]; whether it got to its end.
+async fn drain<B>(mut body: std::pin::Pin<&mut B>, mut seen: u64) -> bool
+where
+    B: Body,
+{
+    let discard = async {
+        while let Some(frame) = body.as_mut().frame().await {
+            let Ok(frame) = frame else {
+                return false;
+            };
+            if let Ok(data) = frame.into_data() {
+                seen = seen.saturating_add(data.remaining() as u64);
+                if seen > DRAIN_LIMIT {
+                    return false;
+                }
+            }
+        }
+        true
+    };
+    tokio::time::timeout(DRAIN_TIMEOUT, discard)
+        .await
+        .unwrap_or(false)
+}
+
+/// Reads a JSON body of at most [`MAX_BODY`] bytes into `T`.
+///
+/// A body over the limit is 413: refused up front if its `Content-Length`
+/// is over [`DRAIN_LIMIT`], else after it was read (and thrown away). The
+/// body is read before the other checks, so that a client sees their
+/// answers too. A missing `Content-Type` is taken as JSON; any other type
+/// than JSON is 415. Then malformed JSON, anything but an object, wrong
+/// types, unknown or missing fields and bad values are 400.
+async fn json_body<T, B>(req: Request<B>) -> Result<T, Reply>
+where
+    T: DeserializeOwned,
+    B: Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let (parts, body) = req.into_parts();
+    if let Some(length) = parts.headers.get(CONTENT_LENGTH) {
+        // hyper refuses malformed ones before we see them; this is for
+        // bodies built in-process, and to say 413 rather than 400.
+        let digits = length.as_bytes();
+        if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+            return Err(error(StatusCode::BAD_REQUEST, "malformed Content-Length"));
+        }
+        // All digits: a parse failure is an overflow, so too large too.
+        let declared = std::str::from_utf8(digits)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_none_or(|n| n > DRAIN_LIMIT) {
+            return Err(too_large(true));
+        }
+    }
+    let bytes = read_body(body).await?;
+    if let Some(content_type) = parts.headers.get(CONTENT_TYPE) {
+        let text = String::from_utf8_lossy(content_type.as_bytes());
+        if !is_json(&text) {
+            return Err(error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!("content type {text:?} is not supported: send application/json"),
+            ));
+        }
+    }
+    let invalid =
+        |e: serde_json::Error| error(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}"));
+    // serde would take a struct from an array too (`["paused"]`): only an
+    // object is the right type.
+    let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(invalid)?;
+    if !value.is_object() {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "invalid JSON body: expected an object",
+        ));
+    }
+    // From the bytes again, for errors with line and column.
+    serde_json::from_slice(&bytes).map_err(invalid)
+}
+
+fn method_not_allowed(method: &Method, path: &str, allow: &'static str) -> Reply {
+    let mut r = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("method {method} is not allowed on {path}; use {allow}"),
+    );
     r.headers_mut()
         .insert(ALLOW, HeaderValue::from_static(allow));
     r
 }
 
-async fn handle(req: Request<Incoming>, control: &dyn VmControl) -> Reply {
+/// Routes one request to `control` and builds its reply.
+pub(super) async fn handle<B>(req: Request<B>, control: &dyn VmControl) -> Reply
+where
+    B: Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     tracing::debug!("API {method} {path}");
-    match (path.as_str(), method) {
-        ("/status", Method::GET) => match serde_json::to_string(&control.status()) {
+    let reply = match (path.as_str(), &method) {
+        ("/status", &Method::GET) => match serde_json::to_string(&control.status()) {
             Ok(body) => json_reply(StatusCode::OK, body),
             Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
         },
-        ("/status", _) => method_not_allowed("GET"),
-        ("/metrics", Method::GET) => {
+        ("/status", _) => method_not_allowed(&method, &path, "GET"),
+        ("/metrics", &Method::GET) => {
             let mut r = Response::new(Full::new(Bytes::from(metrics::render(&control.metrics()))));
             r.headers_mut().insert(
                 CONTENT_TYPE,
@@ -245,8 +431,8 @@ async fn handle(req: Request<Incoming>, control: &dyn VmControl) -> Reply {
             );
             r
         }
-        ("/metrics", _) => method_not_allowed("GET"),
-        ("/vm", Method::PUT) => match json_body::<VmRequest>(req).await {
+        ("/metrics", _) => method_not_allowed(&method, &path, "GET"),
+        ("/vm", &Method::PUT) => match json_body::<VmRequest, _>(req).await {
             Ok(body) => {
                 let result = match body.state {
                     RequestedState::Paused => control.pause(),
@@ -256,8 +442,8 @@ async fn handle(req: Request<Incoming>, control: &dyn VmControl) -> Reply {
             }
             Err(reply) => reply,
         },
-        ("/vm", _) => method_not_allowed("PUT"),
-        ("/actions", Method::PUT) => match json_body::<ActionRequest>(req).await {
+        ("/vm", _) => method_not_allowed(&method, &path, "PUT"),
+        ("/actions", &Method::PUT) => match json_body::<ActionRequest, _>(req).await {
             Ok(ActionRequest {
                 action: Action::Shutdown,
             }) => control
@@ -265,8 +451,8 @@ async fn handle(req: Request<Incoming>, control: &dyn VmControl) -> Reply {
                 .map_or_else(control_error, |()| empty(StatusCode::ACCEPTED)),
             Err(reply) => reply,
         },
-        ("/actions", _) => method_not_allowed("PUT"),
-        ("/snapshot", Method::PUT) => match json_body::<SnapshotRequest>(req).await {
+        ("/actions", _) => method_not_allowed(&method, &path, "PUT"),
+        ("/snapshot", &Method::PUT) => match json_body::<SnapshotRequest, _>(req).await {
             Ok(body) if body.path.as_os_str().is_empty() => {
                 error(StatusCode::BAD_REQUEST, "an empty snapshot path")
             }
@@ -279,12 +465,471 @@ async fn handle(req: Request<Incoming>, control: &dyn VmControl) -> Reply {
             },
             Err(reply) => reply,
         },
-        ("/snapshot", _) => method_not_allowed("PUT"),
-        ("/state-hash", Method::GET) => match control.state_hash() {
+        ("/snapshot", _) => method_not_allowed(&method, &path, "PUT"),
+        ("/state-hash", &Method::GET) => match control.state_hash() {
             Ok(json) => json_reply(StatusCode::OK, json),
             Err(e) => control_error(e),
         },
-        ("/state-hash", _) => method_not_allowed("GET"),
+        ("/state-hash", _) => method_not_allowed(&method, &path, "GET"),
         (other, _) => error(StatusCode::NOT_FOUND, format!("no such endpoint {other}")),
+    };
+    tracing::debug!(status = %reply.status(), "API {method} {path} answered");
+    reply
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    use hyper::body::Frame;
+
+    use super::*;
+    use crate::api::{DeviceMetrics, Metrics, Status, VmState};
+    use crate::snapshot::Kind;
+
+    /// Records the calls; answers from `state`; fails with `fail` if set.
+    struct Fake {
+        state: Mutex<VmState>,
+        calls: Mutex<Vec<String>>,
+        fail: Mutex<Option<ControlError>>,
+    }
+
+    impl Fake {
+        fn new() -> Self {
+            Self {
+                state: Mutex::new(VmState::Running),
+                calls: Mutex::new(Vec::new()),
+                fail: Mutex::new(None),
+            }
+        }
+
+        fn call(&self, name: &str) -> Result<(), ControlError> {
+            self.calls.lock().unwrap().push(name.to_string());
+            match self.fail.lock().unwrap().take() {
+                Some(e) => Err(e),
+                None => Ok(()),
+            }
+        }
+
+        fn calls(&self) -> Vec<String> {
+            self.calls.lock().unwrap().clone()
+        }
+    }
+
+    impl VmControl for Fake {
+        fn status(&self) -> Status {
+            Status {
+                role: "standalone".into(),
+                state: *self.state.lock().unwrap(),
+                uptime_secs: 2.5,
+                vcpus: 2,
+                memory_mib: 128,
+            }
+        }
+        fn pause(&self) -> Result<(), ControlError> {
+            self.call("pause")?;
+            *self.state.lock().unwrap() = VmState::Paused;
+            Ok(())
+        }
+        fn resume(&self) -> Result<(), ControlError> {
+            self.call("resume")?;
+            *self.state.lock().unwrap() = VmState::Running;
+            Ok(())
+        }
+        fn shutdown(&self) -> Result<(), ControlError> {
+            self.call("shutdown")?;
+            *self.state.lock().unwrap() = VmState::ShuttingDown;
+            Ok(())
+        }
+        fn metrics(&self) -> Metrics {
+            Metrics {
+                uptime_secs: 2.5,
+                exits: BTreeMap::from([("io".to_string(), 3)]),
+                serial_tx_bytes: 10,
+                devices: vec![DeviceMetrics {
+                    name: "blk0".into(),
+                    kind: "virtio-blk".into(),
+                    requests: 1,
+                    ..Default::default()
+                }],
+            }
+        }
+        fn snapshot(&self, kind: Kind, path: &Path) -> Result<u64, ControlError> {
+            self.call(&format!("snapshot {kind:?} {}", path.display()))?;
+            Ok(4096)
+        }
+        fn state_hash(&self) -> Result<String, ControlError> {
+            self.call("state_hash")?;
+            Ok(r#"{"hash":"0123456789abcdef","parts":{}}"#.into())
+        }
+    }
+
+    fn request(
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Request<Full<Bytes>> {
+        let mut b = Request::builder().method(method).uri(path);
+        for (name, value) in headers {
+            b = b.header(*name, *value);
+        }
+        b.body(Full::new(Bytes::from(body.to_string()))).unwrap()
+    }
+
+    const JSON: &[(&str, &str)] = &[("content-type", "application/json")];
+
+    struct Answer {
+        status: u16,
+        headers: hyper::HeaderMap,
+        body: String,
+    }
+
+    impl Answer {
+        fn json(&self) -> serde_json::Value {
+            serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
+        }
+
+        /// The `error` message of an error reply (which must have one).
+        fn error(&self) -> String {
+            assert_eq!(
+                self.headers.get(CONTENT_TYPE).unwrap(),
+                "application/json",
+                "{}",
+                self.body
+            );
+            let message = self.json()["error"].as_str().unwrap().to_string();
+            assert!(!message.is_empty());
+            message
+        }
+    }
+
+    async fn send<B>(control: &Fake, req: Request<B>) -> Answer
+    where
+        B: Body,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let reply = handle(req, control).await;
+        let status = reply.status().as_u16();
+        let headers = reply.headers().clone();
+        let body = reply.into_body().collect().await.unwrap().to_bytes();
+        Answer {
+            status,
+            headers,
+            body: String::from_utf8(body.to_vec()).unwrap(),
+        }
+    }
+
+    async fn put(control: &Fake, path: &str, body: &str) -> Answer {
+        send(control, request("PUT", path, JSON, body)).await
+    }
+
+    #[tokio::test]
+    async fn status_is_json() {
+        let fake = Fake::new();
+        let a = send(&fake, request("GET", "/status", &[], "")).await;
+        assert_eq!(a.status, 200);
+        assert_eq!(a.headers.get(CONTENT_TYPE).unwrap(), "application/json");
+        assert_eq!(
+            a.json(),
+            serde_json::json!({
+                "role": "standalone", "state": "running", "uptime_secs": 2.5,
+                "vcpus": 2, "memory_mib": 128
+            })
+        );
+        // A query string does not change the route.
+        let a = send(&fake, request("GET", "/status?x=1", &[], "")).await;
+        assert_eq!(a.status, 200);
+    }
+
+    #[tokio::test]
+    async fn pause_resume_shutdown_call_the_vm() {
+        let fake = Fake::new();
+        assert_eq!(put(&fake, "/vm", r#"{"state":"paused"}"#).await.status, 204);
+        assert_eq!(*fake.state.lock().unwrap(), VmState::Paused);
+        assert_eq!(
+            put(&fake, "/vm", r#"{"state":"running"}"#).await.status,
+            204
+        );
+        assert_eq!(*fake.state.lock().unwrap(), VmState::Running);
+        assert_eq!(
+            put(&fake, "/actions", r#"{"action":"shutdown"}"#)
+                .await
+                .status,
+            202
+        );
+        assert_eq!(fake.calls(), ["pause", "resume", "shutdown"]);
+        // JSON with parameters and odd case is still JSON.
+        let a = send(
+            &fake,
+            request(
+                "PUT",
+                "/vm",
+                &[("content-type", "Application/JSON; charset=utf-8")],
+                r#"{"state":"paused"}"#,
+            ),
+        )
+        .await;
+        assert_eq!(a.status, 204, "{}", a.body);
+        // No content type at all is taken as JSON.
+        let a = send(&fake, request("PUT", "/vm", &[], r#"{"state":"running"}"#)).await;
+        assert_eq!(a.status, 204, "{}", a.body);
+    }
+
+    #[tokio::test]
+    async fn snapshot_and_state_hash() {
+        let fake = Fake::new();
+        let a = put(&fake, "/snapshot", r#"{"type":"diff","path":"/x/y"}"#).await;
+        assert_eq!((a.status, a.json()["bytes"].as_u64()), (200, Some(4096)));
+        let a = send(&fake, request("GET", "/state-hash", &[], "")).await;
+        assert_eq!(a.status, 200);
+        assert_eq!(a.json()["hash"], "0123456789abcdef");
+        assert_eq!(fake.calls(), ["snapshot Diff /x/y", "state_hash"]);
+    }
+
+    #[tokio::test]
+    async fn metrics_are_prometheus_text() {
+        let fake = Fake::new();
+        let a = send(&fake, request("GET", "/metrics", &[], "")).await;
+        assert_eq!(a.status, 200);
+        assert_eq!(
+            a.headers.get(CONTENT_TYPE).unwrap(),
+            "text/plain; version=0.0.4"
+        );
+        assert!(a.body.contains("colo_vmm_exits_total{reason=\"io\"} 3\n"));
+        assert!(a
+            .body
+            .contains("colo_vmm_virtio_requests_total{device=\"blk0\",kind=\"virtio-blk\"} 1\n"));
+    }
+
+    #[tokio::test]
+    async fn unknown_paths_and_wrong_methods() {
+        let fake = Fake::new();
+        for path in ["/", "/nope", "/status/", "/vm/x", "/STATUS"] {
+            let a = send(&fake, request("GET", path, &[], "")).await;
+            assert_eq!(a.status, 404, "{path}");
+            assert!(a.error().contains(path), "{}", a.body);
+        }
+        for (method, path, allow) in [
+            ("PUT", "/status", "GET"),
+            ("POST", "/metrics", "GET"),
+            ("GET", "/vm", "PUT"),
+            ("DELETE", "/actions", "PUT"),
+            ("GET", "/snapshot", "PUT"),
+            ("PUT", "/state-hash", "GET"),
+            ("HEAD", "/status", "GET"),
+        ] {
+            let a = send(&fake, request(method, path, JSON, "{}")).await;
+            assert_eq!(a.status, 405, "{method} {path}");
+            assert_eq!(a.headers.get(ALLOW).unwrap(), allow, "{method} {path}");
+            assert!(a.error().contains(method), "{}", a.body);
+        }
+        assert!(fake.calls().is_empty(), "{:?}", fake.calls());
+    }
+
+    #[tokio::test]
+    async fn bad_bodies_are_400_with_a_reason() {
+        let fake = Fake::new();
+        for (path, body, reason) in [
+            ("/vm", "{not json", "key must be a string"),
+            ("/vm", "", "EOF"),
+            ("/vm", r#"{"state": 5}"#, "expected value"),
+            ("/vm", r#"{"state": "sleeping"}"#, "unknown variant"),
+            ("/vm", r#"{"state": "Paused"}"#, "unknown variant"),
+            ("/vm", r#"{"state": "paused", "extra": 1}"#, "unknown field"),
+            ("/vm", r#"{}"#, "missing field"),
+            ("/vm", r#"["paused"]"#, "expected an object"),
+            ("/vm", "null", "expected an object"),
+            ("/vm", r#"{"state": "paused"} trailing"#, "trailing"),
+            ("/actions", r#"{"action": "explode"}"#, "unknown variant"),
+            ("/actions", r#"{"action": null}"#, "expected value"),
+            (
+                "/snapshot",
+                r#"{"type": "half", "path": "/x"}"#,
+                "unknown variant",
+            ),
+            ("/snapshot", r#"{"type": "full"}"#, "missing field"),
+            ("/snapshot", r#"{"type": "full", "path": ""}"#, "empty"),
+        ] {
+            let a = put(&fake, path, body).await;
+            assert_eq!(a.status, 400, "{path} {body}: {}", a.body);
+            assert!(a.error().contains(reason), "{path} {body}: {}", a.body);
+        }
+        assert!(fake.calls().is_empty(), "{:?}", fake.calls());
+    }
+
+    #[tokio::test]
+    async fn other_content_types_are_415() {
+        let fake = Fake::new();
+        for ct in [
+            "text/plain",
+            "application/jsonx",
+            "application/x-www-form-urlencoded",
+        ] {
+            let a = send(
+                &fake,
+                request(
+                    "PUT",
+                    "/vm",
+                    &[("content-type", ct)],
+                    r#"{"state":"paused"}"#,
+                ),
+            )
+            .await;
+            assert_eq!(a.status, 415, "{ct}");
+            assert!(a.error().contains("application/json"), "{}", a.body);
+        }
+        assert!(fake.calls().is_empty());
+    }
+
+    #[tokio::test]
+    async fn bodies_over_the_limit_are_413() {
+        let fake = Fake::new();
+        // Declared too long: refused before reading.
+        let a = send(
+            &fake,
+            request(
+                "PUT",
+                "/vm",
+                &[("content-length", "99999999999999999999999")],
+                "",
+            ),
+        )
+        .await;
+        assert_eq!(a.status, 413);
+        assert_eq!(a.headers.get(CONNECTION).unwrap(), "close");
+        a.error();
+        let a = send(
+            &fake,
+            request("PUT", "/vm", &[("content-length", "12x")], ""),
+        )
+        .await;
+        assert_eq!(a.status, 400);
+        // Exactly at the limit is accepted, one byte more is not.
+        let mut at_limit = String::from(r#"{"state":"paused"}"#);
+        at_limit.push_str(&" ".repeat(MAX_BODY - at_limit.len()));
+        assert_eq!(put(&fake, "/vm", &at_limit).await.status, 204);
+        let a = put(&fake, "/vm", &format!("{at_limit} ")).await;
+        assert_eq!(a.status, 413);
+        // Read to its end: the connection can go on.
+        assert!(a.headers.get(CONNECTION).is_none());
+        // A declared length within the drain limit is read, then refused.
+        let mib = " ".repeat(1 << 20);
+        let a = send(
+            &fake,
+            request("PUT", "/vm", &[("content-length", "1048576")], &mib),
+        )
+        .await;
+        assert_eq!(a.status, 413);
+        assert!(a.headers.get(CONNECTION).is_none());
+        // Over the drain limit: refused without touching the body.
+        let req = Request::builder()
+            .method("PUT")
+            .uri("/vm")
+            .header("content-length", (DRAIN_LIMIT + 1).to_string())
+            .body(Poisoned)
+            .unwrap();
+        let a = send(&fake, req).await;
+        assert_eq!(a.status, 413);
+        assert_eq!(a.headers.get(CONNECTION).unwrap(), "close");
+        // No length given: an endless body is cut at the drain limit.
+        let req = Request::builder()
+            .method("PUT")
+            .uri("/actions")
+            .body(Endless)
+            .unwrap();
+        let a = send(&fake, req).await;
+        assert_eq!(a.status, 413);
+        assert_eq!(a.headers.get(CONNECTION).unwrap(), "close");
+        // A body that breaks off.
+        let req = Request::builder()
+            .method("PUT")
+            .uri("/vm")
+            .body(Broken)
+            .unwrap();
+        let a = send(&fake, req).await;
+        assert_eq!(a.status, 400);
+        assert!(
+            a.error().contains("cannot read the body: cut off"),
+            "{}",
+            a.body
+        );
+        assert_eq!(fake.calls(), ["pause"]);
+    }
+
+    /// A body that must not be read.
+    struct Poisoned;
+
+    impl Body for Poisoned {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            panic!("the body was read")
+        }
+    }
+
+    /// A body that fails.
+    struct Broken;
+
+    impl Body for Broken {
+        type Data = Bytes;
+        type Error = std::io::Error;
+
+        fn poll_frame(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+            std::task::Poll::Ready(Some(Err(std::io::Error::other("cut off"))))
+        }
+    }
+
+    /// A body of spaces that never ends and has no size hint.
+    struct Endless;
+
+    impl Body for Endless {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            std::task::Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(&[b' '; 1024])))))
+        }
+    }
+
+    #[tokio::test]
+    async fn control_errors_map_to_status_codes() {
+        let fake = Fake::new();
+        for (e, status) in [
+            (ControlError::Invalid("no".into()), 400),
+            (ControlError::Conflict("already shutting down".into()), 409),
+            (ControlError::Internal("broken".into()), 500),
+        ] {
+            let message = e.to_string();
+            *fake.fail.lock().unwrap() = Some(e);
+            let a = put(&fake, "/actions", r#"{"action":"shutdown"}"#).await;
+            assert_eq!(a.status, status);
+            assert_eq!(a.error(), message);
+        }
+        *fake.fail.lock().unwrap() = Some(ControlError::Conflict("running".into()));
+        let a = send(&fake, request("GET", "/state-hash", &[], "")).await;
+        assert_eq!((a.status, a.error()), (409, "running".to_string()));
+    }
+
+    #[test]
+    fn json_content_types() {
+        assert!(is_json("application/json"));
+        assert!(is_json("application/json;charset=utf-8"));
+        assert!(is_json(" APPLICATION/Json ; x=y"));
+        assert!(!is_json("application/json-patch+json"));
+        assert!(!is_json("text/json"));
+        assert!(!is_json(""));
     }
 }
