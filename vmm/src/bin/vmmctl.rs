@@ -64,6 +64,7 @@ fn main() -> ExitCode {
 
 fn run(cli: &Cli) -> anyhow::Result<()> {
     let snapshot_body;
+    let raw_method;
     let (method, uri, body) = match &cli.command {
         Command::Snapshot { kind, path } => {
             snapshot_body = serde_json::json!({ "type": kind, "path": path }).to_string();
@@ -75,7 +76,10 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         Command::Pause => ("PUT", "/vm", Some(r#"{"state":"paused"}"#)),
         Command::Resume => ("PUT", "/vm", Some(r#"{"state":"running"}"#)),
         Command::Shutdown => ("PUT", "/actions", Some(r#"{"action":"shutdown"}"#)),
-        Command::Raw { method, uri, body } => (method.as_str(), uri.as_str(), body.as_deref()),
+        Command::Raw { method, uri, body } => {
+            raw_method = method.to_ascii_uppercase();
+            (raw_method.as_str(), uri.as_str(), body.as_deref())
+        }
     };
     let (status, reply) = client::call(&cli.api_sock, method, uri, body)
         .with_context(|| format!("{method} {uri}"))?;
