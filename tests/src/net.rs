@@ -596,12 +596,19 @@ impl TopologyBuilder {
             switch.ip(&["link", "set", host.role(), "master", "br0", "up"]);
             ns.ip(&["link", "set", "uplink", "master", "br0", "up"]);
         }
-        Topology {
+        let topo = Topology {
             client,
             host_a,
             host_b,
             switch,
+        };
+        // Ports forward once they have carrier and the first ARP went
+        // through: tests start on a working segment.
+        topo.wait_reachable(Host::A);
+        if topo.host_b.is_some() {
+            topo.wait_reachable(Host::B);
         }
+        topo
     }
 }
 
@@ -694,6 +701,21 @@ impl Topology {
         self.host(host);
         let state = if up { "up" } else { "down" };
         self.switch.ip(&["link", "set", host.role(), state]);
+        if up {
+            self.wait_reachable(host);
+        }
+    }
+
+    /// Waits until the client's pings reach `host` (bounded: 10 tries of a
+    /// second each), panicking if they never do.
+    fn wait_reachable(&self, host: Host) {
+        let reachable = (0..10).any(|_| self.client_ping(host.ip(), 1));
+        assert!(
+            reachable,
+            "the client cannot reach {} at {}",
+            host.role(),
+            host.ip()
+        );
     }
 
     /// Whether the client's pings to `ip` (`count` of them, a second each
