@@ -294,14 +294,7 @@ impl MmioTransport {
             );
             // Notifications the driver sent before DRIVER_OK, and frames
             // that waited on the backend, are served now.
-            let mut done = Processed::NOTHING;
-            for index in 0..self.queues.len() {
-                done = done.or(self
-                    .device
-                    .process_queue(index, &mut self.queues, &self.mem));
-            }
-            done = done.or(self.device.process_backend(&mut self.queues, &self.mem));
-            self.signal(done);
+            self.kick();
         }
     }
 
@@ -332,9 +325,10 @@ impl MmioTransport {
         self.signal(done);
     }
 
-    /// Serves every queue and the backend as if all had been notified. A
-    /// notification pending in an ioeventfd is not part of a snapshot, so a
-    /// restored device starts with this.
+    /// Serves every queue and the backend as if all had been notified: at
+    /// activation (notifications sent before DRIVER_OK), and when the device
+    /// thread starts (a notification pending in an ioeventfd is not part of
+    /// a snapshot, so a restored device starts with this).
     pub fn kick(&mut self) {
         if !self.is_activated() {
             return;
