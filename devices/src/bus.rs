@@ -96,9 +96,10 @@ impl Bus {
     }
 }
 
-/// Locks a device, recovering it if a thread panicked while holding it: the
-/// device state is still the best we have, and a panic is reported elsewhere.
-fn lock(device: &SharedDevice) -> std::sync::MutexGuard<'_, dyn BusDevice + 'static> {
+/// Locks a device (or any state shared with one), recovering it if a
+/// thread panicked while holding it: the device state is still the best we
+/// have, and a panic is reported elsewhere.
+pub fn lock<T: ?Sized>(device: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     device
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())

@@ -10,5 +10,5 @@ pub mod legacy;
 pub mod persist;
 pub mod virtio;
 
-pub use bus::{Bus, BusDevice, BusError};
+pub use bus::{lock, Bus, BusDevice, BusError};
 pub use persist::{Persist, PersistError};

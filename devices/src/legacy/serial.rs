@@ -41,17 +41,13 @@ struct CountingWriter {
 
 impl Write for CountingWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self
-            .out
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .write(buf)?;
+        let n = crate::lock(&self.out).write(buf)?;
         self.bytes.fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.out.lock().unwrap_or_else(|p| p.into_inner()).flush()
+        crate::lock(&self.out).flush()
     }
 }
 

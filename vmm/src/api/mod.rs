@@ -23,7 +23,7 @@
 //! [`VmControl`], which `vmm` implements over its `VmHandle`
 //! (`crate::control::VmmControl`):
 //!
-//! ```ignore
+//! ```text
 //! let _api = vmm::api::spawn_server(path, Arc::new(VmmControl::new(&config, &running)))?;
 //! running.wait()?; // the socket is removed when `_api` is dropped
 //! ```

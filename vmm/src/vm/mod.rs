@@ -293,7 +293,7 @@ impl Vm {
         let transports: Vec<_> = self.virtio.iter().map(|d| d.transport.clone()).collect();
         let kick_all = Box::new(move || {
             for t in transports {
-                t.lock().unwrap_or_else(|p| p.into_inner()).kick();
+                devices::lock(&t).kick();
             }
         });
         let device_loop = DeviceLoop::start(subscribers, paused, kick_all)?;
@@ -446,11 +446,7 @@ impl VmHandle {
             return Err("the VM is shutting down".into());
         }
         let (tx, rx) = mpsc::channel();
-        self.0
-            .requests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push_back((request, tx));
+        devices::lock(&self.0.requests).push_back((request, tx));
         self.0
             .evt
             .write(1)
@@ -492,12 +488,7 @@ impl VmHandle {
 
     fn take_requests(&self) -> Vec<(Request, Reply)> {
         let _ = self.0.evt.read();
-        self.0
-            .requests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain(..)
-            .collect()
+        devices::lock(&self.0.requests).drain(..).collect()
     }
 }
 

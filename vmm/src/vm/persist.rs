@@ -196,25 +196,16 @@ impl RunningVm {
     fn machine_state(&self) -> Result<MachineState, VmError> {
         let indices = self.msr_indices.clone();
         let vcpus: Vec<VcpuState> = self.on_vcpus(move |fd| state::save_vcpu(fd, &indices))?;
-        let lock = |d: &std::sync::Arc<std::sync::Mutex<devices::virtio::MmioTransport>>| {
-            d.lock().unwrap_or_else(|p| p.into_inner()).save()
-        };
         Ok(MachineState {
             vcpus,
             vm: state::save_vm(&self.vm_fd)?,
-            serial: self
-                .legacy
-                .serial
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .save(),
-            i8042: self
-                .legacy
-                .i8042
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .save(),
-            virtio: self.virtio.iter().map(|d| lock(&d.transport)).collect(),
+            serial: devices::lock(&self.legacy.serial).save(),
+            i8042: devices::lock(&self.legacy.i8042).save(),
+            virtio: self
+                .virtio
+                .iter()
+                .map(|d| devices::lock(&d.transport).save())
+                .collect(),
         })
     }
 
@@ -444,22 +435,14 @@ impl Vm {
             let what = what.to_string();
             move |source| VmError::Restore { what, source }
         };
-        self.legacy
-            .serial
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        devices::lock(&self.legacy.serial)
             .restore(&st.serial)
             .map_err(restore_err("the serial port"))?;
-        self.legacy
-            .i8042
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        devices::lock(&self.legacy.i8042)
             .restore(&st.i8042)
             .map_err(restore_err("the i8042"))?;
         for (dev, ts) in self.virtio.iter().zip(&st.virtio) {
-            dev.transport
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
+            devices::lock(&dev.transport)
                 .restore(ts)
                 .map_err(restore_err(&dev.name))?;
         }
