@@ -114,6 +114,26 @@ fn mem_err(e: vm_memory::GuestMemoryError) -> std::io::Error {
     std::io::Error::other(format!("cannot read guest memory: {e}"))
 }
 
+/// Calls `f` with all RAM, in address order, a chunk of at most 1 MiB at a
+/// time with the chunk's guest-physical address.
+fn for_each_chunk(
+    mem: &GuestMemory,
+    mut f: impl FnMut(u64, &mut [u8]) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    for region in mem.iter() {
+        let mut at = 0u64;
+        while at < region.len() {
+            let n = (region.len() - at).min(buf.len() as u64) as usize;
+            let start = region.start_addr().unchecked_add(at);
+            mem.read_slice(&mut buf[..n], start).map_err(mem_err)?;
+            f(start.0, &mut buf[..n])?;
+            at += n as u64;
+        }
+    }
+    Ok(())
+}
+
 impl snapshot::MemorySource for GuestImage<'_> {
     fn kind(&self) -> Kind {
         self.kind
@@ -131,23 +151,11 @@ impl snapshot::MemorySource for GuestImage<'_> {
     }
 
     fn write_bytes(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
-        let mut buf = vec![0u8; 1 << 20];
         match self.kind {
-            Kind::Full => {
-                for region in self.mem.iter() {
-                    let mut at = 0u64;
-                    while at < region.len() {
-                        let n = (region.len() - at).min(buf.len() as u64) as usize;
-                        self.mem
-                            .read_slice(&mut buf[..n], region.start_addr().unchecked_add(at))
-                            .map_err(mem_err)?;
-                        out.write_all(&buf[..n])?;
-                        at += n as u64;
-                    }
-                }
-            }
+            Kind::Full => for_each_chunk(self.mem, |_, chunk| out.write_all(chunk))?,
             Kind::Diff => {
-                let page = &mut buf[..PAGE_SIZE as usize];
+                let mut page = [0u8; PAGE_SIZE as usize];
+                let page = &mut page[..];
                 for &addr in &self.pages {
                     self.mem
                         .read_slice(page, GuestAddress(addr))
@@ -292,26 +300,18 @@ impl RunningVm {
             .filter_map(|&(index, value)| state::kvm_time_area(index, value))
             .collect();
         let mut h = xxhash_rust::xxh3::Xxh3::new();
-        let mut buf = vec![0u8; 1 << 20];
-        for region in self.mem.iter() {
-            let mut at = 0u64;
-            while at < region.len() {
-                let n = (region.len() - at).min(buf.len() as u64) as usize;
-                let start = region.start_addr().unchecked_add(at);
-                self.mem
-                    .read_slice(&mut buf[..n], start)
-                    .map_err(|e| VmError::Refused(format!("cannot read guest memory: {e}")))?;
-                for &(addr, len) in &clocks {
-                    let lo = addr.max(start.0);
-                    let hi = (addr + len).min(start.0 + n as u64);
-                    if lo < hi {
-                        buf[(lo - start.0) as usize..(hi - start.0) as usize].fill(0);
-                    }
+        for_each_chunk(&self.mem, |start, chunk| {
+            let end = start + chunk.len() as u64;
+            for &(addr, len) in &clocks {
+                let (lo, hi) = (addr.max(start), (addr + len).min(end));
+                if lo < hi {
+                    chunk[(lo - start) as usize..(hi - start) as usize].fill(0);
                 }
-                h.update(&buf[..n]);
-                at += n as u64;
             }
-        }
+            h.update(chunk);
+            Ok(())
+        })
+        .map_err(|e| VmError::Refused(e.to_string()))?;
         parts.insert(0, ("memory".to_string(), h.digest()));
         let mut total = xxhash_rust::xxh3::Xxh3::new();
         for (name, part) in &parts {
