@@ -2,26 +2,16 @@
 //! dirty set size, against a plain memcpy of the same bytes in this
 //! process, measured in the same run.
 
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use colo_tests::http::{Client, Response};
+use colo_tests::http::{api_request, Response};
 use colo_tests::{guest_artifact, Vmm};
 
 const BOOT: Duration = Duration::from_secs(60);
 
 fn api(sock: &Path, method: &str, path: &str, body: &str) -> Response {
-    let s = UnixStream::connect(sock).expect("API socket");
-    s.set_read_timeout(Some(BOOT)).expect("timeout");
-    let headers: &[(&str, &str)] = if body.is_empty() {
-        &[]
-    } else {
-        &[("Content-Type", "application/json")]
-    };
-    let r = Client::new(s, "localhost")
-        .request_with(method, path, headers, body.as_bytes())
-        .expect("API request");
+    let r = api_request(sock, method, path, body).expect("API request");
     assert!(
         (200..300).contains(&r.status),
         "{method} {path}: {}",

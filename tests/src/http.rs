@@ -2,6 +2,9 @@
 //! `Content-Length` bodies, over TCP or a Unix socket.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
 
 /// A response: status code, headers (lower-cased names) and body.
 #[derive(Debug, Clone)]
@@ -126,4 +129,26 @@ impl<S: Read + Write> Client<S> {
             body,
         })
     }
+}
+
+/// How long a call on a vmm's API socket may take (a snapshot writes all
+/// of guest memory).
+pub const API_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A keep-alive client on a vmm's API socket.
+pub fn api_client(sock: &Path) -> io::Result<Client<UnixStream>> {
+    let s = UnixStream::connect(sock)?;
+    s.set_read_timeout(Some(API_TIMEOUT))?;
+    Ok(Client::new(s, "localhost"))
+}
+
+/// One request on its own connection to a vmm's API socket; a non-empty
+/// `json` body goes with `Content-Type: application/json`.
+pub fn api_request(sock: &Path, method: &str, path: &str, json: &str) -> io::Result<Response> {
+    let headers: &[(&str, &str)] = if json.is_empty() {
+        &[]
+    } else {
+        &[("Content-Type", "application/json")]
+    };
+    api_client(sock)?.request_with(method, path, headers, json.as_bytes())
 }

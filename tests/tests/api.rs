@@ -10,16 +10,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use colo_tests::http::{Client, Response};
+use colo_tests::http::{api_client, api_request, Client, Response};
 use colo_tests::net::{guest_ip, Host, Topology};
 use colo_tests::{guest_artifact, vmm_bin, Vmm};
 
 const BOOT: Duration = Duration::from_secs(20);
 
 fn api(sock: &Path) -> Client<UnixStream> {
-    let s = UnixStream::connect(sock).unwrap();
-    s.set_read_timeout(Some(BOOT)).unwrap();
-    Client::new(s, "localhost")
+    api_client(sock).unwrap()
 }
 
 fn json(r: &Response) -> serde_json::Value {
@@ -27,14 +25,7 @@ fn json(r: &Response) -> serde_json::Value {
 }
 
 fn put_json(sock: &Path, path: &str, body: &str) -> Response {
-    api(sock)
-        .request_with(
-            "PUT",
-            path,
-            &[("Content-Type", "application/json")],
-            body.as_bytes(),
-        )
-        .unwrap()
+    api_request(sock, "PUT", path, body).unwrap()
 }
 
 struct Plain {

@@ -8,7 +8,7 @@ use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::Path;
 use std::time::Duration;
 
-use colo_tests::http::Client;
+use colo_tests::http::{api_request, Client};
 use colo_tests::net::{guest_ip, Host, Topology};
 use colo_tests::{guest_artifact, Vmm};
 
@@ -196,15 +196,7 @@ fn key_value_records_survive_a_restart_at_the_expected_offsets() {
     });
     assert_eq!(statuses, [201, 201, 400]);
     // An orderly shutdown over the API.
-    let ctl = std::os::unix::net::UnixStream::connect(&sock).unwrap();
-    let r = Client::new(ctl, "localhost")
-        .request_with(
-            "PUT",
-            "/actions",
-            &[("Content-Type", "application/json")],
-            br#"{"action":"shutdown"}"#,
-        )
-        .unwrap();
+    let r = api_request(&sock, "PUT", "/actions", r#"{"action":"shutdown"}"#).unwrap();
     assert_eq!(r.status, 202);
     assert!(g.vmm.wait_exit(BOOT).success());
 

@@ -10,7 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use colo_tests::http::{Client, Response};
+use colo_tests::http::{api_request, Client, Response};
 use colo_tests::net::{guest_ip, Host, Topology};
 use colo_tests::{guest_artifact, Vmm};
 
@@ -18,16 +18,7 @@ const BOOT: Duration = Duration::from_secs(20);
 const TAP: &str = "tap0";
 
 fn api(sock: &Path, method: &str, path: &str, body: &str) -> Response {
-    let s = UnixStream::connect(sock).unwrap();
-    s.set_read_timeout(Some(BOOT)).unwrap();
-    let headers: &[(&str, &str)] = if body.is_empty() {
-        &[]
-    } else {
-        &[("Content-Type", "application/json")]
-    };
-    Client::new(s, "localhost")
-        .request_with(method, path, headers, body.as_bytes())
-        .unwrap()
+    api_request(sock, method, path, body).unwrap()
 }
 
 fn pause(sock: &Path) {
