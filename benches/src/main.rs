@@ -68,11 +68,15 @@ fn main() -> ExitCode {
     }
 }
 
+/// The `q` quantile (0.5 = median) of non-empty `samples`, which it sorts.
+fn percentile(samples: &mut [Duration], q: f64) -> Duration {
+    samples.sort();
+    samples[((samples.len() - 1) as f64 * q).round() as usize]
+}
+
 /// Median and 90th percentile of `samples`.
 fn stats(mut samples: Vec<Duration>) -> (Duration, Duration) {
-    samples.sort();
-    let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
-    (at(0.5), at(0.9))
+    (percentile(&mut samples, 0.5), percentile(&mut samples, 0.9))
 }
 
 fn ms(d: Duration) -> f64 {

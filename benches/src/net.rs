@@ -8,14 +8,11 @@ use std::time::{Duration, Instant};
 use colo_tests::net::{guest_ip, Host, Topology};
 use colo_tests::{guest_artifact, Vmm};
 
+use crate::percentile;
+
 const BOOT: Duration = Duration::from_secs(30);
 const MSG: usize = 64;
 const STREAM_BYTES: usize = 32 << 20;
-
-fn percentile(samples: &mut [Duration], q: f64) -> Duration {
-    samples.sort();
-    samples[((samples.len() - 1) as f64 * q).round() as usize]
-}
 
 fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6

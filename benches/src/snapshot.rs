@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 use colo_tests::http::{api_request, Response};
 use colo_tests::{guest_artifact, Vmm};
 
+use crate::percentile;
+
 const BOOT: Duration = Duration::from_secs(60);
 
 fn api(sock: &Path, method: &str, path: &str, body: &str) -> Response {
@@ -37,8 +39,7 @@ fn memcpy_time(bytes: usize, runs: usize) -> Duration {
             t.elapsed()
         })
         .collect();
-    samples.sort();
-    samples[samples.len() / 2]
+    percentile(&mut samples, 0.5)
 }
 
 pub fn run(runs: usize) {
@@ -86,8 +87,7 @@ pub fn run(runs: usize) {
             wait_generation(&mut vmm);
             wait_generation(&mut vmm);
         }
-        pauses.sort();
-        let pause = pauses[pauses.len() / 2];
+        let pause = percentile(&mut pauses, 0.5);
         let copy = memcpy_time((mib << 20) as usize, 9);
         println!(
             "  {mib:>9} {pages:>12} {:>12.2} {:>14.3} {:>8.1}",
