@@ -273,6 +273,20 @@ pub fn write(
     }
 }
 
+/// The little-endian u32 at the start of `b` (the caller checked its length).
+fn le_u32(b: &[u8]) -> u32 {
+    let mut v = [0u8; 4];
+    v.copy_from_slice(&b[..4]);
+    u32::from_le_bytes(v)
+}
+
+/// The little-endian u64 at the start of `b` (the caller checked its length).
+fn le_u64(b: &[u8]) -> u64 {
+    let mut v = [0u8; 8];
+    v.copy_from_slice(&b[..8]);
+    u64::from_le_bytes(v)
+}
+
 /// Reads and verifies a snapshot file.
 pub fn read(path: &Path) -> Result<Snapshot, SnapshotError> {
     let p = || path.to_path_buf();
@@ -289,22 +303,20 @@ pub fn read(path: &Path) -> Result<Snapshot, SnapshotError> {
             what: "header".into(),
         });
     }
-    let u32_at =
-        |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
-    let version = u32_at(8);
+    let version = le_u32(&bytes[8..]);
     if version != VERSION {
         return Err(SnapshotError::Version {
             path: p(),
             found: version,
         });
     }
-    if crc32fast::hash(&bytes[..28]) != u32_at(28) {
+    if crc32fast::hash(&bytes[..28]) != le_u32(&bytes[28..]) {
         return Err(SnapshotError::Checksum {
             path: p(),
             what: "the header".into(),
         });
     }
-    let kind = match u32_at(12) {
+    let kind = match le_u32(&bytes[12..]) {
         0 => Kind::Full,
         1 => Kind::Diff,
         k => {
@@ -314,9 +326,7 @@ pub fn read(path: &Path) -> Result<Snapshot, SnapshotError> {
             })
         }
     };
-    let mut mem_size = [0u8; 8];
-    mem_size.copy_from_slice(&bytes[16..24]);
-    let mem_size = u64::from_le_bytes(mem_size);
+    let mem_size = le_u64(&bytes[16..]);
 
     let mut at = HEADER_LEN;
     let mut sections: Vec<([u8; 4], &[u8])> = Vec::new();
@@ -328,10 +338,8 @@ pub fn read(path: &Path) -> Result<Snapshot, SnapshotError> {
             });
         };
         let tag: [u8; 4] = [head[0], head[1], head[2], head[3]];
-        let mut len = [0u8; 8];
-        len.copy_from_slice(&head[4..12]);
-        let len = u64::from_le_bytes(len);
-        let crc = u32::from_le_bytes([head[12], head[13], head[14], head[15]]);
+        let len = le_u64(&head[4..]);
+        let crc = le_u32(&head[12..]);
         let name = String::from_utf8_lossy(&tag).into_owned();
         let start = at + 16;
         let Some(payload) = usize::try_from(len)
@@ -396,10 +404,10 @@ pub fn read(path: &Path) -> Result<Snapshot, SnapshotError> {
         }
         Kind::Diff => {
             let mem = find(b"MEMD")?;
-            let count = mem
-                .get(..8)
-                .map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
-                .ok_or_else(|| malformed("empty diff section".into()))?;
+            if mem.len() < 8 {
+                return Err(malformed("empty diff section".into()));
+            }
+            let count = le_u64(mem);
             let expect = count
                 .checked_mul(8 + PAGE_SIZE)
                 .and_then(|n| n.checked_add(8))
@@ -411,8 +419,7 @@ pub fn read(path: &Path) -> Result<Snapshot, SnapshotError> {
             let data = &mem[8 + count * 8..];
             let mut pages = Vec::with_capacity(count);
             for i in 0..count {
-                let a = &mem[8 + i * 8..16 + i * 8];
-                let addr = u64::from_le_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]);
+                let addr = le_u64(&mem[8 + i * 8..]);
                 // Whether the page lies in guest memory is checked against
                 // the VM at restore, before anything is written.
                 if addr % PAGE_SIZE != 0 {
