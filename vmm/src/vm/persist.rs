@@ -50,17 +50,15 @@ impl DirtyTracker {
             let mut map = vm_fd
                 .get_dirty_log(slot as u32, len)
                 .map_err(super::kvm_err("KVM_GET_DIRTY_LOG"))?;
-            let vmm = vm_memory::MmapRegion::bitmap(region).get_and_reset();
-            for (word, extra) in map.iter_mut().zip(vmm) {
-                *word |= extra;
-            }
+            or_into(
+                &mut map,
+                vm_memory::MmapRegion::bitmap(region).get_and_reset(),
+            );
             maps.push(map);
         }
         if let Some(carried) = self.carried.take() {
             for (map, old) in maps.iter_mut().zip(carried) {
-                for (word, extra) in map.iter_mut().zip(old) {
-                    *word |= extra;
-                }
+                or_into(map, old);
             }
         }
         Ok(maps)
@@ -72,13 +70,18 @@ impl DirtyTracker {
             None => maps,
             Some(mut old) => {
                 for (a, b) in old.iter_mut().zip(maps) {
-                    for (x, y) in a.iter_mut().zip(b) {
-                        *x |= y;
-                    }
+                    or_into(a, b);
                 }
                 old
             }
         });
+    }
+}
+
+/// Sets in `dst` every bit set in `src`.
+fn or_into(dst: &mut [u64], src: Vec<u64>) {
+    for (word, extra) in dst.iter_mut().zip(src) {
+        *word |= extra;
     }
 }
 
