@@ -4,7 +4,8 @@
 //! Layout at `base`: the 16-byte floating pointer structure, then the
 //! configuration table: header, one processor entry per vCPU, the ISA bus,
 //! the IOAPIC, an interrupt entry per ISA IRQ to the IOAPIC pin of the same
-//! number, and the two local interrupt entries (ExtINT on LINT0, NMI on LINT1).
+//! number (IRQ 0, the PIT, included: see [`isa_irq_pin`]), and the two
+//! local interrupt entries (ExtINT on LINT0, NMI on LINT1).
 
 use super::layout::{IOAPIC_ADDR, LAPIC_ADDR};
 
@@ -31,13 +32,12 @@ const ISA_IRQS: u8 = 16;
 /// The IRQ that cascades the slave PIC into the master.
 const PIC_CASCADE_IRQ: u8 = 2;
 
-/// IOAPIC pin of ISA IRQ `irq`.
+/// IOAPIC pin of ISA IRQ `irq`: the pin of the same number, as KVM's
+/// default GSI routing (which `vmm` keeps) wires them. The in-kernel PIT
+/// raises GSI 0, so IRQ 0 is on pin 0, not on pin 2 where QEMU (which
+/// installs its own routing) and PC firmware put it.
 pub fn isa_irq_pin(irq: u8) -> u8 {
-    if irq == 0 {
-        2
-    } else {
-        irq
-    }
+    irq
 }
 
 const INT_TYPE_INT: u8 = 0;
@@ -209,10 +209,29 @@ mod tests {
         }
     }
 
+    /// KVM delivers the in-kernel PIT's interrupt on GSI 0 and, with no GSI
+    /// routing installed (we install none), routes GSI `n` < 16 to IOAPIC
+    /// pin `n`. The table must name the pin where a raised IRQ 0 lands, or
+    /// a guest that trusts it (Linux skips its timer check under KVM) never
+    /// sees a timer tick.
     #[test]
-    fn the_pit_is_on_pin_2() {
-        assert_eq!(isa_irq_pin(0), 2);
-        assert_eq!(isa_irq_pin(4), 4);
+    fn isa_irqs_are_on_the_pins_kvm_routes_them_to() {
+        use kvm_bindings::{kvm_irqchip, KVM_IRQCHIP_IOAPIC};
+        let kvm = kvm_ioctls::Kvm::new().unwrap();
+        let vm = kvm.create_vm().unwrap();
+        vm.create_irq_chip().unwrap();
+        for irq in [0u8, 1, 4, 5, 8] {
+            vm.set_irq_line(u32::from(irq), true).unwrap();
+            let mut chip = kvm_irqchip {
+                chip_id: KVM_IRQCHIP_IOAPIC,
+                ..Default::default()
+            };
+            vm.get_irqchip(&mut chip).unwrap();
+            // SAFETY: chip_id IOAPIC selects the ioapic member of the union.
+            let irr = unsafe { chip.chip.ioapic }.irr;
+            vm.set_irq_line(u32::from(irq), false).unwrap();
+            assert_eq!(irr, 1 << isa_irq_pin(irq), "ISA IRQ {irq}");
+        }
     }
 
     #[test]
