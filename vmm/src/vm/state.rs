@@ -39,6 +39,8 @@ pub enum StateError {
     MsrCount(usize),
     #[error("an XSAVE area of {0} words; KVM's is 1024")]
     XsaveSize(usize),
+    #[error("the state was saved on a host with XSAVE (it carries XCRs); this host has no XSAVE")]
+    NoXsaveHost,
 }
 
 fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> StateError {
@@ -54,7 +56,9 @@ pub struct VcpuState {
     pub sregs: kvm_sregs,
     /// The legacy 4 KiB `kvm_xsave` region (kvm_xsave itself is not Clone).
     pub xsave: Vec<u32>,
-    pub xcrs: kvm_xcrs,
+    /// The extended control registers; `None` when saved on a host without
+    /// XSAVE, where KVM has none (and refuses to set any).
+    pub xcrs: Option<kvm_xcrs>,
     pub debugregs: kvm_debugregs,
     pub lapic: kvm_lapic_state,
     /// (index, value), in restore order.
@@ -71,12 +75,24 @@ pub struct VmState {
     pub clock: kvm_clock_data,
 }
 
-/// The MSRs KVM reports for save/restore.
+/// Hyper-V's synthetic MSRs. A KVM built with Hyper-V emulation lists them
+/// for save/restore, and two of them (0x40000010 VP runtime, 0x40000020
+/// reference counter) run with time even while the VM is paused. `vmm`
+/// never offers Hyper-V to a guest (its CPUID leaf 0x40000000 is KVM's), so
+/// a guest never enables them: they are left out of what is saved.
+const HYPERV_MSRS: std::ops::RangeInclusive<u32> = 0x4000_0000..=0x4000_01ff;
+
+/// The MSRs KVM reports for save/restore, without Hyper-V's.
 pub fn msr_index_list(kvm_fd: &Kvm) -> Result<Vec<u32>, StateError> {
     let list = kvm_fd
         .get_msr_index_list()
         .map_err(kvm("KVM_GET_MSR_INDEX_LIST"))?;
-    Ok(list.as_slice().to_vec())
+    Ok(list
+        .as_slice()
+        .iter()
+        .copied()
+        .filter(|index| !HYPERV_MSRS.contains(index))
+        .collect())
 }
 
 /// Reads every MSR of `indices` that this vCPU can read; those KVM refuses
@@ -108,6 +124,13 @@ fn read_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<(u32, u64)>, StateError
     Ok(out)
 }
 
+/// The vCPU's XCRs, or `None` on a host without XSAVE: there KVM reports
+/// none and fails `KVM_SET_XCRS` with EINVAL.
+fn host_xcrs(fd: &VcpuFd) -> Result<Option<kvm_xcrs>, StateError> {
+    let xcrs = fd.get_xcrs().map_err(kvm("KVM_GET_XCRS"))?;
+    Ok((xcrs.nr_xcrs > 0).then_some(xcrs))
+}
+
 /// Captures a paused vCPU.
 pub fn save_vcpu(fd: &VcpuFd, msr_indices: &[u32]) -> Result<VcpuState, StateError> {
     Ok(VcpuState {
@@ -120,7 +143,7 @@ pub fn save_vcpu(fd: &VcpuFd, msr_indices: &[u32]) -> Result<VcpuState, StateErr
             .map_err(kvm("KVM_GET_XSAVE"))?
             .region
             .to_vec(),
-        xcrs: fd.get_xcrs().map_err(kvm("KVM_GET_XCRS"))?,
+        xcrs: host_xcrs(fd)?,
         debugregs: fd.get_debug_regs().map_err(kvm("KVM_GET_DEBUGREGS"))?,
         lapic: fd.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?,
         msrs: read_msrs(fd, msr_indices)?,
@@ -142,7 +165,12 @@ pub fn restore_vcpu(fd: &VcpuFd, state: &VcpuState) -> Result<(), StateError> {
     // SAFETY: a whole legacy kvm_xsave, as save_vcpu read it; KVM reads
     // only its 4 KiB region (no extended part is used).
     unsafe { fd.set_xsave(&xsave) }.map_err(kvm("KVM_SET_XSAVE"))?;
-    fd.set_xcrs(&state.xcrs).map_err(kvm("KVM_SET_XCRS"))?;
+    if let Some(xcrs) = &state.xcrs {
+        if host_xcrs(fd)?.is_none() {
+            return Err(StateError::NoXsaveHost);
+        }
+        fd.set_xcrs(xcrs).map_err(kvm("KVM_SET_XCRS"))?;
+    }
     fd.set_debug_regs(&state.debugregs)
         .map_err(kvm("KVM_SET_DEBUGREGS"))?;
     fd.set_lapic(&state.lapic).map_err(kvm("KVM_SET_LAPIC"))?;
@@ -251,5 +279,20 @@ impl VmState {
             ch.count_load_time = 0;
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On a KVM with Hyper-V emulation (Debian's, the nested tier) the raw
+    /// list holds Hyper-V MSRs that tick while the VM is paused.
+    #[test]
+    fn no_hyperv_msr_is_saved() {
+        let kvm_fd = Kvm::new().unwrap();
+        let list = msr_index_list(&kvm_fd).unwrap();
+        assert!(list.contains(&MSR_IA32_TSC));
+        assert!(!list.iter().any(|index| HYPERV_MSRS.contains(index)));
     }
 }
