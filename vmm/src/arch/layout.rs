@@ -6,6 +6,7 @@
 //! 0x0000_7000  boot_params (zero page) 0x0000_b000  4 page directories (4 GiB)
 //! 0x0000_8ff0  initial stack pointer  0x0002_0000  kernel command line
 //! 0x0009_fc00  MP table (last KiB of base memory, reserved in e820)
+//! 0x000e_0000  ACPI tables, RSDP first (BIOS area, outside e820's RAM)
 //! 0x0010_0000  RAM for the kernel, initrd at the top of low RAM
 //! 0xc000_0000  MMIO hole up to 4 GiB: devices, IOAPIC, LAPIC
 //! 0x1_0000_0000 RAM above the hole when the guest has more than 3 GiB
@@ -35,6 +36,8 @@ pub const CMDLINE_START: u64 = 0x20000;
 pub const CMDLINE_MAX_SIZE: usize = 2048;
 /// Start of the MP table: the last KiB of the 640 KiB of base memory.
 pub const MPTABLE_START: u64 = 0x9fc00;
+/// Start of the ACPI tables: the RSDP, where Linux scans the BIOS area.
+pub const ACPI_START: u64 = 0xe_0000;
 /// End of base memory (640 KiB).
 pub const BASE_MEMORY_END: u64 = 0xa0000;
 /// Where high memory, and the kernel, starts.
@@ -94,6 +97,7 @@ mod tests {
             (PD_START, IDENTITY_MAP_GIB * 0x1000),
             (CMDLINE_START, CMDLINE_MAX_SIZE as u64),
             (MPTABLE_START, BASE_MEMORY_END - MPTABLE_START),
+            (ACPI_START, HIMEM_START - ACPI_START),
         ];
         areas.sort();
         for pair in areas.windows(2) {

@@ -7,6 +7,7 @@
 //! number (IRQ 0, the PIT, included: see [`isa_irq_pin`]), and the two
 //! local interrupt entries (ExtINT on LINT0, NMI on LINT1).
 
+use super::checksum;
 use super::layout::{IOAPIC_ADDR, LAPIC_ADDR};
 
 const FLOATING_SIGNATURE: &[u8; 4] = b"_MP_";
@@ -65,11 +66,6 @@ pub fn size(vcpus: u8) -> usize {
         + HEADER_LEN
         + PROCESSOR_ENTRY_LEN * usize::from(vcpus)
         + SHORT_ENTRY_LEN * (2 + usize::from(ISA_IRQS) - 1 + 2)
-}
-
-/// Sum of bytes that makes `bytes` add up to zero, as MP checksums do.
-fn checksum(bytes: &[u8]) -> u8 {
-    0u8.wrapping_sub(bytes.iter().fold(0u8, |acc, b| acc.wrapping_add(*b)))
 }
 
 /// Builds the table for `vcpus` vCPUs, to be written at guest address `base`

@@ -1,6 +1,7 @@
 //! Loading a kernel by the Linux x86-64 boot protocol: kernel image,
 //! initrd, command line, zero page, and the structures the CPU needs to
-//! start in long mode (GDT, TSS, identity map, MP table).
+//! start in long mode (GDT, TSS, identity map), and the MP table and ACPI
+//! tables that describe its CPUs and interrupt wiring.
 //!
 //! Never through real mode: the boot vCPU starts at the kernel's 64-bit
 //! entry point with paging on.
@@ -14,10 +15,11 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::memory::GuestMemory;
 use crate::arch::layout::{
-    BASE_MEMORY_END, CMDLINE_MAX_SIZE, CMDLINE_START, GDT_START, HIMEM_START, MMIO_HOLE_START,
-    MPTABLE_START, PDPT_START, PD_START, PML4_START, TSS_LIMIT, TSS_START, ZERO_PAGE_START,
+    ACPI_START, BASE_MEMORY_END, CMDLINE_MAX_SIZE, CMDLINE_START, GDT_START, HIMEM_START,
+    MMIO_HOLE_START, MPTABLE_START, PDPT_START, PD_START, PML4_START, TSS_LIMIT, TSS_START,
+    ZERO_PAGE_START,
 };
-use crate::arch::{bootparams, gdt, mptable, paging::IdentityMap};
+use crate::arch::{acpi, bootparams, gdt, mptable, paging::IdentityMap};
 use crate::config::{kernel_format, ConfigError, KernelFormat, VmConfig};
 
 /// Offset of the 64-bit entry point in a bzImage's protected-mode kernel.
@@ -56,6 +58,8 @@ pub enum BootError {
     CmdlineTooLong(usize),
     #[error(transparent)]
     MpTable(#[from] mptable::MpTableError),
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
     #[error("cannot write {what} to guest memory")]
     WriteMemory {
         what: &'static str,
@@ -106,6 +110,13 @@ pub fn load(mem: &GuestMemory, config: &VmConfig) -> Result<BootEntry, BootError
     )?;
     mem.write_slice(&table, GuestAddress(MPTABLE_START))
         .map_err(write_err("the MP table"))?;
+    let tables = acpi::build(
+        ACPI_START,
+        config.vcpus,
+        (HIMEM_START - ACPI_START) as usize,
+    )?;
+    mem.write_slice(&tables, GuestAddress(ACPI_START))
+        .map_err(write_err("the ACPI tables"))?;
     Ok(entry)
 }
 
@@ -305,6 +316,9 @@ mod tests {
         mem.read_slice(&mut sig, GuestAddress(MPTABLE_START))
             .unwrap();
         assert_eq!(&sig, b"_MP_");
+        let mut rsdp = [0u8; 8];
+        mem.read_slice(&mut rsdp, GuestAddress(ACPI_START)).unwrap();
+        assert_eq!(&rsdp, b"RSD PTR ");
         let pml4e: u64 = mem.read_obj(GuestAddress(PML4_START)).unwrap();
         assert_eq!(pml4e & !0xfff, PDPT_START);
         let code_desc: u64 = mem.read_obj(GuestAddress(GDT_START + 0x10)).unwrap();
