@@ -4,7 +4,8 @@
 //!
 //! A hardware-reduced machine (ACPI 6.0): the RSDP at the start of the
 //! BIOS area (where Linux scans for it), then an XSDT listing the FADT and
-//! the MADT, and an empty DSDT the FADT points at. The MADT says what the
+//! the MADT, and a DSDT the FADT points at that describes COM1. The MADT
+//! says what the
 //! MP table says ([`super::mptable`]): one local APIC per vCPU with the
 //! vCPU index as APIC ID, the IOAPIC with the next ID, ISA IRQ `n` on GSI
 //! `n` (IRQ 0, the PIT, included), and NMI on LINT1.
@@ -13,6 +14,8 @@
 //! base + 0x00  RSDP (36 bytes)      base + 0x40  XSDT
 //! then, 16-byte aligned: FADT, MADT, DSDT
 //! ```
+
+use devices::legacy::{COM1_IRQ, COM1_PORT, COM_PORT_LEN};
 
 use super::checksum;
 use super::layout::{IOAPIC_ADDR, LAPIC_ADDR};
@@ -174,6 +177,82 @@ fn madt(vcpus: u8) -> Vec<u8> {
     table(b"APIC", MADT_REVISION, &body)
 }
 
+/// AML opcodes and resource descriptors the DSDT uses.
+const AML_SCOPE: u8 = 0x10;
+const AML_EXT_PREFIX: u8 = 0x5b;
+const AML_DEVICE: u8 = 0x82;
+const AML_NAME: u8 = 0x08;
+const AML_BUFFER: u8 = 0x11;
+const AML_BYTE: u8 = 0x0a;
+const AML_DWORD: u8 = 0x0c;
+const AML_ONE: u8 = 0x01;
+const AML_ROOT: u8 = b'\\';
+/// Small resource descriptors: I/O ports (16-bit decode), IRQ without
+/// flags (edge, active high), end tag.
+const RES_IO: u8 = 0x47;
+const RES_IO_DECODE16: u8 = 1;
+const RES_IRQ_NO_FLAGS: u8 = 0x22;
+const RES_END: u8 = 0x79;
+/// EISA ID "PNP0501", a 16550A-compatible UART, compressed as AML wants.
+const EISA_PNP0501: [u8; 4] = [0x41, 0xd0, 0x05, 0x01];
+
+/// An AML package: its opcode(s), PkgLength (which counts itself), `body`.
+fn aml_package(op: &[u8], body: &[u8]) -> Vec<u8> {
+    let len = body.len() + 1;
+    let pkg_len = if len < 0x40 {
+        vec![len as u8]
+    } else {
+        // Two bytes hold up to 4095: the low nibble in the lead byte.
+        let len = len + 1;
+        debug_assert!(len < 0x1000, "AML package too long");
+        vec![0x40 | (len & 0xf) as u8, (len >> 4) as u8]
+    };
+    [op, &pkg_len, body].concat()
+}
+
+/// `Name(name, value)`.
+fn aml_name(name: &[u8; 4], value: &[u8]) -> Vec<u8> {
+    [&[AML_NAME][..], name, value].concat()
+}
+
+/// The DSDT's AML: COM1 as a PNP0501 device with its ports and IRQ. In a
+/// hardware-reduced machine Linux has no legacy PIC and numbers IRQs
+/// dynamically, so the ISA serial port's fixed IRQ 4 reaches no handler
+/// (userspace output on ttyS0 stalls) unless ACPI names the device and
+/// its interrupt.
+fn dsdt_aml() -> Vec<u8> {
+    let port = (COM1_PORT as u16).to_le_bytes();
+    let irq_mask = (1u16 << COM1_IRQ).to_le_bytes();
+    let resources = [
+        &[
+            RES_IO,
+            RES_IO_DECODE16,
+            port[0],
+            port[1],
+            port[0],
+            port[1],
+            1,
+        ][..],
+        &[COM_PORT_LEN as u8],
+        &[RES_IRQ_NO_FLAGS, irq_mask[0], irq_mask[1]],
+        &[RES_END, 0],
+    ]
+    .concat();
+    let buffer = aml_package(
+        &[AML_BUFFER],
+        &[&[AML_BYTE, resources.len() as u8][..], &resources].concat(),
+    );
+    let device = [
+        &b"COM1"[..],
+        &aml_name(b"_HID", &[&[AML_DWORD][..], &EISA_PNP0501].concat()),
+        &aml_name(b"_UID", &[AML_ONE]),
+        &aml_name(b"_CRS", &buffer),
+    ]
+    .concat();
+    let device = aml_package(&[AML_EXT_PREFIX, AML_DEVICE], &device);
+    aml_package(&[AML_SCOPE], &[&[AML_ROOT][..], b"_SB_", &device].concat())
+}
+
 /// Rounds `n` up to a multiple of 16.
 fn align16(n: usize) -> usize {
     (n + 15) & !15
@@ -191,7 +270,7 @@ fn layout(vcpus: u8) -> (usize, usize, usize, usize) {
     let madt = align16(fadt + FADT_LEN);
     let madt_len = HEADER_LEN + 8 + 8 * usize::from(vcpus) + 12 + 10 + 6;
     let dsdt = align16(madt + madt_len);
-    (fadt, madt, dsdt, dsdt + HEADER_LEN)
+    (fadt, madt, dsdt, dsdt + HEADER_LEN + dsdt_aml().len())
 }
 
 /// Builds the tables for `vcpus` vCPUs, to be written at guest address
@@ -215,8 +294,7 @@ pub fn build(base: u64, vcpus: u8, room: usize) -> Result<Vec<u8>, AcpiError> {
         (XSDT_OFFSET, table(b"XSDT", 1, &xsdt_body)),
         (fadt_at, fadt(addr(dsdt_at))),
         (madt_at, madt(vcpus)),
-        // An empty DSDT: no AML, the devices are found without ACPI.
-        (dsdt_at, table(b"DSDT", 2, &[])),
+        (dsdt_at, table(b"DSDT", 2, &dsdt_aml())),
     ];
     let mut bytes = vec![0u8; end];
     for (at, part) in parts {
@@ -326,6 +404,37 @@ mod tests {
         assert_eq!(u64_at(&fadt, FADT_RESET_REG + 4), 0x64);
         assert_eq!(fadt[FADT_RESET_VALUE], 0xfe);
         assert_eq!(fadt[8], FADT_REVISION);
+    }
+
+    /// The DSDT's AML, encoded by hand from the ACPI 6.0 grammar for
+    /// `Scope (\_SB) { Device (COM1) { Name (_HID, EisaId ("PNP0501"))
+    /// Name (_UID, One) Name (_CRS, ResourceTemplate () { IO (Decode16,
+    /// 0x03F8, 0x03F8, 0x01, 0x08) IRQNoFlags () {4} }) } }`.
+    #[test]
+    fn the_dsdt_describes_com1_with_its_ports_and_irq() {
+        let expected: &[u8] = &[
+            0x10, 0x33, b'\\', b'_', b'S', b'B', b'_', // Scope (\_SB)
+            0x5b, 0x82, 0x2b, b'C', b'O', b'M', b'1', // Device (COM1)
+            0x08, b'_', b'H', b'I', b'D', 0x0c, 0x41, 0xd0, 0x05, 0x01, 0x08, b'_', b'U', b'I',
+            b'D', 0x01, // Name (_UID, One)
+            0x08, b'_', b'C', b'R', b'S', 0x11, 0x10, 0x0a, 0x0d, // Buffer (13)
+            0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x01, 0x08, // IO
+            0x22, 0x10, 0x00, // IRQNoFlags {4}
+            0x79, 0x00, // end tag
+        ];
+        assert_eq!(dsdt_aml(), expected);
+        let bytes = build(BASE, 1, 4096).unwrap();
+        let (_, fadt) = walk(&bytes);
+        let dsdt = table_at(&bytes, u64_at(&fadt, FADT_X_DSDT), b"DSDT");
+        assert_eq!(&dsdt[HEADER_LEN..], expected);
+    }
+
+    #[test]
+    fn aml_package_lengths_count_themselves() {
+        assert_eq!(aml_package(&[0x10], &[0; 62])[..2], [0x10, 63]);
+        // 64 and more: two bytes, low nibble in the lead byte.
+        assert_eq!(aml_package(&[0x10], &[0; 100])[..3], [0x10, 0x46, 0x06]);
+        assert_eq!(aml_package(&[0x10], &[0; 100]).len(), 103);
     }
 
     #[test]
