@@ -11,6 +11,10 @@ packages=(
     make gcc binutils xz-utils
     # test rig: namespaces, bridges, taps; the demo's client tools
     iproute2 curl python3
+    # the nested tier (tests/tests/nested.rs): QEMU's TCG runs an L1 with
+    # an emulated AMD SVM; its initramfs is cut with cpio (Debian's cloud
+    # kernel is fetched with apt-get download, never installed)
+    qemu-system-x86 binutils cpio
 )
 
 missing=()
