@@ -143,10 +143,12 @@ fi
 # --- Linux to /init ------------------------------------------------------
 # linux NAME KERNEL VCPUS [CMDLINE EXTRA]: boots KERNEL with our
 # initramfs, whose /init reports the CPUs it sees and resets the machine.
+# Each takes 30-45 s here; 200 s ends a hung one before the test's
+# watchdog (240 s of silence) ends L1, so the next scenarios still run.
 linux() {
     log=$W/$1.log
     start=$(cut -d' ' -f1 /proc/uptime)
-    timeout 400 vmm --kernel $2 --initrd $G/initramfs.cpio.gz --vcpus $3 --mem-mib 256 \
+    timeout 200 vmm --kernel $2 --initrd $G/initramfs.cpio.gz --vcpus $3 --mem-mib 256 \
         --cmdline "console=ttyS0 reboot=k panic=-1 $4" >$log 2>&1
     rc=$?
     end=$(cut -d' ' -f1 /proc/uptime)
