@@ -22,18 +22,14 @@ use std::fs::File;
 use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use devices::legacy::{I8042Snapshot, SerialSnapshot};
-use devices::virtio::mmio::TransportSnapshot;
 use serde::{Deserialize, Serialize};
-
-use crate::vm::state::{VcpuState, VmState};
 
 /// First bytes of every snapshot file.
 pub const MAGIC: &[u8; 8] = b"COLOSNAP";
 /// Format version this build reads and writes.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Guest page size the diff sections count in.
-pub const PAGE_SIZE: u64 = 4096;
+pub use crate::vm::checkpoint::PAGE_SIZE;
 const HEADER_LEN: usize = 32;
 
 /// Full (all memory) or diff (pages dirtied since the previous snapshot).
@@ -44,24 +40,7 @@ pub enum Kind {
     Diff,
 }
 
-/// What the VM must look like to take this snapshot.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Layout {
-    pub mem_size: u64,
-    pub vcpus: u8,
-    /// (name, kind) of each virtio device, in bus order.
-    pub devices: Vec<(String, String)>,
-}
-
-/// Every device and vCPU state of a paused VM.
-#[derive(Clone, Serialize, Deserialize)]
-pub struct MachineState {
-    pub vcpus: Vec<VcpuState>,
-    pub vm: VmState,
-    pub serial: SerialSnapshot,
-    pub i8042: I8042Snapshot,
-    pub virtio: Vec<TransportSnapshot>,
-}
+pub use crate::vm::machine::{Layout, MachineState};
 
 /// Guest memory in a snapshot.
 pub enum Memory {
@@ -384,13 +363,7 @@ pub fn read(path: &Path) -> Result<Snapshot, SnapshotError> {
             "header and layout disagree on memory size".into(),
         ));
     }
-    if state.vcpus.len() != usize::from(layout.vcpus) {
-        return Err(malformed(format!(
-            "{} vCPU states for {} vCPUs",
-            state.vcpus.len(),
-            layout.vcpus
-        )));
-    }
+    state.check_consistent(&layout).map_err(malformed)?;
     let memory = match kind {
         Kind::Full => {
             let mem = find(b"MEMF")?;
@@ -468,9 +441,12 @@ pub fn read_chain(paths: &[PathBuf]) -> Result<Vec<Snapshot>, SnapshotError> {
 mod tests {
     use super::*;
     use crate::vm::state::{VcpuState, VmState};
+    use devices::legacy::{I8042Snapshot, SerialSnapshot};
 
     fn state(vcpus: usize) -> MachineState {
         let vcpu = VcpuState {
+            cpuid: vec![],
+            tsc_khz: 1000,
             mp_state: Default::default(),
             events: Default::default(),
             regs: kvm_bindings::kvm_regs {
@@ -519,7 +495,10 @@ mod tests {
         Layout {
             mem_size: 8192,
             vcpus: 2,
-            devices: vec![("net0".into(), "virtio-net".into())],
+            devices: vec![],
+            cpu_template: "host".into(),
+            cpuid_hash: crate::vm::machine::cpuid_hash([&[][..], &[][..]]),
+            tsc_khz: 1000,
         }
     }
 
@@ -576,11 +555,11 @@ mod tests {
             assert!(read(&bad).is_err(), "truncated to {len} accepted");
         }
         let mut b = good.clone();
-        b[8] = 2;
+        b[8] = 9;
         std::fs::write(&bad, &b).unwrap();
         assert!(matches!(
             read(&bad),
-            Err(SnapshotError::Version { found: 2, .. })
+            Err(SnapshotError::Version { found: 9, .. })
         ));
         // A state for 1 vCPU in a 2-vCPU layout is inconsistent.
         write(&path, &layout(), &state(1), &Memory::Full(vec![1; 8192])).unwrap();

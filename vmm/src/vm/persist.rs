@@ -6,104 +6,14 @@
 //! consistent with guest memory.
 
 use std::path::Path;
-use std::sync::mpsc;
-use std::time::Duration;
 
-use devices::Persist;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
+use super::checkpoint::{for_each_chunk, CheckpointError, Target, PAGE_SIZE};
 use super::memory::GuestMemory;
-use super::state::{self, VcpuState};
-use super::vcpu::VcpuCommand;
-use super::{RunState, RunningVm, Vm, VmError};
-use crate::snapshot::{self, Kind, MachineState, Memory, Snapshot, PAGE_SIZE};
-use vm_memory::Address;
-
-/// How long a paused vCPU may take to run a state job.
-const JOB_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Per memory slot, one bit per 4 KiB page.
-type Bitmaps = Vec<Vec<u64>>;
-
-/// Pages dirtied since the last committed snapshot: KVM's dirty log (the
-/// guest's writes) ∪ vm-memory's bitmap (the VMM's writes) ∪ pages taken
-/// by a snapshot that then failed.
-pub(super) struct DirtyTracker {
-    enabled: bool,
-    carried: Option<Bitmaps>,
-}
-
-impl DirtyTracker {
-    pub(super) fn new(enabled: bool) -> Self {
-        Self {
-            enabled,
-            carried: None,
-        }
-    }
-
-    /// Reads and clears both logs; the caller commits the result or puts
-    /// it back with [`DirtyTracker::put_back`].
-    fn take(&mut self, vm_fd: &kvm_ioctls::VmFd, mem: &GuestMemory) -> Result<Bitmaps, VmError> {
-        let mut maps = Vec::new();
-        for (slot, region) in mem.iter().enumerate() {
-            let len = region.len() as usize;
-            let mut map = vm_fd
-                .get_dirty_log(slot as u32, len)
-                .map_err(super::kvm_err("KVM_GET_DIRTY_LOG"))?;
-            or_into(
-                &mut map,
-                vm_memory::MmapRegion::bitmap(region).get_and_reset(),
-            );
-            maps.push(map);
-        }
-        if let Some(carried) = self.carried.take() {
-            for (map, old) in maps.iter_mut().zip(carried) {
-                or_into(map, old);
-            }
-        }
-        Ok(maps)
-    }
-
-    /// Returns bits a failed snapshot took, so the next one still sees them.
-    fn put_back(&mut self, maps: Bitmaps) {
-        self.carried = Some(match self.carried.take() {
-            None => maps,
-            Some(mut old) => {
-                for (a, b) in old.iter_mut().zip(maps) {
-                    or_into(a, b);
-                }
-                old
-            }
-        });
-    }
-}
-
-/// Sets in `dst` every bit set in `src`.
-fn or_into(dst: &mut [u64], src: Vec<u64>) {
-    for (word, extra) in dst.iter_mut().zip(src) {
-        *word |= extra;
-    }
-}
-
-/// Guest-physical addresses of the pages set in `maps`.
-fn dirty_pages(mem: &GuestMemory, maps: &Bitmaps) -> Vec<u64> {
-    let mut pages = Vec::new();
-    for (region, map) in mem.iter().zip(maps) {
-        let base = region.start_addr().0;
-        for (i, &word) in map.iter().enumerate() {
-            let mut w = word;
-            while w != 0 {
-                let bit = w.trailing_zeros() as u64;
-                let page = i as u64 * 64 + bit;
-                if page * PAGE_SIZE < region.len() {
-                    pages.push(base + page * PAGE_SIZE);
-                }
-                w &= w - 1;
-            }
-        }
-    }
-    pages
-}
+use super::state;
+use super::{RunningVm, Vm, VmError};
+use crate::snapshot::{self, Kind, Memory, Snapshot};
 
 /// Guest memory streamed into a snapshot file straight from the guest's
 /// RAM: all of it, or the listed pages.
@@ -117,24 +27,11 @@ fn mem_err(e: vm_memory::GuestMemoryError) -> std::io::Error {
     std::io::Error::other(format!("cannot read guest memory: {e}"))
 }
 
-/// Calls `f` with all RAM, in address order, a chunk of at most 1 MiB at a
-/// time with the chunk's guest-physical address.
-fn for_each_chunk(
-    mem: &GuestMemory,
-    mut f: impl FnMut(u64, &mut [u8]) -> std::io::Result<()>,
-) -> std::io::Result<()> {
-    let mut buf = vec![0u8; 1 << 20];
-    for region in mem.iter() {
-        let mut at = 0u64;
-        while at < region.len() {
-            let n = (region.len() - at).min(buf.len() as u64) as usize;
-            let start = region.start_addr().unchecked_add(at);
-            mem.read_slice(&mut buf[..n], start).map_err(mem_err)?;
-            f(start.0, &mut buf[..n])?;
-            at += n as u64;
-        }
+fn to_io(e: CheckpointError) -> std::io::Error {
+    match e {
+        CheckpointError::Sink(e) => e,
+        e => std::io::Error::other(e),
     }
-    Ok(())
 }
 
 impl snapshot::MemorySource for GuestImage<'_> {
@@ -155,7 +52,9 @@ impl snapshot::MemorySource for GuestImage<'_> {
 
     fn write_bytes(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
         match self.kind {
-            Kind::Full => for_each_chunk(self.mem, |_, chunk| out.write_all(chunk))?,
+            Kind::Full => {
+                for_each_chunk(self.mem, |_, chunk| out.write_all(chunk)).map_err(to_io)?
+            }
             Kind::Diff => {
                 let mut page = [0u8; PAGE_SIZE as usize];
                 let page = &mut page[..];
@@ -172,54 +71,6 @@ impl snapshot::MemorySource for GuestImage<'_> {
 }
 
 impl RunningVm {
-    /// Runs `job` on every (paused) vCPU's thread, in vCPU order.
-    fn on_vcpus<T: Send + 'static>(
-        &self,
-        job: impl Fn(&kvm_ioctls::VcpuFd) -> Result<T, state::StateError>
-            + Send
-            + Sync
-            + Clone
-            + 'static,
-    ) -> Result<Vec<T>, VmError> {
-        let mut out = Vec::with_capacity(self.handles.len());
-        for handle in &self.handles {
-            let (tx, rx) = mpsc::channel();
-            let job = job.clone();
-            handle.send(VcpuCommand::Job(Box::new(move |fd| {
-                let _ = tx.send(job(fd));
-            })));
-            let result = rx.recv_timeout(JOB_TIMEOUT).map_err(|_| {
-                VmError::Refused(format!("vCPU {} did not run its state job", handle.index()))
-            })?;
-            out.push(result?);
-        }
-        Ok(out)
-    }
-
-    fn require_paused(&self, what: &str) -> Result<(), VmError> {
-        match self.handle.state() {
-            RunState::Paused => Ok(()),
-            _ => Err(VmError::Refused(format!("{what} needs a paused VM"))),
-        }
-    }
-
-    /// Every vCPU and device state.
-    fn machine_state(&self) -> Result<MachineState, VmError> {
-        let indices = self.msr_indices.clone();
-        let vcpus: Vec<VcpuState> = self.on_vcpus(move |fd| state::save_vcpu(fd, &indices))?;
-        Ok(MachineState {
-            vcpus,
-            vm: state::save_vm(&self.vm_fd)?,
-            serial: devices::lock(&self.legacy.serial).save(),
-            i8042: devices::lock(&self.legacy.i8042).save(),
-            virtio: self
-                .virtio
-                .iter()
-                .map(|d| devices::lock(&d.transport).save())
-                .collect(),
-        })
-    }
-
     /// Writes a snapshot of the paused VM to `path`; returns its size.
     /// A diff holds the pages dirtied since the previous snapshot (which
     /// needs `--track-dirty-pages`); a full one holds all memory and starts
@@ -227,19 +78,19 @@ impl RunningVm {
     /// took are put back for the next snapshot.
     pub fn snapshot(&mut self, kind: Kind, path: &Path) -> Result<u64, VmError> {
         self.require_paused("a snapshot")?;
-        if kind == Kind::Diff && !self.dirty.enabled {
+        if kind == Kind::Diff && !self.dirty.is_logging() {
             return Err(VmError::Refused(
                 "a diff snapshot needs dirty tracking: start vmm with --track-dirty-pages".into(),
             ));
         }
-        let state = self.machine_state()?;
-        let maps = if self.dirty.enabled {
-            Some(self.dirty.take(&self.vm_fd, &self.mem)?)
+        let state = self.save_state()?;
+        let maps = if self.dirty.is_logging() {
+            Some(self.take_dirty()?)
         } else {
             None
         };
         let pages = match (&maps, kind) {
-            (Some(maps), Kind::Diff) => dirty_pages(&self.mem, maps),
+            (Some(set), Kind::Diff) => set.pages(),
             _ => Vec::new(),
         };
         let source = GuestImage {
@@ -249,8 +100,8 @@ impl RunningVm {
         };
         let result = snapshot::write(path, &self.layout, &state, &source).map_err(VmError::from);
         if result.is_err() {
-            if let Some(maps) = maps {
-                self.dirty.put_back(maps);
+            if let Some(set) = maps {
+                self.put_back_dirty(set);
             }
         }
         result
@@ -259,14 +110,9 @@ impl RunningVm {
     /// Guest-physical addresses dirtied since the last snapshot, without
     /// consuming them (tests and diagnostics).
     pub fn peek_dirty_pages(&mut self) -> Result<Vec<u64>, VmError> {
-        if !self.dirty.enabled {
-            return Err(VmError::Refused(
-                "dirty tracking is off (--track-dirty-pages)".into(),
-            ));
-        }
-        let maps = self.dirty.take(&self.vm_fd, &self.mem)?;
-        let pages = dirty_pages(&self.mem, &maps);
-        self.dirty.put_back(maps);
+        let set = self.take_dirty()?;
+        let pages = set.pages();
+        self.put_back_dirty(set);
         Ok(pages)
     }
 
@@ -277,7 +123,7 @@ impl RunningVm {
     /// too, to tell where two VMs differ.
     pub fn state_hash(&self) -> Result<StateHash, VmError> {
         self.require_paused("a state hash")?;
-        let st = self.machine_state()?;
+        let st = self.save_state()?;
         let encode = |what: &str, value: &dyn erased::Encode| -> Result<u64, VmError> {
             value
                 .encode()
@@ -313,8 +159,7 @@ impl RunningVm {
             }
             h.update(chunk);
             Ok(())
-        })
-        .map_err(|e| VmError::Refused(e.to_string()))?;
+        })?;
         parts.insert(0, ("memory".to_string(), h.digest()));
         let mut total = xxhash_rust::xxh3::Xxh3::new();
         for (name, part) in &parts {
@@ -364,28 +209,29 @@ mod erased {
 impl Vm {
     /// Loads a verified snapshot chain (full, then diffs) into this VM,
     /// which was created with the same layout and has not started. Checks
-    /// the whole chain against the VM before applying anything.
+    /// the whole chain against the VM (layout, machine identity, page
+    /// addresses, every vCPU and device state) before applying anything.
     pub fn restore(&mut self, chain: &[Snapshot], source: &Path) -> Result<(), VmError> {
+        let Some(last) = chain.last() else {
+            return Err(VmError::Refused("an empty restore chain".into()));
+        };
         let mismatch = |what: String| {
             VmError::Snapshot(snapshot::SnapshotError::Mismatch {
                 path: source.to_path_buf(),
                 what,
             })
         };
-        let Some(last) = chain.last() else {
-            return Err(VmError::Refused("an empty restore chain".into()));
+        let target = Target {
+            vm_fd: &self.vm_fd,
+            mem: &self.mem,
+            legacy: &self.legacy,
+            virtio: &self.virtio,
+            layout: &self.layout,
+            ctx: &self.vcpu_ctx,
         };
-        if last.layout != self.layout {
-            return Err(mismatch(format!(
-                "the snapshot has {} MiB, {} vCPUs and devices {:?}; this VM has {} MiB, {} vCPUs and devices {:?}",
-                last.layout.mem_size >> 20,
-                last.layout.vcpus,
-                last.layout.devices,
-                self.layout.mem_size >> 20,
-                self.layout.vcpus,
-                self.layout.devices
-            )));
-        }
+        target
+            .validate(&last.layout, &last.state, "the snapshot")
+            .map_err(|e| mismatch(super::error_chain(&e)))?;
         for snap in chain {
             if let Memory::Diff(pages) = &snap.memory {
                 if let Some((addr, _)) = pages.iter().find(|(a, _)| {
@@ -429,26 +275,12 @@ impl Vm {
         for region in self.mem.iter() {
             vm_memory::MmapRegion::bitmap(region).reset();
         }
-        let st = &last.state;
-        state::restore_vm(&self.vm_fd, &st.vm)?;
-        for (vcpu, vs) in self.vcpus.iter().zip(&st.vcpus) {
-            state::restore_vcpu(vcpu.fd(), vs)?;
-        }
-        let restore_err = |what: &str| {
-            let what = what.to_string();
-            move |source| VmError::Restore { what, source }
-        };
-        devices::lock(&self.legacy.serial)
-            .restore(&st.serial)
-            .map_err(restore_err("the serial port"))?;
-        devices::lock(&self.legacy.i8042)
-            .restore(&st.i8042)
-            .map_err(restore_err("the i8042"))?;
-        for (dev, ts) in self.virtio.iter().zip(&st.virtio) {
-            devices::lock(&dev.transport)
-                .restore(ts)
-                .map_err(restore_err(&dev.name))?;
-        }
+        target.apply(&last.state, |states| {
+            for (vcpu, vs) in self.vcpus.iter().zip(states) {
+                state::restore_vcpu(vcpu.fd(), vs, &self.vcpu_ctx)?;
+            }
+            Ok(())
+        })?;
         tracing::info!(
             snapshots = chain.len(),
             source = %source.display(),
