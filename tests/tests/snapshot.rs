@@ -405,6 +405,15 @@ fn bad_snapshot_files_are_refused_before_anything_runs() {
         (
             vec![
                 "--restore".into(),
+                good.display().to_string(),
+                "--cpu-template".into(),
+                "baseline".into(),
+            ],
+            "the snapshot's CPU template is host, this VM's is baseline",
+        ),
+        (
+            vec![
+                "--restore".into(),
                 rig.path("missing").display().to_string(),
             ],
             "cannot read snapshot",

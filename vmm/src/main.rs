@@ -51,6 +51,20 @@ fn run(cli: &Cli) -> anyhow::Result<VmExit> {
             }
             config.mem_mib = mib;
             config.vcpus = vcpus;
+            // The CPU template follows the snapshot unless given: a given
+            // one that differs is refused by name when the state is loaded.
+            if cli.cpu_template.is_none() {
+                use clap::ValueEnum;
+                let name = &first.layout.cpu_template;
+                config.cpu_template =
+                    vmm::vm::cpuid::CpuTemplate::from_str(name, false).map_err(|_| {
+                        anyhow::anyhow!("cannot restore: unknown CPU template {name:?}")
+                    })?;
+            }
+            // What came from the file is checked like the command line.
+            config
+                .validate()
+                .context("cannot restore: the snapshot's configuration")?;
         }
         chain
     };
