@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! header   32 bytes: magic "COLOSNAP", version u32, kind u32 (0 full,
-//!          1 diff), guest memory bytes u64, section count u32, CRC-32 of
+//!          1 diff), guest memory bytes u64, section count u32 (3: those before
+//!          END.), CRC-32 of
 //!          the 28 bytes before it
 //! section  tag [u8; 4], payload length u64, CRC-32 of the payload u32,
 //!          payload
@@ -12,6 +13,11 @@
 //!   MEMD   diff: page count u64, that many page addresses u64, the pages
 //!   END.   empty: the file is complete
 //! ```
+//!
+//! Each section appears once; an unknown, repeated or missing section, or
+//! bytes after `END.`, make the file malformed. Files are written to a
+//! unique temporary name (O_EXCL, O_NOFOLLOW, mode 0600) and renamed into
+//! place; only a regular file is read, its size and magic checked first.
 //!
 //! All integers are little-endian. A reader checks everything (magic,
 //! version, every checksum, the end marker, the layout against the VM it
@@ -192,8 +198,63 @@ fn to_io(e: postcard::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e.to_string())
 }
 
-/// Writes a snapshot to `path` atomically (a temporary file renamed into
-/// place once complete and synced); returns its size.
+/// The sections a snapshot holds, besides `END.`.
+const SECTIONS: u32 = 3;
+
+/// Temporary files of this process get a number each, so two snapshots
+/// written at once (to `a.full` and `a.diff`, or twice to one target) never
+/// share one.
+static TMP_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Creates a fresh temporary file next to `path`: a name unique to this
+/// process and call, opened exclusively (O_EXCL), without following a link
+/// (O_NOFOLLOW), readable by the owner only (it holds guest RAM).
+fn create_temp(path: &Path) -> io::Result<(PathBuf, File)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
+    let seq = TMP_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".{}.{seq}.partial", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&tmp)?;
+    Ok((tmp, file))
+}
+
+/// Refuses a target that exists and is not a regular file (a directory,
+/// a link, a device, a FIFO): a snapshot replaces only a snapshot.
+fn check_target(path: &Path) -> io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_file() => Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "the target exists and is not a regular file",
+        )),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Makes a rename in `path`'s directory durable.
+fn sync_dir(path: &Path) -> io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    File::open(dir)?.sync_all()
+}
+
+/// Writes a snapshot to `path` atomically (a temporary file, unique and
+/// mode 0600, renamed into place once complete and synced, then the
+/// directory synced); returns its size. The temporary file is removed on
+/// every error; a target that is not a regular file is refused.
 pub fn write(
     path: &Path,
     layout: &Layout,
@@ -204,9 +265,9 @@ pub fn write(
         path: path.to_path_buf(),
         source,
     };
+    check_target(path).map_err(err)?;
     let kind = memory.kind();
-    let tmp = path.with_extension("partial");
-    let file = File::create(&tmp).map_err(err)?;
+    let (tmp, file) = create_temp(path).map_err(err)?;
     let mut out = BufWriter::with_capacity(1 << 20, file);
     let result = (|| -> io::Result<u64> {
         let mut header = Vec::with_capacity(HEADER_LEN);
@@ -214,7 +275,7 @@ pub fn write(
         header.extend_from_slice(&VERSION.to_le_bytes());
         header.extend_from_slice(&(kind as u32).to_le_bytes());
         header.extend_from_slice(&layout.mem_size.to_le_bytes());
-        header.extend_from_slice(&4u32.to_le_bytes());
+        header.extend_from_slice(&SECTIONS.to_le_bytes());
         header.extend_from_slice(&crc32fast::hash(&header).to_le_bytes());
         out.write_all(&header)?;
         section(
@@ -238,18 +299,54 @@ pub fn write(
         section(&mut out, b"END.", &[])?;
         let file = out.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
-        Ok(file.metadata()?.len())
+        let len = file.metadata()?.len();
+        check_target(path)?;
+        std::fs::rename(&tmp, path)?;
+        sync_dir(path)?;
+        Ok(len)
     })();
-    match result {
-        Ok(len) => {
-            std::fs::rename(&tmp, path).map_err(err)?;
-            Ok(len)
-        }
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(err(e))
-        }
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
+    result.map_err(err)
+}
+
+/// Opens `path` for reading: a regular file only (no FIFO or device that
+/// could block or never end), with at least a header, starting with the
+/// magic. Nothing is allocated for the contents before these checks.
+fn open_snapshot(path: &Path) -> Result<(File, u64), SnapshotError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let read_err = |source| SnapshotError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        // Not blocking on a FIFO's open; the type is checked right after.
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(read_err)?;
+    let meta = file.metadata().map_err(read_err)?;
+    if !meta.file_type().is_file() {
+        return Err(SnapshotError::Malformed {
+            path: path.to_path_buf(),
+            what: "not a regular file".into(),
+        });
+    }
+    let mut magic = [0u8; MAGIC.len()];
+    if meta.len() < MAGIC.len() as u64 || file.read_exact(&mut magic).is_err() || &magic != MAGIC {
+        return Err(SnapshotError::Magic {
+            path: path.to_path_buf(),
+        });
+    }
+    if meta.len() < HEADER_LEN as u64 {
+        return Err(SnapshotError::Truncated {
+            path: path.to_path_buf(),
+            what: "header".into(),
+        });
+    }
+    file.seek(SeekFrom::Start(0)).map_err(read_err)?;
+    Ok((file, meta.len()))
 }
 
 /// The little-endian u32 at the start of `b` (the caller checked its length).
@@ -269,19 +366,10 @@ fn le_u64(b: &[u8]) -> u64 {
 /// Reads and verifies a snapshot file.
 pub fn read(path: &Path) -> Result<Snapshot, SnapshotError> {
     let p = || path.to_path_buf();
-    let mut bytes = Vec::new();
-    File::open(path)
-        .and_then(|mut f| f.read_to_end(&mut bytes))
+    let (mut file, size) = open_snapshot(path)?;
+    let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+    file.read_to_end(&mut bytes)
         .map_err(|source| SnapshotError::Read { path: p(), source })?;
-    if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
-        return Err(SnapshotError::Magic { path: p() });
-    }
-    if bytes.len() < HEADER_LEN {
-        return Err(SnapshotError::Truncated {
-            path: p(),
-            what: "header".into(),
-        });
-    }
     let version = le_u32(&bytes[8..]);
     if version != VERSION {
         return Err(SnapshotError::Version {
@@ -341,7 +429,35 @@ pub fn read(path: &Path) -> Result<Snapshot, SnapshotError> {
         if &tag == b"END." {
             break;
         }
+        if !matches!(&tag, b"LAYT" | b"STAT" | b"MEMF" | b"MEMD") {
+            return Err(SnapshotError::Malformed {
+                path: p(),
+                what: format!("unknown section {name}"),
+            });
+        }
+        if sections.iter().any(|(t, _)| *t == tag) {
+            return Err(SnapshotError::Malformed {
+                path: p(),
+                what: format!("a second {name} section"),
+            });
+        }
         sections.push((tag, payload));
+    }
+    if at != bytes.len() {
+        return Err(SnapshotError::Malformed {
+            path: p(),
+            what: format!("{} bytes after the end marker", bytes.len() - at),
+        });
+    }
+    let count = le_u32(&bytes[24..]);
+    if count != SECTIONS || sections.len() != SECTIONS as usize {
+        return Err(SnapshotError::Malformed {
+            path: p(),
+            what: format!(
+                "{} sections; the header says {count}, a snapshot has {SECTIONS}",
+                sections.len()
+            ),
+        });
     }
     let find = |tag: &[u8; 4]| {
         sections
@@ -530,10 +646,18 @@ mod tests {
             Err(SnapshotError::ChainStart { .. })
         ));
         assert!(matches!(
-            read_chain(&[full.clone(), full]),
+            read_chain(&[full.clone(), full.clone()]),
             Err(SnapshotError::ChainFull { .. })
         ));
-        assert!(!dir.path().join("d.partial").exists());
+        // No temporary file is left behind, and a snapshot is the owner's.
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&full).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 
     #[test]
@@ -564,5 +688,115 @@ mod tests {
         // A state for 1 vCPU in a 2-vCPU layout is inconsistent.
         write(&path, &layout(), &state(1), &Memory::Full(vec![1; 8192])).unwrap();
         assert!(matches!(read(&path), Err(SnapshotError::Malformed { .. })));
+    }
+
+    type Sections<'a> = Vec<(&'a [u8; 4], Vec<u8>)>;
+
+    /// A file of `sections` (tag, payload) after a header that claims
+    /// `count` sections, then END.
+    fn crafted(path: &Path, count: u32, sections: &[(&[u8; 4], Vec<u8>)]) {
+        let mut out = Vec::new();
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&8192u64.to_le_bytes());
+        out.extend_from_slice(&count.to_le_bytes());
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        for (tag, payload) in sections {
+            section(&mut out, tag, payload).unwrap();
+        }
+        section(&mut out, b"END.", &[]).unwrap();
+        std::fs::write(path, out).unwrap();
+    }
+
+    #[test]
+    fn unknown_repeated_and_miscounted_sections_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let layt = postcard::to_stdvec(&layout()).unwrap();
+        let stat = postcard::to_stdvec(&state(2)).unwrap();
+        let mem = vec![1u8; 8192];
+        crafted(
+            &path,
+            3,
+            &[
+                (b"LAYT", layt.clone()),
+                (b"STAT", stat.clone()),
+                (b"MEMF", mem.clone()),
+            ],
+        );
+        assert!(read(&path).is_ok());
+        let cases: Vec<(u32, Sections, &str)> = vec![
+            (
+                4,
+                vec![
+                    (b"LAYT", layt.clone()),
+                    (b"STAT", stat.clone()),
+                    (b"XTRA", vec![1]),
+                    (b"MEMF", mem.clone()),
+                ],
+                "unknown section XTRA",
+            ),
+            (
+                4,
+                vec![
+                    (b"LAYT", layt.clone()),
+                    (b"STAT", stat.clone()),
+                    (b"MEMF", vec![9u8; 8192]),
+                    (b"MEMF", mem.clone()),
+                ],
+                "a second MEMF",
+            ),
+            (
+                7,
+                vec![(b"LAYT", layt), (b"STAT", stat), (b"MEMF", mem)],
+                "the header says 7",
+            ),
+        ];
+        for (count, sections, want) in cases {
+            crafted(&path, count, &sections);
+            let Err(e) = read(&path) else {
+                panic!("{want}: accepted")
+            };
+            let e = e.to_string();
+            assert!(e.contains(want), "{want}: {e}");
+        }
+    }
+
+    #[test]
+    fn only_regular_files_are_written_over_or_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let mem = Memory::Full(vec![1; 8192]);
+        // A directory, a dangling link and a FIFO as targets.
+        let sub = dir.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(dir.path().join("elsewhere"), &link).unwrap();
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        for target in [&sub, &link, &fifo] {
+            assert!(
+                write(target, &layout(), &state(2), &mem).is_err(),
+                "{} written over",
+                target.display()
+            );
+        }
+        assert!(!dir.path().join("elsewhere").exists());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 3);
+        // Reading a FIFO nobody writes returns at once, refused.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let f = fifo.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(read(&f).is_err());
+        });
+        assert_eq!(
+            rx.recv_timeout(std::time::Duration::from_secs(10)),
+            Ok(true),
+            "reading a FIFO blocked or was accepted"
+        );
+        assert!(read(&sub).is_err());
     }
 }
