@@ -13,6 +13,7 @@ use std::time::Duration;
 use colo_tests::http::{api_request, Client, Response};
 use colo_tests::net::{guest_ip, Host, Topology};
 use colo_tests::{guest_artifact, Vmm};
+use vmm::snapshot::{self, Memory};
 
 const BOOT: Duration = Duration::from_secs(20);
 const TAP: &str = "tap0";
@@ -231,19 +232,6 @@ fn wait_socket(sock: &Path) {
     }
 }
 
-/// The sections of a snapshot file: (tag, payload).
-fn sections(bytes: &[u8]) -> Vec<([u8; 4], &[u8])> {
-    let mut at = 32;
-    let mut out = Vec::new();
-    while at < bytes.len() {
-        let tag: [u8; 4] = bytes[at..at + 4].try_into().unwrap();
-        let len = u64::from_le_bytes(bytes[at + 4..at + 12].try_into().unwrap()) as usize;
-        out.push((tag, &bytes[at + 16..at + 16 + len]));
-        at += 16 + len;
-    }
-    out
-}
-
 #[test]
 fn pages_the_vmm_writes_for_received_packets_are_dirty() {
     let rig = Rig::new();
@@ -288,12 +276,9 @@ fn pages_the_vmm_writes_for_received_packets_are_dirty() {
     snapshot(&sock, "diff", &diff);
     snapshot(&sock, "full", &image);
 
-    let image = std::fs::read(&image).unwrap();
-    let mem = sections(&image)
-        .into_iter()
-        .find(|(t, _)| t == b"MEMF")
-        .unwrap()
-        .1;
+    let Memory::Full(mem) = snapshot::read(&image).unwrap().memory else {
+        panic!("a full snapshot without a full image")
+    };
     let found: Vec<u64> = mem
         .windows(marker.len())
         .enumerate()
@@ -301,16 +286,10 @@ fn pages_the_vmm_writes_for_received_packets_are_dirty() {
         .map(|(i, _)| i as u64)
         .collect();
     assert!(!found.is_empty(), "the marker is nowhere in guest memory");
-    let diff = std::fs::read(&diff).unwrap();
-    let memd = sections(&diff)
-        .into_iter()
-        .find(|(t, _)| t == b"MEMD")
-        .unwrap()
-        .1;
-    let count = u64::from_le_bytes(memd[..8].try_into().unwrap()) as usize;
-    let pages: Vec<u64> = (0..count)
-        .map(|i| u64::from_le_bytes(memd[8 + i * 8..16 + i * 8].try_into().unwrap()))
-        .collect();
+    let Memory::Diff(diff) = snapshot::read(&diff).unwrap().memory else {
+        panic!("a diff snapshot without pages")
+    };
+    let pages: Vec<u64> = diff.iter().map(|(addr, _)| *addr).collect();
     for addr in &found {
         let page = addr & !0xfff;
         assert!(

@@ -40,7 +40,7 @@ fn run(cli: &Cli) -> anyhow::Result<VmExit> {
     let chain = if config.restore.is_empty() {
         Vec::new()
     } else {
-        let chain = vmm::snapshot::read_chain(&config.restore).context("cannot restore")?;
+        let chain = vmm::snapshot::open_chain(&config.restore).context("cannot restore")?;
         if let Some(first) = chain.first() {
             let (mib, vcpus) = (first.layout.mem_size >> 20, first.layout.vcpus);
             if cli.mem_mib.is_some_and(|m| m != mib) || cli.vcpus.is_some_and(|v| v != vcpus) {
@@ -70,8 +70,7 @@ fn run(cli: &Cli) -> anyhow::Result<VmExit> {
     };
     let mut vm = Vm::create(&config).context("cannot create the VM")?;
     if let Some(last) = config.restore.last() {
-        vm.restore(&chain, last).context("cannot restore")?;
-        drop(chain);
+        vm.restore(chain, last).context("cannot restore")?;
     }
     let running = vm
         .start_with(config.start_paused)

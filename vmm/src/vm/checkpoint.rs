@@ -365,7 +365,7 @@ pub(super) fn for_each_chunk(
 }
 
 /// Refuses a page list with an unaligned page or one outside `mem`.
-fn check_pages(mem: &GuestMemory, addrs: &[u64]) -> Result<(), CheckpointError> {
+pub(super) fn check_pages(mem: &GuestMemory, addrs: &[u64]) -> Result<(), CheckpointError> {
     for &addr in addrs {
         if addr % PAGE_SIZE != 0 {
             return Err(CheckpointError::Pages(format!(

@@ -9,11 +9,11 @@ use std::path::Path;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use super::checkpoint::{for_each_chunk, CheckpointError, Target, PAGE_SIZE};
+use super::checkpoint::{check_pages, for_each_chunk, CheckpointError, Target, PAGE_SIZE};
 use super::memory::GuestMemory;
 use super::state;
 use super::{RunningVm, Vm, VmError};
-use crate::snapshot::{self, Kind, Memory, Snapshot};
+use crate::snapshot::{self, Kind, SnapshotFile};
 
 /// Guest memory streamed into a snapshot file straight from the guest's
 /// RAM: all of it, or the listed pages.
@@ -207,11 +207,15 @@ mod erased {
 }
 
 impl Vm {
-    /// Loads a verified snapshot chain (full, then diffs) into this VM,
-    /// which was created with the same layout and has not started. Checks
-    /// the whole chain against the VM (layout, machine identity, page
-    /// addresses, every vCPU and device state) before applying anything.
-    pub fn restore(&mut self, chain: &[Snapshot], source: &Path) -> Result<(), VmError> {
+    /// Loads a snapshot chain (full, then diffs), opened and checked by
+    /// [`snapshot::open_chain`], into this VM, which was created with the
+    /// same layout and has not started. Checks the chain against the VM
+    /// (layout, machine identity, page addresses, every vCPU and device
+    /// state) before applying anything, then streams each file's memory
+    /// straight into the guest, every chunk verified before it is written.
+    /// A chunk that fails its check half-way leaves a VM that must not run:
+    /// the caller discards it.
+    pub fn restore(&mut self, chain: Vec<SnapshotFile>, source: &Path) -> Result<(), VmError> {
         let Some(last) = chain.last() else {
             return Err(VmError::Refused("an empty restore chain".into()));
         };
@@ -232,60 +236,68 @@ impl Vm {
         target
             .validate(&last.layout, &last.state, "the snapshot")
             .map_err(|e| mismatch(super::error_chain(&e)))?;
-        for snap in chain {
-            if let Memory::Diff(pages) = &snap.memory {
-                if let Some((addr, _)) = pages.iter().find(|(a, _)| {
-                    !GuestMemoryBackend::check_range(
-                        &self.mem,
-                        GuestAddress(*a),
-                        PAGE_SIZE as usize,
-                    )
-                }) {
-                    return Err(mismatch(format!("page {addr:#x} is outside guest memory")));
-                }
-            }
+        for snap in &chain {
+            check_pages(&self.mem, &snap.pages).map_err(|e| mismatch(e.to_string()))?;
         }
-        // Memory: the full image, then each diff's pages.
-        for snap in chain {
-            match &snap.memory {
-                Memory::Full(bytes) => {
-                    let mut at = 0usize;
-                    for region in self.mem.iter() {
-                        let len = region.len() as usize;
-                        self.mem
-                            .write_slice(&bytes[at..at + len], region.start_addr())
-                            .map_err(|e| {
-                                VmError::Refused(format!("cannot write guest memory: {e}"))
-                            })?;
-                        at += len;
-                    }
-                }
-                Memory::Diff(pages) => {
-                    for (addr, page) in pages {
-                        self.mem
-                            .write_slice(page, GuestAddress(*addr))
-                            .map_err(|e| {
-                                VmError::Refused(format!("cannot write page {addr:#x}: {e}"))
-                            })?;
-                    }
-                }
-            }
+        // The full image's offsets, region by region.
+        let regions: Vec<(u64, u64, u64)> = {
+            let mut offset = 0;
+            self.mem
+                .iter()
+                .map(|r| {
+                    let entry = (offset, r.start_addr().0, r.len());
+                    offset += r.len();
+                    entry
+                })
+                .collect()
+        };
+        let mut state = None;
+        for mut snap in chain {
+            let kind = snap.kind;
+            let mem = &self.mem;
+            snap.read_memory(|at, bytes| {
+                let addr = match kind {
+                    snapshot::Kind::Diff => at,
+                    snapshot::Kind::Full => regions
+                        .iter()
+                        .find(|(off, _, len)| (*off..off + len).contains(&at))
+                        .map_or(u64::MAX, |(off, start, _)| start + (at - off)),
+                };
+                write_guest(mem, addr, bytes, source)
+            })?;
+            state = Some(snap.state.clone());
+            snap.finish()?;
         }
         // Writing the image is not a change the next diff should carry.
         for region in self.mem.iter() {
             vm_memory::MmapRegion::bitmap(region).reset();
         }
-        target.apply(&last.state, |states| {
+        let Some(state) = state else {
+            return Err(VmError::Refused("an empty restore chain".into()));
+        };
+        target.apply(&state, |states| {
             for (vcpu, vs) in self.vcpus.iter().zip(states) {
                 state::restore_vcpu(vcpu.fd(), vs, &self.vcpu_ctx)?;
             }
             Ok(())
         })?;
-        tracing::info!(
-            snapshots = chain.len(),
-            source = %source.display(),
-            "VM state restored"
-        );
+        tracing::info!(source = %source.display(), "VM state restored");
         Ok(())
     }
+}
+
+/// Writes verified snapshot bytes at `addr`, which may span regions only
+/// as the full image does (a piece never crosses a region's end: pieces
+/// are at most 1 MiB and regions are MiB-aligned).
+fn write_guest(
+    mem: &GuestMemory,
+    addr: u64,
+    bytes: &[u8],
+    path: &Path,
+) -> Result<(), snapshot::SnapshotError> {
+    mem.write_slice(bytes, GuestAddress(addr))
+        .map_err(|e| snapshot::SnapshotError::Malformed {
+            path: path.to_path_buf(),
+            what: format!("cannot write guest memory at {addr:#x}: {e}"),
+        })
 }
