@@ -205,19 +205,22 @@ fn full_plus_diffs_restore_to_the_state_of_a_full_snapshot_at_the_end() {
         next_generation(&mut r);
         r.kill();
     }
-    // A chain that skips a diff is a different machine.
-    let sock = rig.path("s.sock");
-    let _r = start(
-        &rig.topo,
-        &sock,
-        &[
-            "--restore",
-            &format!("{},{}", full.display(), d2.display()),
-            "--start-paused",
-        ],
-    );
-    wait_socket(&sock);
-    assert_ne!(state_hash(&sock), hash);
+    // A chain that skips a diff, or has them out of order, would be a
+    // different machine: refused before any VM exists.
+    for chain in [
+        format!("{},{}", full.display(), d2.display()),
+        format!("{},{},{}", full.display(), d2.display(), d1.display()),
+    ] {
+        let sock = rig.path("s.sock");
+        let mut r = start(&rig.topo, &sock, &["--restore", &chain]);
+        assert_eq!(r.wait_exit(BOOT).code(), Some(1), "{chain}");
+        assert!(
+            r.log().contains("does not continue the restore chain"),
+            "{chain}: {}",
+            r.log()
+        );
+        assert!(r.serial().is_empty(), "{chain}: the guest ran");
+    }
 }
 
 fn wait_socket(sock: &Path) {
@@ -411,4 +414,62 @@ fn bad_snapshot_files_are_refused_before_anything_runs() {
             v.serial()
         );
     }
+}
+
+/// POSTs a kv record to the guest from the client namespace.
+fn post_record(rig: &Rig, key: &str, value: &[u8]) {
+    rig.topo.client().enter(|| {
+        let http = TcpStream::connect_timeout(&SocketAddr::from((guest_ip(0), 80)), BOOT).unwrap();
+        http.set_read_timeout(Some(BOOT)).unwrap();
+        let r = Client::new(http, "guest")
+            .request("POST", &format!("/kv/{key}"), value)
+            .unwrap();
+        assert!((200..300).contains(&r.status), "{}", r.text());
+    });
+}
+
+#[test]
+fn a_restore_onto_a_disk_written_since_the_snapshot_is_refused() {
+    let rig = Rig::new();
+    let disk = rig.path("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let disk_arg = disk.display().to_string();
+    let (mut vmm, sock) = rig.boot("", &["--disk", &disk_arg]);
+    post_record(&rig, "before", b"in the snapshot");
+    pause(&sock);
+    let snap = rig.path("a.full");
+    snapshot(&sock, "full", &snap);
+    resume(&sock);
+    // Acknowledged after the snapshot: a restore would silently lose it.
+    post_record(&rig, "after", b"acknowledged after the snapshot");
+    vmm.kill();
+
+    let restore = |snap: &Path, sock: &Path| {
+        let snap = snap.display().to_string();
+        let args = ["--restore", &snap, "--disk", &disk_arg, "--start-paused"];
+        start(&rig.topo, sock, &args)
+    };
+    let mut r = restore(&snap, &rig.path("r.sock"));
+    let status = r.wait_exit(BOOT);
+    assert_eq!(status.code(), Some(1), "{status:?}");
+    let log = r.log();
+    assert!(
+        log.contains("disk blk0") && log.contains("changed since the snapshot"),
+        "{log}"
+    );
+    assert!(r.serial().is_empty(), "the guest ran:\n{}", r.serial());
+
+    // A snapshot with the disk as it is now restores.
+    let (mut vmm, sock) = rig.boot("", &["--disk", &disk_arg]);
+    pause(&sock);
+    let snap = rig.path("b.full");
+    snapshot(&sock, "full", &snap);
+    vmm.kill();
+    let sock = rig.path("r2.sock");
+    let _r = restore(&snap, &sock);
+    wait_socket(&sock);
+    assert!(state_hash(&sock).contains("blk0"));
 }

@@ -2,11 +2,13 @@
 //!
 //! ```text
 //! header   32 bytes: magic "COLOSNAP", version u32, kind u32 (0 full,
-//!          1 diff), guest memory bytes u64, section count u32 (3: those
+//!          1 diff), guest memory bytes u64, section count u32 (4: those
 //!          before END.), CRC-32 of the 28 bytes before it
 //! section  tag [u8; 4], payload length u64, then the payload in chunks
 //!          of at most 1 MiB, each followed by its CRC-32
 //!   LAYT   postcard(Layout): memory, vCPUs, devices, CPU identity
+//!   LINE   postcard(Lineage): this snapshot's id, the one it follows, the
+//!          VM instance, the disks' identity when it was taken
 //!   STAT   postcard(MachineState): vCPUs, VM, serial, i8042, virtio
 //!   MEMF   full: every RAM range's bytes in address order
 //!   MEMD   diff: page count u64, that many page addresses u64, the pages
@@ -53,6 +55,68 @@ pub enum Kind {
 }
 
 pub use crate::vm::machine::{Layout, MachineState};
+
+/// 16 random bytes naming a snapshot or a VM instance.
+pub type Id = [u8; 16];
+
+/// A fresh random id.
+pub fn new_id() -> Id {
+    let mut id = [0u8; 16];
+    // SAFETY: getrandom writes at most `id.len()` bytes into `id`.
+    let n = unsafe { libc::getrandom(id.as_mut_ptr().cast(), id.len(), 0) };
+    if n != id.len() as isize {
+        // No entropy source: time and pid still tell VMs and snapshots apart.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        id = (t ^ (u128::from(std::process::id()) << 96)).to_le_bytes();
+    }
+    id
+}
+
+/// The first bytes of an id, for messages.
+pub fn short(id: &Id) -> String {
+    id[..4].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A disk image's identity and generation: the same file, unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskStamp {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i128,
+    pub ctime_ns: i128,
+}
+
+impl DiskStamp {
+    /// The stamp of the file at `path` now.
+    pub fn of(path: &Path) -> io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path)?;
+        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+        Ok(Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: ns(m.mtime(), m.mtime_nsec()),
+            ctime_ns: ns(m.ctime(), m.ctime_nsec()),
+        })
+    }
+}
+
+/// Where a snapshot stands in its chain, and the disks it goes with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lineage {
+    /// This snapshot.
+    pub id: Id,
+    /// The VM instance whose full snapshot starts the chain.
+    pub instance: Id,
+    /// The snapshot a diff follows; none for a full one.
+    pub parent: Option<Id>,
+    /// Each disk as it was when the snapshot was taken, in device order.
+    pub disks: Vec<DiskStamp>,
+}
 
 /// Guest memory in a snapshot.
 pub enum Memory {
@@ -202,6 +266,7 @@ fn small_section<W: Write>(out: &mut W, tag: &[u8; 4], payload: &[u8]) -> io::Re
 pub struct Snapshot {
     pub kind: Kind,
     pub layout: Layout,
+    pub lineage: Lineage,
     pub state: MachineState,
     pub memory: Memory,
 }
@@ -233,6 +298,8 @@ pub enum SnapshotError {
     Malformed { path: PathBuf, what: String },
     #[error("snapshot {path} does not fit this VM: {what}")]
     Mismatch { path: PathBuf, what: String },
+    #[error("{path} does not continue the restore chain: {what}")]
+    Chain { path: PathBuf, what: String },
     #[error("a restore chain starts with a full snapshot; {path} is a diff")]
     ChainStart { path: PathBuf },
     #[error("a restore chain continues with diffs; {path} is a full snapshot")]
@@ -244,7 +311,7 @@ fn to_io(e: postcard::Error) -> io::Error {
 }
 
 /// The sections a snapshot holds, besides `END.`.
-const SECTIONS: u32 = 3;
+const SECTIONS: u32 = 4;
 
 /// Temporary files of this process get a number each, so two snapshots
 /// written at once (to `a.full` and `a.diff`, or twice to one target) never
@@ -303,6 +370,7 @@ fn sync_dir(path: &Path) -> io::Result<()> {
 pub fn write(
     path: &Path,
     layout: &Layout,
+    lineage: &Lineage,
     state: &MachineState,
     memory: &dyn MemorySource,
 ) -> Result<u64, SnapshotError> {
@@ -327,6 +395,11 @@ pub fn write(
             &mut out,
             b"LAYT",
             &postcard::to_stdvec(layout).map_err(to_io)?,
+        )?;
+        small_section(
+            &mut out,
+            b"LINE",
+            &postcard::to_stdvec(lineage).map_err(to_io)?,
         )?;
         small_section(
             &mut out,
@@ -425,6 +498,7 @@ pub struct SnapshotFile {
     stream: Stream,
     pub kind: Kind,
     pub layout: Layout,
+    pub lineage: Lineage,
     pub state: MachineState,
     /// A diff's page addresses (aligned); empty for a full snapshot.
     pub pages: Vec<u64>,
@@ -486,6 +560,12 @@ impl SnapshotFile {
         let layout = f.whole_section(b"LAYT", MAX_LAYOUT, size, &mut at)?;
         let layout: Layout =
             postcard::from_bytes(&layout).map_err(|e| f.malformed(format!("layout: {e}")))?;
+        let lineage = f.whole_section(b"LINE", MAX_LAYOUT, size, &mut at)?;
+        let lineage: Lineage =
+            postcard::from_bytes(&lineage).map_err(|e| f.malformed(format!("lineage: {e}")))?;
+        if (kind == Kind::Full) != lineage.parent.is_none() {
+            return Err(f.malformed("a full snapshot follows none, a diff one".into()));
+        }
         let state = f.whole_section(b"STAT", MAX_STATE, size, &mut at)?;
         let state: MachineState =
             postcard::from_bytes(&state).map_err(|e| f.malformed(format!("state: {e}")))?;
@@ -549,6 +629,7 @@ impl SnapshotFile {
             stream: f,
             kind,
             layout,
+            lineage,
             state,
             pages,
         })
@@ -739,11 +820,13 @@ pub fn read(path: &Path) -> Result<Snapshot, SnapshotError> {
             Memory::Diff(pages)
         }
     };
-    let (kind, layout, state) = (f.kind, f.layout.clone(), f.state.clone());
+    let (kind, layout, lineage, state) =
+        (f.kind, f.layout.clone(), f.lineage.clone(), f.state.clone());
     f.finish()?;
     Ok(Snapshot {
         kind,
         layout,
+        lineage,
         state,
         memory,
     })
@@ -766,6 +849,26 @@ pub fn open_chain(paths: &[PathBuf]) -> Result<Vec<SnapshotFile>, SnapshotError>
                 return Err(SnapshotError::Mismatch {
                     path: path.clone(),
                     what: "its layout differs from the full snapshot's".into(),
+                });
+            }
+        }
+        if let Some(prev) = chain.last() {
+            let follows = snap.lineage.parent.unwrap_or_default();
+            if follows != prev.lineage.id {
+                let whose = if snap.lineage.instance == prev.lineage.instance {
+                    "a snapshot of the same VM"
+                } else {
+                    "a snapshot of another VM"
+                };
+                return Err(SnapshotError::Chain {
+                    path: path.clone(),
+                    what: format!(
+                        "it follows snapshot {} ({whose}), not {} ({}): \
+                         a chain out of order, with a gap, or of another VM",
+                        short(&follows),
+                        short(&prev.lineage.id),
+                        paths[chain.len() - 1].display()
+                    ),
                 });
             }
         }
@@ -828,6 +931,19 @@ mod tests {
         }
     }
 
+    const A: Id = [1; 16];
+    const B: Id = [2; 16];
+    const C: Id = [3; 16];
+
+    fn line(id: Id, parent: Option<Id>) -> Lineage {
+        Lineage {
+            id,
+            instance: [9; 16],
+            parent,
+            disks: vec![],
+        }
+    }
+
     fn layout() -> Layout {
         Layout {
             mem_size: 8192,
@@ -844,7 +960,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let full = dir.path().join("f");
         let mem: Vec<u8> = (0..8192u32).map(|i| i as u8).collect();
-        write(&full, &layout(), &state(2), &Memory::Full(mem.clone())).unwrap();
+        write(
+            &full,
+            &layout(),
+            &line(A, None),
+            &state(2),
+            &Memory::Full(mem.clone()),
+        )
+        .unwrap();
         let snap = read(&full).unwrap();
         assert_eq!((snap.kind, snap.layout), (Kind::Full, layout()));
         assert_eq!(snap.state.vcpus[1].regs.rip, 0x1234);
@@ -855,6 +978,7 @@ mod tests {
         write(
             &diff,
             &layout(),
+            &line(B, Some(A)),
             &state(2),
             &Memory::Diff(vec![(4096, page.clone())]),
         )
@@ -885,7 +1009,14 @@ mod tests {
     fn every_corruption_is_caught() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
-        write(&path, &layout(), &state(2), &Memory::Full(vec![1; 8192])).unwrap();
+        write(
+            &path,
+            &layout(),
+            &line(A, None),
+            &state(2),
+            &Memory::Full(vec![1; 8192]),
+        )
+        .unwrap();
         let good = std::fs::read(&path).unwrap();
         let bad = dir.path().join("bad");
         // Any single flipped byte and any truncation is refused.
@@ -907,7 +1038,14 @@ mod tests {
             Err(SnapshotError::Version { found: 9, .. })
         ));
         // A state for 1 vCPU in a 2-vCPU layout is inconsistent.
-        write(&path, &layout(), &state(1), &Memory::Full(vec![1; 8192])).unwrap();
+        write(
+            &path,
+            &layout(),
+            &line(A, None),
+            &state(1),
+            &Memory::Full(vec![1; 8192]),
+        )
+        .unwrap();
         assert!(matches!(read(&path), Err(SnapshotError::Malformed { .. })));
     }
 
@@ -936,13 +1074,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         let layt = postcard::to_stdvec(&layout()).unwrap();
+        let lin = postcard::to_stdvec(&line(A, None)).unwrap();
         let stat = postcard::to_stdvec(&state(2)).unwrap();
         let mem = vec![1u8; 8192];
         crafted(
             &path,
-            3,
+            4,
             &[
                 (b"LAYT", layt.clone()),
+                (b"LINE", lin.clone()),
                 (b"STAT", stat.clone()),
                 (b"MEMF", mem.clone()),
             ],
@@ -950,9 +1090,10 @@ mod tests {
         assert!(read(&path).is_ok());
         let cases: Vec<(u32, Sections, &str)> = vec![
             (
-                3,
+                4,
                 vec![
                     (b"LAYT", layt.clone()),
+                    (b"LINE", lin.clone()),
                     (b"STAT", stat.clone()),
                     (b"XTRA", vec![1]),
                     (b"MEMF", mem.clone()),
@@ -960,19 +1101,21 @@ mod tests {
                 "section XTRA where MEMF belongs",
             ),
             (
-                3,
+                4,
                 vec![
                     (b"LAYT", layt.clone()),
                     (b"LAYT", layt.clone()),
+                    (b"LINE", lin.clone()),
                     (b"STAT", stat.clone()),
                     (b"MEMF", mem.clone()),
                 ],
-                "section LAYT where STAT belongs",
+                "section LAYT where LINE belongs",
             ),
             (
-                3,
+                4,
                 vec![
                     (b"LAYT", layt.clone()),
+                    (b"LINE", lin.clone()),
                     (b"STAT", stat.clone()),
                     (b"MEMF", mem.clone()),
                     (b"MEMF", mem.clone()),
@@ -981,7 +1124,12 @@ mod tests {
             ),
             (
                 7,
-                vec![(b"LAYT", layt), (b"STAT", stat), (b"MEMF", mem)],
+                vec![
+                    (b"LAYT", layt),
+                    (b"LINE", lin),
+                    (b"STAT", stat),
+                    (b"MEMF", mem),
+                ],
                 "the header says 7",
             ),
         ];
@@ -1010,7 +1158,7 @@ mod tests {
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
         for target in [&sub, &link, &fifo] {
             assert!(
-                write(target, &layout(), &state(2), &mem).is_err(),
+                write(target, &layout(), &line(A, None), &state(2), &mem).is_err(),
                 "{} written over",
                 target.display()
             );
@@ -1040,10 +1188,24 @@ mod tests {
             .or_else(|_| tempfile::tempdir())
             .unwrap();
         let full = dir.path().join("f");
-        write(&full, &layout(), &state(2), &Memory::Full(vec![3; 8192])).unwrap();
+        write(
+            &full,
+            &layout(),
+            &line(A, None),
+            &state(2),
+            &Memory::Full(vec![3; 8192]),
+        )
+        .unwrap();
         let diff = dir.path().join("d");
         let pages = vec![(4096, vec![5u8; 4096])];
-        write(&diff, &layout(), &state(2), &Memory::Diff(pages)).unwrap();
+        write(
+            &diff,
+            &layout(),
+            &line(B, Some(A)),
+            &state(2),
+            &Memory::Diff(pages),
+        )
+        .unwrap();
         let bad = dir.path().join("bad");
         for good in [std::fs::read(&full).unwrap(), std::fs::read(&diff).unwrap()] {
             assert!(read(&full).is_ok());
@@ -1059,6 +1221,37 @@ mod tests {
                 std::fs::write(&bad, &good[..len]).unwrap();
                 assert!(read(&bad).is_err(), "truncated to {len} accepted");
             }
+        }
+    }
+
+    #[test]
+    fn chains_out_of_order_with_a_gap_or_of_another_vm_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |n: &str| dir.path().join(n);
+        let page = || Memory::Diff(vec![(4096, vec![1u8; 4096])]);
+        let full = Memory::Full(vec![0; 8192]);
+        write(&p("f"), &layout(), &line(A, None), &state(2), &full).unwrap();
+        write(&p("d1"), &layout(), &line(B, Some(A)), &state(2), &page()).unwrap();
+        write(&p("d2"), &layout(), &line(C, Some(B)), &state(2), &page()).unwrap();
+        let other = Lineage {
+            instance: [7; 16],
+            ..line([8; 16], None)
+        };
+        write(&p("g"), &layout(), &other, &state(2), &full).unwrap();
+        assert_eq!(open_chain(&[p("f"), p("d1"), p("d2")]).unwrap().len(), 3);
+        for (chain, want) in [
+            (
+                vec![p("f"), p("d2"), p("d1")],
+                "(a snapshot of the same VM)",
+            ),
+            (vec![p("f"), p("d2")], "(a snapshot of the same VM)"),
+            (vec![p("g"), p("d1"), p("d2")], "(a snapshot of another VM)"),
+        ] {
+            let Err(e) = open_chain(&chain) else {
+                panic!("{chain:?} accepted")
+            };
+            assert!(matches!(e, SnapshotError::Chain { .. }), "{e}");
+            assert!(e.to_string().contains(want), "{e}");
         }
     }
 }

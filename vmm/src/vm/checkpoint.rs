@@ -570,9 +570,13 @@ impl RunningVm {
     }
 
     /// The pages dirtied since the last take (see the module doc).
+    /// A diff snapshot after this needs a full one first: the pages taken
+    /// are no longer the snapshot file's to record.
     pub fn take_dirty(&mut self) -> Result<DirtySet, CheckpointError> {
         self.require_paused("taking the dirty pages")?;
-        self.dirty.take(&self.vm_fd, &self.mem)
+        let set = self.dirty.take(&self.vm_fd, &self.mem)?;
+        self.lineage.follows = None;
+        Ok(set)
     }
 
     /// Gives back a set [`RunningVm::take_dirty`] handed out and that was

@@ -151,6 +151,7 @@ pub struct Vm {
     vcpu_ctx: state::VcpuContext,
     layout: machine::Layout,
     track_dirty: bool,
+    lineage: persist::SnapshotLineage,
 }
 
 /// The legacy devices, kept for save and restore.
@@ -275,6 +276,9 @@ impl Vm {
             vcpu_ctx: state::VcpuContext::new(&kvm)?,
             layout,
             track_dirty: config.track_dirty_pages,
+            lineage: persist::SnapshotLineage::new(
+                config.disks.iter().map(|d| d.path.clone()).collect(),
+            ),
         })
     }
 
@@ -327,6 +331,7 @@ impl Vm {
             dirty: checkpoint::DirtyLog::new(self.track_dirty),
             kick_on_resume: false,
             broken: false,
+            lineage: self.lineage,
         };
         for vcpu in self.vcpus {
             let wake = running
@@ -530,6 +535,7 @@ pub struct RunningVm {
     kick_on_resume: bool,
     /// A load failed half-way: the VM must not run again.
     broken: bool,
+    lineage: persist::SnapshotLineage,
 }
 
 impl RunningVm {

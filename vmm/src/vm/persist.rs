@@ -70,6 +70,32 @@ impl snapshot::MemorySource for GuestImage<'_> {
     }
 }
 
+/// What a VM's snapshots record about where they stand: the VM instance
+/// (a restored VM continues its chain's), the snapshot its dirty log
+/// counts from (what a diff follows), and its disks.
+pub(super) struct SnapshotLineage {
+    pub instance: snapshot::Id,
+    pub follows: Option<snapshot::Id>,
+    pub disks: Vec<std::path::PathBuf>,
+}
+
+impl SnapshotLineage {
+    pub(super) fn new(disks: Vec<std::path::PathBuf>) -> Self {
+        Self {
+            instance: snapshot::new_id(),
+            follows: None,
+            disks,
+        }
+    }
+
+    fn stamps(&self) -> std::io::Result<Vec<snapshot::DiskStamp>> {
+        self.disks
+            .iter()
+            .map(|d| snapshot::DiskStamp::of(d))
+            .collect()
+    }
+}
+
 impl RunningVm {
     /// Writes a snapshot of the paused VM to `path`; returns its size.
     /// A diff holds the pages dirtied since the previous snapshot (which
@@ -83,9 +109,29 @@ impl RunningVm {
                 "a diff snapshot needs dirty tracking: start vmm with --track-dirty-pages".into(),
             ));
         }
+        let parent = match kind {
+            Kind::Full => None,
+            Kind::Diff => Some(self.lineage.follows.ok_or_else(|| {
+                VmError::Refused(
+                    "a diff snapshot follows a full one or a restore: take a full snapshot first"
+                        .into(),
+                )
+            })?),
+        };
+        let lineage = snapshot::Lineage {
+            id: snapshot::new_id(),
+            instance: self.lineage.instance,
+            parent,
+            disks: self.lineage.stamps().map_err(|source| {
+                VmError::Snapshot(snapshot::SnapshotError::Write {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            })?,
+        };
         let state = self.save_state()?;
         let maps = if self.dirty.is_logging() {
-            Some(self.take_dirty()?)
+            Some(self.dirty.take(&self.vm_fd, &self.mem)?)
         } else {
             None
         };
@@ -98,11 +144,12 @@ impl RunningVm {
             kind,
             pages,
         };
-        let result = snapshot::write(path, &self.layout, &state, &source).map_err(VmError::from);
-        if result.is_err() {
-            if let Some(set) = maps {
-                self.put_back_dirty(set);
-            }
+        let result =
+            snapshot::write(path, &self.layout, &lineage, &state, &source).map_err(VmError::from);
+        match (&result, maps) {
+            (Ok(_), _) => self.lineage.follows = Some(lineage.id),
+            (Err(_), Some(set)) => self.put_back_dirty(set),
+            (Err(_), None) => {}
         }
         result
     }
@@ -239,6 +286,43 @@ impl Vm {
         for snap in &chain {
             check_pages(&self.mem, &snap.pages).map_err(|e| mismatch(e.to_string()))?;
         }
+        // The disks must be those the snapshot was taken with, unchanged:
+        // the guest's memory holds what it knows of them (acknowledged
+        // writes, caches), and a disk written since would contradict it.
+        if last.lineage.disks.len() != self.lineage.disks.len() {
+            return Err(mismatch(format!(
+                "it was taken with {} disks, this VM has {}",
+                last.lineage.disks.len(),
+                self.lineage.disks.len()
+            )));
+        }
+        for (i, (then, path)) in last
+            .lineage
+            .disks
+            .iter()
+            .zip(&self.lineage.disks)
+            .enumerate()
+        {
+            let now = snapshot::DiskStamp::of(path).map_err(|e| {
+                mismatch(format!(
+                    "cannot check disk blk{i} ({}): {e}",
+                    path.display()
+                ))
+            })?;
+            if (now.dev, now.ino) != (then.dev, then.ino) {
+                return Err(mismatch(format!(
+                    "disk blk{i} ({}) is not the file the snapshot was taken with",
+                    path.display()
+                )));
+            }
+            if now != *then {
+                return Err(mismatch(format!(
+                    "disk blk{i} ({}) changed since the snapshot was taken \
+                     (restoring would lose or contradict what was written since)",
+                    path.display()
+                )));
+            }
+        }
         // The full image's offsets, region by region.
         let regions: Vec<(u64, u64, u64)> = {
             let mut offset = 0;
@@ -251,6 +335,7 @@ impl Vm {
                 })
                 .collect()
         };
+        let (instance, follows) = (last.lineage.instance, last.lineage.id);
         let mut state = None;
         for mut snap in chain {
             let kind = snap.kind;
@@ -281,6 +366,10 @@ impl Vm {
             }
             Ok(())
         })?;
+        // The restored VM continues the chain: its next diff follows the
+        // last snapshot restored.
+        self.lineage.instance = instance;
+        self.lineage.follows = Some(follows);
         tracing::info!(source = %source.display(), "VM state restored");
         Ok(())
     }
