@@ -10,6 +10,7 @@ use std::path::Path;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::checkpoint::{check_pages, for_each_chunk, CheckpointError, Target, PAGE_SIZE};
+use super::machine::MachineState;
 use super::memory::GuestMemory;
 use super::state;
 use super::{RunningVm, Vm, VmError};
@@ -171,6 +172,15 @@ impl RunningVm {
     pub fn state_hash(&self) -> Result<StateHash, VmError> {
         self.require_paused("a state hash")?;
         let st = self.save_state()?;
+        self.state_hash_of(&st)
+    }
+
+    /// The state hash of `st` (a state [`RunningVm::save_state`] returned)
+    /// with this paused VM's memory: the hash of exactly what a checkpoint
+    /// sent, even if the paused VM's own state has moved since (an
+    /// interrupt KVM delivered late).
+    pub fn state_hash_of(&self, st: &MachineState) -> Result<StateHash, VmError> {
+        self.require_paused("a state hash")?;
         let encode = |what: &str, value: &dyn erased::Encode| -> Result<u64, VmError> {
             value
                 .encode()

@@ -28,6 +28,10 @@ const MSR_IA32_TSC: u32 = 0x10;
 const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 /// LAPIC register offsets whose contents run with time, not guest actions.
 const LAPIC_TIMER_CURRENT_COUNT: usize = 0x390;
+/// The processor priority register: derived from the TPR and the ISR, and
+/// recomputed by KVM lazily (on a read, an injection, a state load), so two
+/// equal vCPUs can report different stale values.
+const LAPIC_PPR: usize = 0xa0;
 
 /// Errors reading or writing KVM state.
 #[derive(Debug, thiserror::Error)]
@@ -349,7 +353,8 @@ pub fn kvm_time_area(index: u32, value: u64) -> Option<(u64, u64)> {
 
 impl VcpuState {
     /// The state with what runs on its own while the VM is paused (the TSC,
-    /// the LAPIC timer's current count) zeroed: what a state hash covers.
+    /// the LAPIC timer's current count) and what KVM derives lazily (the
+    /// LAPIC's PPR) zeroed: what a state hash covers.
     pub fn timeless(&self) -> Self {
         let mut s = self.clone();
         for (index, value) in &mut s.msrs {
@@ -357,8 +362,8 @@ impl VcpuState {
                 *value = 0;
             }
         }
-        for b in &mut s.lapic.regs[LAPIC_TIMER_CURRENT_COUNT..LAPIC_TIMER_CURRENT_COUNT + 4] {
-            *b = 0;
+        for at in [LAPIC_TIMER_CURRENT_COUNT, LAPIC_PPR] {
+            s.lapic.regs[at..at + 4].fill(0);
         }
         s
     }
