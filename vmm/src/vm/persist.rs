@@ -333,33 +333,32 @@ impl Vm {
                 )));
             }
         }
-        // The full image's offsets, region by region.
-        let regions: Vec<(u64, u64, u64)> = {
-            let mut offset = 0;
-            self.mem
-                .iter()
-                .map(|r| {
-                    let entry = (offset, r.start_addr().0, r.len());
-                    offset += r.len();
-                    entry
-                })
-                .collect()
-        };
         let (instance, follows) = (last.lineage.instance, last.lineage.id);
         let mut state = None;
         for mut snap in chain {
-            let kind = snap.kind;
-            let mem = &self.mem;
-            snap.read_memory(|at, bytes| {
-                let addr = match kind {
-                    snapshot::Kind::Diff => at,
-                    snapshot::Kind::Full => regions
-                        .iter()
-                        .find(|(off, _, len)| (*off..off + len).contains(&at))
-                        .map_or(u64::MAX, |(off, start, _)| start + (at - off)),
-                };
-                write_guest(mem, addr, bytes, source)
-            })?;
+            match snap.kind {
+                snapshot::Kind::Full => {
+                    let mut regions = Vec::new();
+                    for region in self.mem.iter() {
+                        let host = region
+                            .get_host_address(vm_memory::MemoryRegionAddress(0))
+                            .map_err(|_| {
+                                VmError::Refused("guest memory has no host address".into())
+                            })?;
+                        // SAFETY: a live mapping of `region.len()` bytes that
+                        // `self.mem` owns; the VM has not started, so no vCPU
+                        // or device thread touches it while this slice lives.
+                        regions.push(unsafe {
+                            std::slice::from_raw_parts_mut(host, region.len() as usize)
+                        });
+                    }
+                    snap.read_full_into(&mut regions)?;
+                }
+                snapshot::Kind::Diff => {
+                    let mem = &self.mem;
+                    snap.read_memory(|addr, page| write_guest(mem, addr, page, source))?;
+                }
+            }
             state = Some(snap.state.clone());
             snap.finish()?;
         }
