@@ -183,6 +183,13 @@ fn checkpoints_into_a_live_paused_vm_reproduce_the_state_exactly() {
     assert!(sent > cycles(), "the workload dirtied only {sent} pages");
     let text = std::fs::read_to_string(dir.path().join("a.log")).unwrap();
     assert!(!text.contains("FAILED"), "{text}");
+    // B, never booted, runs on from the last checkpoint: its workload
+    // self-checks the memory it got.
+    b.resume().unwrap();
+    let console_b = dir.path().join("b.log");
+    wait_for(&console_b, " ok, ");
+    let text = std::fs::read_to_string(&console_b).unwrap();
+    assert!(!text.contains("FAILED"), "{text}");
 }
 
 #[test]
