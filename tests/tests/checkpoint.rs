@@ -227,3 +227,30 @@ fn a_load_that_does_not_fit_changes_nothing() {
         Err(CheckpointError::NotPaused(_))
     ));
 }
+
+#[test]
+fn dirty_logging_switches_on_and_off_on_a_running_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    let console = dir.path().join("a.log");
+    let mut config = config(&console, None);
+    config.track_dirty_pages = false;
+    let mut vm = Vm::create(&config).unwrap().start().unwrap();
+    wait_for(&console, "colo-test-guest: ready");
+    assert!(!vm.dirty_logging());
+    vm.pause().unwrap();
+    assert!(matches!(vm.take_dirty(), Err(CheckpointError::LoggingOff)));
+    vm.resume().unwrap();
+
+    // On while the guest runs: its workload's pages show up.
+    vm.set_dirty_logging(true).unwrap();
+    wait_for(&console, "workload generation 1 ok");
+    vm.pause().unwrap();
+    let dirty = vm.take_dirty().unwrap();
+    assert!(dirty.len() > 16, "{} pages dirty", dirty.len());
+    vm.resume().unwrap();
+
+    // Off again: nothing to take.
+    vm.set_dirty_logging(false).unwrap();
+    vm.pause().unwrap();
+    assert!(matches!(vm.take_dirty(), Err(CheckpointError::LoggingOff)));
+}
