@@ -24,6 +24,11 @@ pub trait Persist {
     type State: Serialize + DeserializeOwned + Clone + std::fmt::Debug;
     /// Captures the state.
     fn save(&self) -> Self::State;
+    /// Checks that `state` could be applied, changing nothing (restore
+    /// checks it too).
+    fn validate(&self, _state: &Self::State) -> Result<(), PersistError> {
+        Ok(())
+    }
     /// Applies `state`, all or nothing.
     fn restore(&mut self, state: &Self::State) -> Result<(), PersistError>;
 }

@@ -13,6 +13,7 @@ use std::time::Duration;
 use colo_tests::http::{api_request, Client, Response};
 use colo_tests::net::{guest_ip, Host, Topology};
 use colo_tests::{guest_artifact, Vmm};
+use vmm::snapshot::{self, Memory};
 
 const BOOT: Duration = Duration::from_secs(20);
 const TAP: &str = "tap0";
@@ -204,19 +205,22 @@ fn full_plus_diffs_restore_to_the_state_of_a_full_snapshot_at_the_end() {
         next_generation(&mut r);
         r.kill();
     }
-    // A chain that skips a diff is a different machine.
-    let sock = rig.path("s.sock");
-    let _r = start(
-        &rig.topo,
-        &sock,
-        &[
-            "--restore",
-            &format!("{},{}", full.display(), d2.display()),
-            "--start-paused",
-        ],
-    );
-    wait_socket(&sock);
-    assert_ne!(state_hash(&sock), hash);
+    // A chain that skips a diff, or has them out of order, would be a
+    // different machine: refused before any VM exists.
+    for chain in [
+        format!("{},{}", full.display(), d2.display()),
+        format!("{},{},{}", full.display(), d2.display(), d1.display()),
+    ] {
+        let sock = rig.path("s.sock");
+        let mut r = start(&rig.topo, &sock, &["--restore", &chain]);
+        assert_eq!(r.wait_exit(BOOT).code(), Some(1), "{chain}");
+        assert!(
+            r.log().contains("does not continue the restore chain"),
+            "{chain}: {}",
+            r.log()
+        );
+        assert!(r.serial().is_empty(), "{chain}: the guest ran");
+    }
 }
 
 fn wait_socket(sock: &Path) {
@@ -229,19 +233,6 @@ fn wait_socket(sock: &Path) {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-}
-
-/// The sections of a snapshot file: (tag, payload).
-fn sections(bytes: &[u8]) -> Vec<([u8; 4], &[u8])> {
-    let mut at = 32;
-    let mut out = Vec::new();
-    while at < bytes.len() {
-        let tag: [u8; 4] = bytes[at..at + 4].try_into().unwrap();
-        let len = u64::from_le_bytes(bytes[at + 4..at + 12].try_into().unwrap()) as usize;
-        out.push((tag, &bytes[at + 16..at + 16 + len]));
-        at += 16 + len;
-    }
-    out
 }
 
 #[test]
@@ -288,12 +279,9 @@ fn pages_the_vmm_writes_for_received_packets_are_dirty() {
     snapshot(&sock, "diff", &diff);
     snapshot(&sock, "full", &image);
 
-    let image = std::fs::read(&image).unwrap();
-    let mem = sections(&image)
-        .into_iter()
-        .find(|(t, _)| t == b"MEMF")
-        .unwrap()
-        .1;
+    let Memory::Full(mem) = snapshot::read(&image).unwrap().memory else {
+        panic!("a full snapshot without a full image")
+    };
     let found: Vec<u64> = mem
         .windows(marker.len())
         .enumerate()
@@ -301,16 +289,10 @@ fn pages_the_vmm_writes_for_received_packets_are_dirty() {
         .map(|(i, _)| i as u64)
         .collect();
     assert!(!found.is_empty(), "the marker is nowhere in guest memory");
-    let diff = std::fs::read(&diff).unwrap();
-    let memd = sections(&diff)
-        .into_iter()
-        .find(|(t, _)| t == b"MEMD")
-        .unwrap()
-        .1;
-    let count = u64::from_le_bytes(memd[..8].try_into().unwrap()) as usize;
-    let pages: Vec<u64> = (0..count)
-        .map(|i| u64::from_le_bytes(memd[8 + i * 8..16 + i * 8].try_into().unwrap()))
-        .collect();
+    let Memory::Diff(diff) = snapshot::read(&diff).unwrap().memory else {
+        panic!("a diff snapshot without pages")
+    };
+    let pages: Vec<u64> = diff.iter().map(|(addr, _)| *addr).collect();
     for addr in &found {
         let page = addr & !0xfff;
         assert!(
@@ -405,6 +387,15 @@ fn bad_snapshot_files_are_refused_before_anything_runs() {
         (
             vec![
                 "--restore".into(),
+                good.display().to_string(),
+                "--cpu-template".into(),
+                "baseline".into(),
+            ],
+            "the snapshot's CPU template is host, this VM's is baseline",
+        ),
+        (
+            vec![
+                "--restore".into(),
                 rig.path("missing").display().to_string(),
             ],
             "cannot read snapshot",
@@ -423,4 +414,62 @@ fn bad_snapshot_files_are_refused_before_anything_runs() {
             v.serial()
         );
     }
+}
+
+/// POSTs a kv record to the guest from the client namespace.
+fn post_record(rig: &Rig, key: &str, value: &[u8]) {
+    rig.topo.client().enter(|| {
+        let http = TcpStream::connect_timeout(&SocketAddr::from((guest_ip(0), 80)), BOOT).unwrap();
+        http.set_read_timeout(Some(BOOT)).unwrap();
+        let r = Client::new(http, "guest")
+            .request("POST", &format!("/kv/{key}"), value)
+            .unwrap();
+        assert!((200..300).contains(&r.status), "{}", r.text());
+    });
+}
+
+#[test]
+fn a_restore_onto_a_disk_written_since_the_snapshot_is_refused() {
+    let rig = Rig::new();
+    let disk = rig.path("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let disk_arg = disk.display().to_string();
+    let (mut vmm, sock) = rig.boot("", &["--disk", &disk_arg]);
+    post_record(&rig, "before", b"in the snapshot");
+    pause(&sock);
+    let snap = rig.path("a.full");
+    snapshot(&sock, "full", &snap);
+    resume(&sock);
+    // Acknowledged after the snapshot: a restore would silently lose it.
+    post_record(&rig, "after", b"acknowledged after the snapshot");
+    vmm.kill();
+
+    let restore = |snap: &Path, sock: &Path| {
+        let snap = snap.display().to_string();
+        let args = ["--restore", &snap, "--disk", &disk_arg, "--start-paused"];
+        start(&rig.topo, sock, &args)
+    };
+    let mut r = restore(&snap, &rig.path("r.sock"));
+    let status = r.wait_exit(BOOT);
+    assert_eq!(status.code(), Some(1), "{status:?}");
+    let log = r.log();
+    assert!(
+        log.contains("disk blk0") && log.contains("changed since the snapshot"),
+        "{log}"
+    );
+    assert!(r.serial().is_empty(), "the guest ran:\n{}", r.serial());
+
+    // A snapshot with the disk as it is now restores.
+    let (mut vmm, sock) = rig.boot("", &["--disk", &disk_arg]);
+    pause(&sock);
+    let snap = rig.path("b.full");
+    snapshot(&sock, "full", &snap);
+    vmm.kill();
+    let sock = rig.path("r2.sock");
+    let _r = restore(&snap, &sock);
+    wait_socket(&sock);
+    assert!(state_hash(&sock).contains("blk0"));
 }

@@ -40,7 +40,7 @@ fn run(cli: &Cli) -> anyhow::Result<VmExit> {
     let chain = if config.restore.is_empty() {
         Vec::new()
     } else {
-        let chain = vmm::snapshot::read_chain(&config.restore).context("cannot restore")?;
+        let chain = vmm::snapshot::open_chain(&config.restore).context("cannot restore")?;
         if let Some(first) = chain.first() {
             let (mib, vcpus) = (first.layout.mem_size >> 20, first.layout.vcpus);
             if cli.mem_mib.is_some_and(|m| m != mib) || cli.vcpus.is_some_and(|v| v != vcpus) {
@@ -51,13 +51,26 @@ fn run(cli: &Cli) -> anyhow::Result<VmExit> {
             }
             config.mem_mib = mib;
             config.vcpus = vcpus;
+            // The CPU template follows the snapshot unless given: a given
+            // one that differs is refused by name when the state is loaded.
+            if cli.cpu_template.is_none() {
+                use clap::ValueEnum;
+                let name = &first.layout.cpu_template;
+                config.cpu_template =
+                    vmm::vm::cpuid::CpuTemplate::from_str(name, false).map_err(|_| {
+                        anyhow::anyhow!("cannot restore: unknown CPU template {name:?}")
+                    })?;
+            }
+            // What came from the file is checked like the command line.
+            config
+                .validate()
+                .context("cannot restore: the snapshot's configuration")?;
         }
         chain
     };
     let mut vm = Vm::create(&config).context("cannot create the VM")?;
     if let Some(last) = config.restore.last() {
-        vm.restore(&chain, last).context("cannot restore")?;
-        drop(chain);
+        vm.restore(chain, last).context("cannot restore")?;
     }
     let running = vm
         .start_with(config.start_paused)

@@ -2,8 +2,10 @@
 //! control loop that waits for the guest to stop.
 
 pub mod boot;
+pub mod checkpoint;
 pub mod cpuid;
 pub mod device_loop;
+pub mod machine;
 pub mod memory;
 mod persist;
 pub use persist::StateHash;
@@ -95,6 +97,8 @@ pub enum VmError {
     State(#[from] state::StateError),
     #[error(transparent)]
     Snapshot(#[from] crate::snapshot::SnapshotError),
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::CheckpointError),
     #[error("cannot restore {what}: {source}")]
     Restore {
         what: String,
@@ -144,9 +148,10 @@ pub struct Vm {
     created: Instant,
     virtio: Vec<AttachedDevice>,
     legacy: Legacy,
-    msr_indices: Vec<u32>,
-    layout: crate::snapshot::Layout,
+    vcpu_ctx: state::VcpuContext,
+    layout: machine::Layout,
     track_dirty: bool,
+    lineage: persist::SnapshotLineage,
 }
 
 /// The legacy devices, kept for save and restore.
@@ -244,13 +249,20 @@ impl Vm {
             entry = format_args!("{:#x}", entry.map_or(0, |e| e.0)),
             "VM created"
         );
-        let layout = crate::snapshot::Layout {
+        let cpuids = vcpus
+            .iter()
+            .map(|v| state::vcpu_cpuid(v.fd()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let layout = machine::Layout {
             mem_size: config.mem_size(),
             vcpus: config.vcpus,
             devices: virtio
                 .iter()
                 .map(|d| (d.name.clone(), d.kind.to_string()))
                 .collect(),
+            cpu_template: machine::template_name(config.cpu_template),
+            cpuid_hash: machine::cpuid_hash(cpuids.iter().map(Vec::as_slice)),
+            tsc_khz: vcpus.first().map_or(0, |v| state::vcpu_tsc_khz(v.fd())),
         };
         Ok(Self {
             vcpus,
@@ -261,9 +273,12 @@ impl Vm {
             created,
             virtio,
             legacy,
-            msr_indices: state::msr_index_list(&kvm)?,
+            vcpu_ctx: state::VcpuContext::new(&kvm)?,
             layout,
             track_dirty: config.track_dirty_pages,
+            lineage: persist::SnapshotLineage::new(
+                config.disks.iter().map(|d| d.path.clone()).collect(),
+            ),
         })
     }
 
@@ -311,9 +326,12 @@ impl Vm {
             mem: self.mem,
             virtio: self.virtio,
             legacy: self.legacy,
-            msr_indices: self.msr_indices,
+            vcpu_ctx: self.vcpu_ctx,
             layout: self.layout,
-            dirty: persist::DirtyTracker::new(self.track_dirty),
+            dirty: checkpoint::DirtyLog::new(self.track_dirty),
+            kick_on_resume: false,
+            broken: false,
+            lineage: self.lineage,
         };
         for vcpu in self.vcpus {
             let wake = running
@@ -509,9 +527,15 @@ pub struct RunningVm {
     mem: GuestMemory,
     virtio: Vec<AttachedDevice>,
     legacy: Legacy,
-    msr_indices: Vec<u32>,
-    layout: crate::snapshot::Layout,
-    dirty: persist::DirtyTracker,
+    // The checkpoint API's (see `checkpoint`).
+    vcpu_ctx: state::VcpuContext,
+    layout: machine::Layout,
+    dirty: checkpoint::DirtyLog,
+    /// A load happened: serve every queue once on resume.
+    kick_on_resume: bool,
+    /// A load failed half-way: the VM must not run again.
+    broken: bool,
+    lineage: persist::SnapshotLineage,
 }
 
 impl RunningVm {
@@ -541,6 +565,16 @@ impl RunningVm {
 
     /// Resumes the device thread, then every vCPU, after [`RunningVm::pause`].
     pub fn resume(&mut self) -> Result<(), VmError> {
+        if self.broken {
+            return Err(checkpoint::CheckpointError::Broken.into());
+        }
+        if std::mem::take(&mut self.kick_on_resume) {
+            // Work whose notification a checkpoint could not carry (it sat
+            // in an ioeventfd); the device thread is still parked.
+            for d in &self.virtio {
+                devices::lock(&d.transport).kick();
+            }
+        }
         self.device_loop.resume()?;
         self.command_all(
             || VcpuCommand::Resume,

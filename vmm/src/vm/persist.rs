@@ -6,104 +6,15 @@
 //! consistent with guest memory.
 
 use std::path::Path;
-use std::sync::mpsc;
-use std::time::Duration;
 
-use devices::Persist;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
+use super::checkpoint::{check_pages, for_each_chunk, CheckpointError, Target, PAGE_SIZE};
+use super::machine::MachineState;
 use super::memory::GuestMemory;
-use super::state::{self, VcpuState};
-use super::vcpu::VcpuCommand;
-use super::{RunState, RunningVm, Vm, VmError};
-use crate::snapshot::{self, Kind, MachineState, Memory, Snapshot, PAGE_SIZE};
-use vm_memory::Address;
-
-/// How long a paused vCPU may take to run a state job.
-const JOB_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Per memory slot, one bit per 4 KiB page.
-type Bitmaps = Vec<Vec<u64>>;
-
-/// Pages dirtied since the last committed snapshot: KVM's dirty log (the
-/// guest's writes) ∪ vm-memory's bitmap (the VMM's writes) ∪ pages taken
-/// by a snapshot that then failed.
-pub(super) struct DirtyTracker {
-    enabled: bool,
-    carried: Option<Bitmaps>,
-}
-
-impl DirtyTracker {
-    pub(super) fn new(enabled: bool) -> Self {
-        Self {
-            enabled,
-            carried: None,
-        }
-    }
-
-    /// Reads and clears both logs; the caller commits the result or puts
-    /// it back with [`DirtyTracker::put_back`].
-    fn take(&mut self, vm_fd: &kvm_ioctls::VmFd, mem: &GuestMemory) -> Result<Bitmaps, VmError> {
-        let mut maps = Vec::new();
-        for (slot, region) in mem.iter().enumerate() {
-            let len = region.len() as usize;
-            let mut map = vm_fd
-                .get_dirty_log(slot as u32, len)
-                .map_err(super::kvm_err("KVM_GET_DIRTY_LOG"))?;
-            or_into(
-                &mut map,
-                vm_memory::MmapRegion::bitmap(region).get_and_reset(),
-            );
-            maps.push(map);
-        }
-        if let Some(carried) = self.carried.take() {
-            for (map, old) in maps.iter_mut().zip(carried) {
-                or_into(map, old);
-            }
-        }
-        Ok(maps)
-    }
-
-    /// Returns bits a failed snapshot took, so the next one still sees them.
-    fn put_back(&mut self, maps: Bitmaps) {
-        self.carried = Some(match self.carried.take() {
-            None => maps,
-            Some(mut old) => {
-                for (a, b) in old.iter_mut().zip(maps) {
-                    or_into(a, b);
-                }
-                old
-            }
-        });
-    }
-}
-
-/// Sets in `dst` every bit set in `src`.
-fn or_into(dst: &mut [u64], src: Vec<u64>) {
-    for (word, extra) in dst.iter_mut().zip(src) {
-        *word |= extra;
-    }
-}
-
-/// Guest-physical addresses of the pages set in `maps`.
-fn dirty_pages(mem: &GuestMemory, maps: &Bitmaps) -> Vec<u64> {
-    let mut pages = Vec::new();
-    for (region, map) in mem.iter().zip(maps) {
-        let base = region.start_addr().0;
-        for (i, &word) in map.iter().enumerate() {
-            let mut w = word;
-            while w != 0 {
-                let bit = w.trailing_zeros() as u64;
-                let page = i as u64 * 64 + bit;
-                if page * PAGE_SIZE < region.len() {
-                    pages.push(base + page * PAGE_SIZE);
-                }
-                w &= w - 1;
-            }
-        }
-    }
-    pages
-}
+use super::state;
+use super::{RunningVm, Vm, VmError};
+use crate::snapshot::{self, Kind, SnapshotFile};
 
 /// Guest memory streamed into a snapshot file straight from the guest's
 /// RAM: all of it, or the listed pages.
@@ -117,24 +28,11 @@ fn mem_err(e: vm_memory::GuestMemoryError) -> std::io::Error {
     std::io::Error::other(format!("cannot read guest memory: {e}"))
 }
 
-/// Calls `f` with all RAM, in address order, a chunk of at most 1 MiB at a
-/// time with the chunk's guest-physical address.
-fn for_each_chunk(
-    mem: &GuestMemory,
-    mut f: impl FnMut(u64, &mut [u8]) -> std::io::Result<()>,
-) -> std::io::Result<()> {
-    let mut buf = vec![0u8; 1 << 20];
-    for region in mem.iter() {
-        let mut at = 0u64;
-        while at < region.len() {
-            let n = (region.len() - at).min(buf.len() as u64) as usize;
-            let start = region.start_addr().unchecked_add(at);
-            mem.read_slice(&mut buf[..n], start).map_err(mem_err)?;
-            f(start.0, &mut buf[..n])?;
-            at += n as u64;
-        }
+fn to_io(e: CheckpointError) -> std::io::Error {
+    match e {
+        CheckpointError::Sink(e) => e,
+        e => std::io::Error::other(e),
     }
-    Ok(())
 }
 
 impl snapshot::MemorySource for GuestImage<'_> {
@@ -155,7 +53,9 @@ impl snapshot::MemorySource for GuestImage<'_> {
 
     fn write_bytes(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
         match self.kind {
-            Kind::Full => for_each_chunk(self.mem, |_, chunk| out.write_all(chunk))?,
+            Kind::Full => {
+                for_each_chunk(self.mem, |_, chunk| out.write_all(chunk)).map_err(to_io)?
+            }
             Kind::Diff => {
                 let mut page = [0u8; PAGE_SIZE as usize];
                 let page = &mut page[..];
@@ -171,55 +71,33 @@ impl snapshot::MemorySource for GuestImage<'_> {
     }
 }
 
+/// What a VM's snapshots record about where they stand: the VM instance
+/// (a restored VM continues its chain's), the snapshot its dirty log
+/// counts from (what a diff follows), and its disks.
+pub(super) struct SnapshotLineage {
+    pub instance: snapshot::Id,
+    pub follows: Option<snapshot::Id>,
+    pub disks: Vec<std::path::PathBuf>,
+}
+
+impl SnapshotLineage {
+    pub(super) fn new(disks: Vec<std::path::PathBuf>) -> Self {
+        Self {
+            instance: snapshot::new_id(),
+            follows: None,
+            disks,
+        }
+    }
+
+    fn stamps(&self) -> std::io::Result<Vec<snapshot::DiskStamp>> {
+        self.disks
+            .iter()
+            .map(|d| snapshot::DiskStamp::of(d))
+            .collect()
+    }
+}
+
 impl RunningVm {
-    /// Runs `job` on every (paused) vCPU's thread, in vCPU order.
-    fn on_vcpus<T: Send + 'static>(
-        &self,
-        job: impl Fn(&kvm_ioctls::VcpuFd) -> Result<T, state::StateError>
-            + Send
-            + Sync
-            + Clone
-            + 'static,
-    ) -> Result<Vec<T>, VmError> {
-        let mut out = Vec::with_capacity(self.handles.len());
-        for handle in &self.handles {
-            let (tx, rx) = mpsc::channel();
-            let job = job.clone();
-            handle.send(VcpuCommand::Job(Box::new(move |fd| {
-                let _ = tx.send(job(fd));
-            })));
-            let result = rx.recv_timeout(JOB_TIMEOUT).map_err(|_| {
-                VmError::Refused(format!("vCPU {} did not run its state job", handle.index()))
-            })?;
-            out.push(result?);
-        }
-        Ok(out)
-    }
-
-    fn require_paused(&self, what: &str) -> Result<(), VmError> {
-        match self.handle.state() {
-            RunState::Paused => Ok(()),
-            _ => Err(VmError::Refused(format!("{what} needs a paused VM"))),
-        }
-    }
-
-    /// Every vCPU and device state.
-    fn machine_state(&self) -> Result<MachineState, VmError> {
-        let indices = self.msr_indices.clone();
-        let vcpus: Vec<VcpuState> = self.on_vcpus(move |fd| state::save_vcpu(fd, &indices))?;
-        Ok(MachineState {
-            vcpus,
-            vm: state::save_vm(&self.vm_fd)?,
-            serial: devices::lock(&self.legacy.serial).save(),
-            i8042: devices::lock(&self.legacy.i8042).save(),
-            virtio: self
-                .virtio
-                .iter()
-                .map(|d| devices::lock(&d.transport).save())
-                .collect(),
-        })
-    }
-
     /// Writes a snapshot of the paused VM to `path`; returns its size.
     /// A diff holds the pages dirtied since the previous snapshot (which
     /// needs `--track-dirty-pages`); a full one holds all memory and starts
@@ -227,19 +105,39 @@ impl RunningVm {
     /// took are put back for the next snapshot.
     pub fn snapshot(&mut self, kind: Kind, path: &Path) -> Result<u64, VmError> {
         self.require_paused("a snapshot")?;
-        if kind == Kind::Diff && !self.dirty.enabled {
+        if kind == Kind::Diff && !self.dirty.is_logging() {
             return Err(VmError::Refused(
                 "a diff snapshot needs dirty tracking: start vmm with --track-dirty-pages".into(),
             ));
         }
-        let state = self.machine_state()?;
-        let maps = if self.dirty.enabled {
+        let parent = match kind {
+            Kind::Full => None,
+            Kind::Diff => Some(self.lineage.follows.ok_or_else(|| {
+                VmError::Refused(
+                    "a diff snapshot follows a full one or a restore: take a full snapshot first"
+                        .into(),
+                )
+            })?),
+        };
+        let lineage = snapshot::Lineage {
+            id: snapshot::new_id(),
+            instance: self.lineage.instance,
+            parent,
+            disks: self.lineage.stamps().map_err(|source| {
+                VmError::Snapshot(snapshot::SnapshotError::Write {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            })?,
+        };
+        let state = self.save_state()?;
+        let maps = if self.dirty.is_logging() {
             Some(self.dirty.take(&self.vm_fd, &self.mem)?)
         } else {
             None
         };
         let pages = match (&maps, kind) {
-            (Some(maps), Kind::Diff) => dirty_pages(&self.mem, maps),
+            (Some(set), Kind::Diff) => set.pages(),
             _ => Vec::new(),
         };
         let source = GuestImage {
@@ -247,11 +145,12 @@ impl RunningVm {
             kind,
             pages,
         };
-        let result = snapshot::write(path, &self.layout, &state, &source).map_err(VmError::from);
-        if result.is_err() {
-            if let Some(maps) = maps {
-                self.dirty.put_back(maps);
-            }
+        let result =
+            snapshot::write(path, &self.layout, &lineage, &state, &source).map_err(VmError::from);
+        match (&result, maps) {
+            (Ok(_), _) => self.lineage.follows = Some(lineage.id),
+            (Err(_), Some(set)) => self.put_back_dirty(set),
+            (Err(_), None) => {}
         }
         result
     }
@@ -259,14 +158,9 @@ impl RunningVm {
     /// Guest-physical addresses dirtied since the last snapshot, without
     /// consuming them (tests and diagnostics).
     pub fn peek_dirty_pages(&mut self) -> Result<Vec<u64>, VmError> {
-        if !self.dirty.enabled {
-            return Err(VmError::Refused(
-                "dirty tracking is off (--track-dirty-pages)".into(),
-            ));
-        }
-        let maps = self.dirty.take(&self.vm_fd, &self.mem)?;
-        let pages = dirty_pages(&self.mem, &maps);
-        self.dirty.put_back(maps);
+        let set = self.take_dirty()?;
+        let pages = set.pages();
+        self.put_back_dirty(set);
         Ok(pages)
     }
 
@@ -277,7 +171,16 @@ impl RunningVm {
     /// too, to tell where two VMs differ.
     pub fn state_hash(&self) -> Result<StateHash, VmError> {
         self.require_paused("a state hash")?;
-        let st = self.machine_state()?;
+        let st = self.save_state()?;
+        self.state_hash_of(&st)
+    }
+
+    /// The state hash of `st` (a state [`RunningVm::save_state`] returned)
+    /// with this paused VM's memory: the hash of exactly what a checkpoint
+    /// sent, even if the paused VM's own state has moved since (an
+    /// interrupt KVM delivered late).
+    pub fn state_hash_of(&self, st: &MachineState) -> Result<StateHash, VmError> {
+        self.require_paused("a state hash")?;
         let encode = |what: &str, value: &dyn erased::Encode| -> Result<u64, VmError> {
             value
                 .encode()
@@ -313,8 +216,7 @@ impl RunningVm {
             }
             h.update(chunk);
             Ok(())
-        })
-        .map_err(|e| VmError::Refused(e.to_string()))?;
+        })?;
         parts.insert(0, ("memory".to_string(), h.digest()));
         let mut total = xxhash_rust::xxh3::Xxh3::new();
         for (name, part) in &parts {
@@ -362,98 +264,138 @@ mod erased {
 }
 
 impl Vm {
-    /// Loads a verified snapshot chain (full, then diffs) into this VM,
-    /// which was created with the same layout and has not started. Checks
-    /// the whole chain against the VM before applying anything.
-    pub fn restore(&mut self, chain: &[Snapshot], source: &Path) -> Result<(), VmError> {
+    /// Loads a snapshot chain (full, then diffs), opened and checked by
+    /// [`snapshot::open_chain`], into this VM, which was created with the
+    /// same layout and has not started. Checks the chain against the VM
+    /// (layout, machine identity, page addresses, every vCPU and device
+    /// state) before applying anything, then streams each file's memory
+    /// straight into the guest, every chunk verified before it is written.
+    /// A chunk that fails its check half-way leaves a VM that must not run:
+    /// the caller discards it.
+    pub fn restore(&mut self, chain: Vec<SnapshotFile>, source: &Path) -> Result<(), VmError> {
+        let Some(last) = chain.last() else {
+            return Err(VmError::Refused("an empty restore chain".into()));
+        };
         let mismatch = |what: String| {
             VmError::Snapshot(snapshot::SnapshotError::Mismatch {
                 path: source.to_path_buf(),
                 what,
             })
         };
-        let Some(last) = chain.last() else {
-            return Err(VmError::Refused("an empty restore chain".into()));
+        let target = Target {
+            vm_fd: &self.vm_fd,
+            mem: &self.mem,
+            legacy: &self.legacy,
+            virtio: &self.virtio,
+            layout: &self.layout,
+            ctx: &self.vcpu_ctx,
         };
-        if last.layout != self.layout {
+        target
+            .validate(&last.layout, &last.state, "the snapshot")
+            .map_err(|e| mismatch(super::error_chain(&e)))?;
+        for snap in &chain {
+            check_pages(&self.mem, &snap.pages).map_err(|e| mismatch(e.to_string()))?;
+        }
+        // The disks must be those the snapshot was taken with, unchanged:
+        // the guest's memory holds what it knows of them (acknowledged
+        // writes, caches), and a disk written since would contradict it.
+        if last.lineage.disks.len() != self.lineage.disks.len() {
             return Err(mismatch(format!(
-                "the snapshot has {} MiB, {} vCPUs and devices {:?}; this VM has {} MiB, {} vCPUs and devices {:?}",
-                last.layout.mem_size >> 20,
-                last.layout.vcpus,
-                last.layout.devices,
-                self.layout.mem_size >> 20,
-                self.layout.vcpus,
-                self.layout.devices
+                "it was taken with {} disks, this VM has {}",
+                last.lineage.disks.len(),
+                self.lineage.disks.len()
             )));
         }
-        for snap in chain {
-            if let Memory::Diff(pages) = &snap.memory {
-                if let Some((addr, _)) = pages.iter().find(|(a, _)| {
-                    !GuestMemoryBackend::check_range(
-                        &self.mem,
-                        GuestAddress(*a),
-                        PAGE_SIZE as usize,
-                    )
-                }) {
-                    return Err(mismatch(format!("page {addr:#x} is outside guest memory")));
-                }
+        for (i, (then, path)) in last
+            .lineage
+            .disks
+            .iter()
+            .zip(&self.lineage.disks)
+            .enumerate()
+        {
+            let now = snapshot::DiskStamp::of(path).map_err(|e| {
+                mismatch(format!(
+                    "cannot check disk blk{i} ({}): {e}",
+                    path.display()
+                ))
+            })?;
+            if (now.dev, now.ino) != (then.dev, then.ino) {
+                return Err(mismatch(format!(
+                    "disk blk{i} ({}) is not the file the snapshot was taken with",
+                    path.display()
+                )));
+            }
+            if now != *then {
+                return Err(mismatch(format!(
+                    "disk blk{i} ({}) changed since the snapshot was taken \
+                     (restoring would lose or contradict what was written since)",
+                    path.display()
+                )));
             }
         }
-        // Memory: the full image, then each diff's pages.
-        for snap in chain {
-            match &snap.memory {
-                Memory::Full(bytes) => {
-                    let mut at = 0usize;
+        let (instance, follows) = (last.lineage.instance, last.lineage.id);
+        let mut state = None;
+        for mut snap in chain {
+            match snap.kind {
+                snapshot::Kind::Full => {
+                    let mut regions = Vec::new();
                     for region in self.mem.iter() {
-                        let len = region.len() as usize;
-                        self.mem
-                            .write_slice(&bytes[at..at + len], region.start_addr())
-                            .map_err(|e| {
-                                VmError::Refused(format!("cannot write guest memory: {e}"))
+                        let host = region
+                            .get_host_address(vm_memory::MemoryRegionAddress(0))
+                            .map_err(|_| {
+                                VmError::Refused("guest memory has no host address".into())
                             })?;
-                        at += len;
+                        // SAFETY: a live mapping of `region.len()` bytes that
+                        // `self.mem` owns; the VM has not started, so no vCPU
+                        // or device thread touches it while this slice lives.
+                        regions.push(unsafe {
+                            std::slice::from_raw_parts_mut(host, region.len() as usize)
+                        });
                     }
+                    snap.read_full_into(&mut regions)?;
                 }
-                Memory::Diff(pages) => {
-                    for (addr, page) in pages {
-                        self.mem
-                            .write_slice(page, GuestAddress(*addr))
-                            .map_err(|e| {
-                                VmError::Refused(format!("cannot write page {addr:#x}: {e}"))
-                            })?;
-                    }
+                snapshot::Kind::Diff => {
+                    let mem = &self.mem;
+                    snap.read_memory(|addr, page| write_guest(mem, addr, page, source))?;
                 }
             }
+            state = Some(snap.state.clone());
+            snap.finish()?;
         }
         // Writing the image is not a change the next diff should carry.
         for region in self.mem.iter() {
             vm_memory::MmapRegion::bitmap(region).reset();
         }
-        let st = &last.state;
-        state::restore_vm(&self.vm_fd, &st.vm)?;
-        for (vcpu, vs) in self.vcpus.iter().zip(&st.vcpus) {
-            state::restore_vcpu(vcpu.fd(), vs)?;
-        }
-        let restore_err = |what: &str| {
-            let what = what.to_string();
-            move |source| VmError::Restore { what, source }
+        let Some(state) = state else {
+            return Err(VmError::Refused("an empty restore chain".into()));
         };
-        devices::lock(&self.legacy.serial)
-            .restore(&st.serial)
-            .map_err(restore_err("the serial port"))?;
-        devices::lock(&self.legacy.i8042)
-            .restore(&st.i8042)
-            .map_err(restore_err("the i8042"))?;
-        for (dev, ts) in self.virtio.iter().zip(&st.virtio) {
-            devices::lock(&dev.transport)
-                .restore(ts)
-                .map_err(restore_err(&dev.name))?;
-        }
-        tracing::info!(
-            snapshots = chain.len(),
-            source = %source.display(),
-            "VM state restored"
-        );
+        target.apply(&state, |states| {
+            for (vcpu, vs) in self.vcpus.iter().zip(states) {
+                state::restore_vcpu(vcpu.fd(), vs, &self.vcpu_ctx)?;
+            }
+            Ok(())
+        })?;
+        // The restored VM continues the chain: its next diff follows the
+        // last snapshot restored.
+        self.lineage.instance = instance;
+        self.lineage.follows = Some(follows);
+        tracing::info!(source = %source.display(), "VM state restored");
         Ok(())
     }
+}
+
+/// Writes verified snapshot bytes at `addr`, which may span regions only
+/// as the full image does (a piece never crosses a region's end: pieces
+/// are at most 1 MiB and regions are MiB-aligned).
+fn write_guest(
+    mem: &GuestMemory,
+    addr: u64,
+    bytes: &[u8],
+    path: &Path,
+) -> Result<(), snapshot::SnapshotError> {
+    mem.write_slice(bytes, GuestAddress(addr))
+        .map_err(|e| snapshot::SnapshotError::Malformed {
+            path: path.to_path_buf(),
+            what: format!("cannot write guest memory at {addr:#x}: {e}"),
+        })
 }

@@ -1,24 +1,37 @@
 //! Exact vCPU and VM state through KVM: what a snapshot or a checkpoint
 //! carries besides memory and devices.
 //!
-//! Save order follows what KVM needs to read a consistent vCPU (events and
-//! MP state first, then registers); restore order what it needs to accept
-//! one: MP state, registers, FPU/XSAVE, LAPIC, then MSRs with
-//! `IA32_TSC_DEADLINE` after `IA32_TSC` (a deadline is meaningless before
-//! the TSC is set), and pending events last.
+//! Save order: CPUID and TSC frequency (the vCPU's identity), MP state,
+//! registers, XSAVE, LAPIC, MSRs, and the pending events LAST: reading
+//! other state (the LAPIC, MSRs) can make KVM move an event from one place
+//! to another, so the events read last are the ones that match the rest.
+//! Restore order is what KVM needs to accept a state: MP state, registers,
+//! XSAVE, LAPIC, then MSRs with `IA32_TSC_DEADLINE` after `IA32_TSC` (a
+//! deadline is meaningless before the TSC is set), and pending events last.
+//! The CPUID and TSC frequency are not restored: they are the VM's
+//! identity, set at creation and compared (see `machine::Layout`).
+//!
+//! The XSAVE area is sized by `KVM_CAP_XSAVE2` (larger than the legacy
+//! 4 KiB when the host enabled dynamic features such as AMX), with the
+//! legacy call when KVM reports no more than 4 KiB.
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
-    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
+    kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
+    Xsave, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_MAX_CPUID_ENTRIES,
 };
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 
 const MSR_IA32_TSC: u32 = 0x10;
 const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 /// LAPIC register offsets whose contents run with time, not guest actions.
 const LAPIC_TIMER_CURRENT_COUNT: usize = 0x390;
+/// The processor priority register: derived from the TPR and the ISR, and
+/// recomputed by KVM lazily (on a read, an injection, a state load), so two
+/// equal vCPUs can report different stale values.
+const LAPIC_PPR: usize = 0xa0;
 
 /// Errors reading or writing KVM state.
 #[derive(Debug, thiserror::Error)]
@@ -37,8 +50,8 @@ pub enum StateError {
     },
     #[error("too many MSRs for one KVM call: {0}")]
     MsrCount(usize),
-    #[error("an XSAVE area of {0} words; KVM's is 1024")]
-    XsaveSize(usize),
+    #[error("an XSAVE area of {found} bytes; this host's KVM takes {host}")]
+    XsaveSize { found: usize, host: usize },
     #[error("the state was saved on a host with XSAVE (it carries XCRs); this host has no XSAVE")]
     NoXsaveHost,
 }
@@ -50,11 +63,16 @@ fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> StateError {
 /// Everything KVM holds for one vCPU.
 #[derive(Clone, Serialize, Deserialize)]
 pub struct VcpuState {
+    /// The CPUID the vCPU was created with (identity: compared, not set).
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    /// The guest TSC's frequency; 0 when KVM cannot tell (identity).
+    pub tsc_khz: u32,
     pub mp_state: kvm_mp_state,
     pub events: kvm_vcpu_events,
     pub regs: kvm_regs,
     pub sregs: kvm_sregs,
-    /// The legacy 4 KiB `kvm_xsave` region (kvm_xsave itself is not Clone).
+    /// The XSAVE area as 32-bit words: the legacy 4 KiB region, followed
+    /// by the extended part when KVM's area is larger (`KVM_CAP_XSAVE2`).
     pub xsave: Vec<u32>,
     /// The extended control registers; `None` when saved on a host without
     /// XSAVE, where KVM has none (and refuses to set any).
@@ -131,40 +149,149 @@ fn host_xcrs(fd: &VcpuFd) -> Result<Option<kvm_xcrs>, StateError> {
     Ok((xcrs.nr_xcrs > 0).then_some(xcrs))
 }
 
-/// Captures a paused vCPU.
-pub fn save_vcpu(fd: &VcpuFd, msr_indices: &[u32]) -> Result<VcpuState, StateError> {
-    Ok(VcpuState {
-        mp_state: fd.get_mp_state().map_err(kvm("KVM_GET_MP_STATE"))?,
-        events: fd.get_vcpu_events().map_err(kvm("KVM_GET_VCPU_EVENTS"))?,
-        regs: fd.get_regs().map_err(kvm("KVM_GET_REGS"))?,
-        sregs: fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?,
-        xsave: fd
+/// What saving and restoring a vCPU needs to know about the host's KVM.
+#[derive(Debug, Clone)]
+pub struct VcpuContext {
+    /// The MSRs to save ([`msr_index_list`]).
+    pub msr_indices: Vec<u32>,
+    /// Bytes of KVM's XSAVE area: `KVM_CAP_XSAVE2`, at least the legacy
+    /// 4 KiB.
+    pub xsave_size: usize,
+}
+
+impl VcpuContext {
+    /// Asks KVM.
+    pub fn new(kvm_fd: &Kvm) -> Result<Self, StateError> {
+        let legacy = std::mem::size_of::<kvm_xsave>();
+        let xsave2 = usize::try_from(kvm_fd.check_extension_int(Cap::Xsave2)).unwrap_or(0);
+        Ok(Self {
+            msr_indices: msr_index_list(kvm_fd)?,
+            xsave_size: xsave2.max(legacy),
+        })
+    }
+}
+
+/// The extended words an XSAVE area of `size` bytes has beyond the legacy
+/// 4 KiB `kvm_xsave`, in `kvm_xsave2`'s flexible array's entries.
+fn xsave_extra_words(size: usize) -> usize {
+    size.saturating_sub(std::mem::size_of::<kvm_xsave>())
+        .div_ceil(std::mem::size_of::<u32>())
+}
+
+fn read_xsave(fd: &VcpuFd, size: usize) -> Result<Vec<u32>, StateError> {
+    let extra = xsave_extra_words(size);
+    if extra == 0 {
+        return Ok(fd
             .get_xsave()
             .map_err(kvm("KVM_GET_XSAVE"))?
             .region
-            .to_vec(),
-        xcrs: host_xcrs(fd)?,
-        debugregs: fd.get_debug_regs().map_err(kvm("KVM_GET_DEBUGREGS"))?,
-        lapic: fd.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?,
-        msrs: read_msrs(fd, msr_indices)?,
+            .to_vec());
+    }
+    let mut xsave = Xsave::new(extra).map_err(|_| StateError::XsaveSize {
+        found: size,
+        host: size,
+    })?;
+    // SAFETY: `xsave` holds the legacy area plus `extra` words, the
+    // KVM_CAP_XSAVE2 size KVM reported for this host.
+    unsafe { fd.get_xsave2(&mut xsave) }.map_err(kvm("KVM_GET_XSAVE2"))?;
+    let mut words = xsave.as_fam_struct_ref().xsave.region.to_vec();
+    words.extend_from_slice(xsave.as_slice());
+    Ok(words)
+}
+
+fn write_xsave(fd: &VcpuFd, words: &[u32], size: usize) -> Result<(), StateError> {
+    let legacy = std::mem::size_of::<kvm_xsave>() / 4;
+    let extra = xsave_extra_words(size);
+    if words.len() != legacy + extra {
+        return Err(StateError::XsaveSize {
+            found: words.len() * 4,
+            host: size,
+        });
+    }
+    if extra == 0 {
+        let mut xsave = kvm_xsave::default();
+        xsave.region.copy_from_slice(words);
+        // SAFETY: a whole legacy kvm_xsave, and KVM's area is no larger.
+        return unsafe { fd.set_xsave(&xsave) }.map_err(kvm("KVM_SET_XSAVE"));
+    }
+    let mut xsave = Xsave::new(extra).map_err(|_| StateError::XsaveSize {
+        found: words.len() * 4,
+        host: size,
+    })?;
+    // SAFETY: the length and capacity were set by `Xsave::new(extra)`.
+    unsafe { xsave.as_mut_fam_struct() }
+        .xsave
+        .region
+        .copy_from_slice(&words[..legacy]);
+    xsave.as_mut_slice().copy_from_slice(&words[legacy..]);
+    // SAFETY: `xsave` holds the whole KVM_CAP_XSAVE2 area KVM reads.
+    unsafe { fd.set_xsave2(&xsave) }.map_err(kvm("KVM_SET_XSAVE2"))
+}
+
+/// The CPUID a vCPU runs with.
+pub fn vcpu_cpuid(fd: &VcpuFd) -> Result<Vec<kvm_cpuid_entry2>, StateError> {
+    Ok(fd
+        .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm("KVM_GET_CPUID2"))?
+        .as_slice()
+        .to_vec())
+}
+
+/// The guest TSC's frequency in kHz; 0 when KVM cannot tell.
+pub fn vcpu_tsc_khz(fd: &VcpuFd) -> u32 {
+    fd.get_tsc_khz().unwrap_or(0)
+}
+
+/// Captures a paused vCPU; its pending events last (see the module doc).
+pub fn save_vcpu(fd: &VcpuFd, ctx: &VcpuContext) -> Result<VcpuState, StateError> {
+    let cpuid = vcpu_cpuid(fd)?;
+    let tsc_khz = vcpu_tsc_khz(fd);
+    let mp_state = fd.get_mp_state().map_err(kvm("KVM_GET_MP_STATE"))?;
+    let regs = fd.get_regs().map_err(kvm("KVM_GET_REGS"))?;
+    let sregs = fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
+    let xsave = read_xsave(fd, ctx.xsave_size)?;
+    let xcrs = host_xcrs(fd)?;
+    let debugregs = fd.get_debug_regs().map_err(kvm("KVM_GET_DEBUGREGS"))?;
+    let lapic = fd.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?;
+    let msrs = read_msrs(fd, &ctx.msr_indices)?;
+    let events = fd.get_vcpu_events().map_err(kvm("KVM_GET_VCPU_EVENTS"))?;
+    Ok(VcpuState {
+        cpuid,
+        tsc_khz,
+        mp_state,
+        events,
+        regs,
+        sregs,
+        xsave,
+        xcrs,
+        debugregs,
+        lapic,
+        msrs,
     })
+}
+
+/// Checks what [`restore_vcpu`] would otherwise find out half-way: that
+/// the XSAVE area has this host's size.
+pub fn check_vcpu(state: &VcpuState, ctx: &VcpuContext) -> Result<(), StateError> {
+    let want = std::mem::size_of::<kvm_xsave>() / 4 + xsave_extra_words(ctx.xsave_size);
+    if state.xsave.len() != want {
+        return Err(StateError::XsaveSize {
+            found: state.xsave.len() * 4,
+            host: ctx.xsave_size,
+        });
+    }
+    Ok(())
 }
 
 /// Loads `state` into a vCPU that has not run since it was created (or is
 /// paused).
-pub fn restore_vcpu(fd: &VcpuFd, state: &VcpuState) -> Result<(), StateError> {
+pub fn restore_vcpu(fd: &VcpuFd, state: &VcpuState, ctx: &VcpuContext) -> Result<(), StateError> {
+    check_vcpu(state, ctx)?;
     fd.set_mp_state(state.mp_state)
         .map_err(kvm("KVM_SET_MP_STATE"))?;
     fd.set_sregs(&state.sregs).map_err(kvm("KVM_SET_SREGS"))?;
     fd.set_regs(&state.regs).map_err(kvm("KVM_SET_REGS"))?;
-    let mut xsave = kvm_xsave::default();
-    if state.xsave.len() != xsave.region.len() {
-        return Err(StateError::XsaveSize(state.xsave.len()));
-    }
-    xsave.region.copy_from_slice(&state.xsave);
-    // SAFETY: a whole legacy kvm_xsave, as save_vcpu read it; KVM reads
-    // only its 4 KiB region (no extended part is used).
-    unsafe { fd.set_xsave(&xsave) }.map_err(kvm("KVM_SET_XSAVE"))?;
+    write_xsave(fd, &state.xsave, ctx.xsave_size)?;
     if let Some(xcrs) = &state.xcrs {
         if host_xcrs(fd)?.is_none() {
             return Err(StateError::NoXsaveHost);
@@ -254,7 +381,8 @@ pub fn kvm_time_area(index: u32, value: u64) -> Option<(u64, u64)> {
 
 impl VcpuState {
     /// The state with what runs on its own while the VM is paused (the TSC,
-    /// the LAPIC timer's current count) zeroed: what a state hash covers.
+    /// the LAPIC timer's current count) and what KVM derives lazily (the
+    /// LAPIC's PPR) zeroed: what a state hash covers.
     pub fn timeless(&self) -> Self {
         let mut s = self.clone();
         for (index, value) in &mut s.msrs {
@@ -262,8 +390,8 @@ impl VcpuState {
                 *value = 0;
             }
         }
-        for b in &mut s.lapic.regs[LAPIC_TIMER_CURRENT_COUNT..LAPIC_TIMER_CURRENT_COUNT + 4] {
-            *b = 0;
+        for at in [LAPIC_TIMER_CURRENT_COUNT, LAPIC_PPR] {
+            s.lapic.regs[at..at + 4].fill(0);
         }
         s
     }
