@@ -8,6 +8,7 @@
 pub mod bus;
 pub mod legacy;
 pub mod persist;
+mod ratelimit;
 pub mod virtio;
 
 pub use bus::{lock, Bus, BusDevice, BusError};

@@ -133,8 +133,12 @@ pub trait VirtioDevice: Send {
     fn counters(&self) -> Arc<DeviceCounters>;
     /// Device-specific state beyond the transport and queues.
     fn save_state(&self) -> DeviceState;
-    /// Applies what [`VirtioDevice::save_state`] returned, all or nothing.
-    fn restore_state(&mut self, state: &DeviceState) -> Result<(), crate::PersistError>;
+    /// Checks that `state` is one this device could have saved; changes
+    /// nothing.
+    fn validate_state(&self, state: &DeviceState) -> Result<(), crate::PersistError>;
+    /// Applies what [`VirtioDevice::save_state`] returned after
+    /// [`VirtioDevice::validate_state`] accepted it; cannot fail then.
+    fn restore_state(&mut self, state: &DeviceState);
 }
 
 /// Device-specific state of a virtio device.

@@ -21,6 +21,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::Bytes;
 
 use super::{DeviceCounters, GuestMemoryMmap, Processed, VirtioDevice};
+use crate::ratelimit::warn_limited;
 
 /// Length of `struct virtio_net_hdr_v1`.
 pub const NET_HDR_LEN: usize = 12;
@@ -38,8 +39,14 @@ pub trait NetBackend: Send {
     /// A file descriptor that becomes readable (edge-triggered) when frames
     /// arrive, if the backend has one.
     fn fd(&self) -> Option<RawFd>;
-    /// Receives one frame into `buf`; `ErrorKind::WouldBlock` when none is
-    /// waiting.
+    /// Receives one frame into `buf` and returns its length.
+    ///
+    /// `Ok(0)` and `ErrorKind::WouldBlock` both mean "no frame now" (a
+    /// socket at end of file, or nothing waiting): the device stops reading
+    /// until the backend's fd becomes readable again or the driver adds rx
+    /// buffers. A frame shorter than an Ethernet header is counted as an
+    /// error and dropped. `ErrorKind::Interrupted` is retried; any other
+    /// error ends this round of receiving.
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize>;
     /// Sends one frame.
     fn send(&mut self, frame: &[u8]) -> io::Result<()>;
@@ -79,8 +86,13 @@ impl Net {
         loop {
             if self.rx_len == 0 {
                 match self.backend.recv(&mut self.rx_buf[NET_HDR_LEN..]) {
+                    Ok(0) => break,
                     Ok(n) if n >= MIN_FRAME_LEN => self.rx_len = NET_HDR_LEN + n,
-                    Ok(_) => continue,
+                    Ok(n) => {
+                        warn_limited!("virtio-net: dropped a {n}-byte runt frame");
+                        DeviceCounters::add(&self.counters.errors, 1);
+                        continue;
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
@@ -108,7 +120,7 @@ impl Net {
                     done = Processed::USED;
                 }
                 Err(why) => {
-                    tracing::warn!("virtio-net: rx buffer {head} unusable ({why}); frame dropped");
+                    warn_limited!("virtio-net: rx buffer {head} unusable ({why}); frame dropped");
                     DeviceCounters::add(&self.counters.errors, 1);
                     if let Err(e) = queue.add_used(mem, head, 0) {
                         tracing::error!("virtio-net: cannot return rx buffer {head}: {e}");
@@ -142,7 +154,7 @@ impl Net {
                     }
                 }
                 Err(why) => {
-                    tracing::warn!("virtio-net: tx chain {head} malformed ({why}); dropped");
+                    warn_limited!("virtio-net: tx chain {head} malformed ({why}); dropped");
                     DeviceCounters::add(&self.counters.errors, 1);
                 }
             }
@@ -271,20 +283,32 @@ impl VirtioDevice for Net {
         }
     }
 
-    fn restore_state(&mut self, state: &super::DeviceState) -> Result<(), crate::PersistError> {
-        match state {
-            super::DeviceState::Net { pending_rx } if pending_rx.len() <= self.rx_buf.len() => {
-                self.rx_buf[..pending_rx.len()].copy_from_slice(pending_rx);
-                self.rx_len = pending_rx.len();
-                Ok(())
-            }
-            super::DeviceState::Net { pending_rx } => Err(crate::PersistError::Invalid(format!(
-                "pending frame of {} bytes",
-                pending_rx.len()
-            ))),
-            other => Err(crate::PersistError::Mismatch(format!(
-                "{other:?} for a virtio-net device"
-            ))),
+    fn validate_state(&self, state: &super::DeviceState) -> Result<(), crate::PersistError> {
+        let super::DeviceState::Net { pending_rx } = state else {
+            return Err(crate::PersistError::Mismatch(format!(
+                "{state:?} for a virtio-net device"
+            )));
+        };
+        let len = pending_rx.len();
+        if len != 0 && !(NET_HDR_LEN + MIN_FRAME_LEN..=self.rx_buf.len()).contains(&len) {
+            return Err(crate::PersistError::Invalid(format!(
+                "pending frame of {len} bytes"
+            )));
+        }
+        // The device offers no offloads: the header is always the same.
+        if len != 0 && pending_rx[..NET_HDR_LEN] != self.rx_buf[..NET_HDR_LEN] {
+            return Err(crate::PersistError::Invalid(
+                "pending frame with a virtio-net header this device never writes".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn restore_state(&mut self, state: &super::DeviceState) {
+        if let super::DeviceState::Net { pending_rx } = state {
+            let len = pending_rx.len().min(self.rx_buf.len());
+            self.rx_buf[..len].copy_from_slice(&pending_rx[..len]);
+            self.rx_len = len;
         }
     }
 }
@@ -293,11 +317,10 @@ impl VirtioDevice for Net {
 mod tests {
     use super::*;
     use crate::virtio::mmio::MmioTransport;
-    use crate::virtio::testing::{guest_memory, DriverSim};
+    use crate::virtio::testing::{guest_memory, live_transport, DriverSim};
     use std::collections::VecDeque;
     use std::sync::Mutex;
     use vm_memory::GuestAddress;
-    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     /// A backend whose inbound frames and sent frames the test sees.
     #[derive(Clone, Default)]
@@ -329,18 +352,7 @@ mod tests {
     fn net() -> (MmioTransport, Loop) {
         let backend = Loop::default();
         let dev = Net::new(Box::new(backend.clone()), [2, 0, 0, 0, 0, 1]);
-        let mut t = MmioTransport::new(
-            Box::new(dev),
-            guest_memory(),
-            EventFd::new(EFD_NONBLOCK).unwrap(),
-        )
-        .unwrap();
-        let mut sim = DriverSim::new(&mut t);
-        sim.negotiate(dev_features());
-        sim.setup_queue(0, 16);
-        sim.setup_queue(1, 16);
-        sim.driver_ok();
-        assert!(t.is_activated());
+        let t = live_transport(Box::new(dev), guest_memory(), dev_features(), 2);
         (t, backend)
     }
 
@@ -458,5 +470,95 @@ mod tests {
         let mut cfg = [0u8; 8];
         t.device().read_config(0, &mut cfg);
         assert_eq!(cfg, [2, 0, 0, 0, 0, 1, 1, 0]);
+    }
+
+    #[test]
+    fn short_or_foreign_pending_frames_are_refused() {
+        use crate::Persist;
+        let (mut t, _) = net();
+        let saved = t.save();
+        let before = saved.clone();
+        let mut header = vec![0u8; NET_HDR_LEN];
+        header[10] = 1;
+        let with = |pending_rx: Vec<u8>| {
+            let mut s = saved.clone();
+            s.device = crate::virtio::DeviceState::Net { pending_rx };
+            s
+        };
+        let mut foreign = header.clone();
+        foreign[0] = 1; // NEEDS_CSUM: never written by this device
+        foreign.extend(frame(60, 1));
+        for bad in [
+            vec![1, 2, 3, 4, 5],
+            [header.clone(), frame(13, 1)].concat(),
+            [header.clone(), frame(MAX_FRAME_LEN + 1, 1)].concat(),
+            foreign,
+        ] {
+            let len = bad.len();
+            assert!(t.restore(&with(bad)).is_err(), "{len} bytes accepted");
+            assert_eq!(t.save(), before);
+        }
+        // A real pending frame restores and reaches the guest.
+        let good = [header, frame(60, 4)].concat();
+        t.restore(&with(good.clone())).unwrap();
+        let mut sim = DriverSim::new(&mut t);
+        sim.add_buffer(0, &[(0x1000, 2048, true)]);
+        t.process_queue(0);
+        let sim = DriverSim::new(&mut t);
+        assert_eq!(sim.used(0), vec![(0, good.len() as u32)]);
+    }
+
+    /// A backend at end of file: every recv returns Ok(0) (it gives up
+    /// after many calls, so a spinning device fails the test, not hangs it).
+    struct Eof {
+        calls: Arc<std::sync::atomic::AtomicUsize>,
+        runt: bool,
+    }
+
+    impl NetBackend for Eof {
+        fn fd(&self) -> Option<RawFd> {
+            None
+        }
+        fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self
+                .calls
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if n > 1000 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            if self.runt && n == 0 {
+                buf[..5].copy_from_slice(&[1, 2, 3, 4, 5]);
+                return Ok(5);
+            }
+            Ok(0)
+        }
+        fn send(&mut self, _: &[u8]) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_backend_at_eof_ends_the_receive_loop_and_runts_are_errors() {
+        for runt in [false, true] {
+            let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let dev = Net::new(
+                Box::new(Eof {
+                    calls: calls.clone(),
+                    runt,
+                }),
+                [2, 0, 0, 0, 0, 1],
+            );
+            let mut t = live_transport(Box::new(dev), guest_memory(), dev_features(), 2);
+            DriverSim::new(&mut t).add_buffer(0, &[(0x1000, 2048, true)]);
+            let counters = t.device().counters();
+            let errors = || counters.errors.load(std::sync::atomic::Ordering::Relaxed);
+            let errors_before = errors();
+            calls.store(0, std::sync::atomic::Ordering::Relaxed);
+            t.process_backend();
+            let expected = if runt { 2 } else { 1 };
+            assert_eq!(calls.load(std::sync::atomic::Ordering::Relaxed), expected);
+            assert_eq!(errors() - errors_before, u64::from(runt));
+            assert!(DriverSim::new(&mut t).used(0).is_empty());
+        }
     }
 }

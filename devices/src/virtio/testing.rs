@@ -28,6 +28,27 @@ pub fn guest_memory() -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("test guest memory")
 }
 
+/// A transport over `device` that a driver brought up: `features`
+/// negotiated, queues `0..queues` of 16 entries set up, DRIVER_OK.
+pub fn live_transport(
+    device: Box<dyn super::VirtioDevice>,
+    mem: GuestMemoryMmap,
+    features: u64,
+    queues: u16,
+) -> MmioTransport {
+    let irq = vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)
+        .expect("irq eventfd");
+    let mut t = MmioTransport::new(device, mem, irq).expect("transport");
+    let mut sim = DriverSim::new(&mut t);
+    sim.negotiate(features);
+    for q in 0..queues {
+        sim.setup_queue(q, 16);
+    }
+    sim.driver_ok();
+    assert!(t.is_activated());
+    t
+}
+
 /// Drives one transport.
 pub struct DriverSim<'a> {
     t: &'a mut MmioTransport,
