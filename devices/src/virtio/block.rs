@@ -10,6 +10,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 use std::sync::Arc;
@@ -65,6 +66,11 @@ impl FileBackend {
     /// Opens the raw image at `path`. The disk's size is the file's,
     /// rounded down to whole sectors; its ID is derived from the file's
     /// device and inode numbers, stable across restarts.
+    ///
+    /// An image has one writer: a read-write open takes an exclusive
+    /// `flock`, a read-only one a shared lock, both without waiting, held
+    /// as long as the backend lives. An image another VM (or another disk
+    /// of this one) holds fails with `ErrorKind::WouldBlock`.
     pub fn open(path: &Path, read_only: bool) -> io::Result<Self> {
         let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
         let meta = file.metadata()?;
@@ -73,6 +79,23 @@ impl FileBackend {
                 io::ErrorKind::InvalidInput,
                 "not a regular file",
             ));
+        }
+        let mode = if read_only {
+            libc::LOCK_SH
+        } else {
+            libc::LOCK_EX
+        };
+        // SAFETY: flock on a file descriptor `file` owns; no memory is
+        // passed.
+        if unsafe { libc::flock(file.as_raw_fd(), mode | libc::LOCK_NB) } != 0 {
+            let e = io::Error::last_os_error();
+            return Err(match e.kind() {
+                io::ErrorKind::WouldBlock => io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    "in use by another VM (the image is locked)",
+                ),
+                _ => e,
+            });
         }
         let mut id = format!("colo{:x}-{:x}", meta.dev(), meta.ino()).into_bytes();
         id.truncate(ID_LEN);
@@ -619,5 +642,27 @@ mod tests {
             "the backend was handed {} bytes at once",
             recorder.largest.load(Relaxed)
         );
+    }
+
+    #[test]
+    fn an_image_has_one_writer() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        file.as_file().set_len(4 * SECTOR_SIZE).unwrap();
+        let path = file.path();
+        let writer = FileBackend::open(path, false).unwrap();
+        for read_only in [false, true] {
+            let e = FileBackend::open(path, read_only)
+                .err()
+                .expect("a second open succeeded");
+            assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+            assert!(e.to_string().contains("in use by another VM"), "{e}");
+        }
+        drop(writer);
+        // Readers share an image, and keep writers out.
+        let r1 = FileBackend::open(path, true).unwrap();
+        let _r2 = FileBackend::open(path, true).unwrap();
+        assert!(FileBackend::open(path, false).is_err());
+        drop((r1, _r2));
+        FileBackend::open(path, false).unwrap();
     }
 }
