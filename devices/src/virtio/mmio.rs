@@ -56,6 +56,8 @@ pub const INT_VRING: u32 = 1;
 /// Event data of the backend fd in the device thread (queue indices use
 /// their own index as data).
 const BACKEND_EVENT: u32 = u32::MAX;
+/// Event data of the device's control eventfd (backend swaps).
+const CONTROL_EVENT: u32 = u32::MAX - 1;
 
 /// Errors from building a transport.
 #[derive(Debug, thiserror::Error)]
@@ -162,7 +164,13 @@ impl MmioTransport {
     /// while the selected queue is not ready.
     fn with_config_queue(&mut self, f: impl FnOnce(&mut Queue)) {
         if self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
-            warn_limited!("virtio-mmio: queue register written after DRIVER_OK; ignored");
+            // A driver that stopped a queue (QueueReady = 0) clears its
+            // registers next; without VIRTIO_F_RING_RESET they stay unused.
+            if self.selected_queue().is_some_and(|q| !q.ready()) {
+                tracing::debug!("virtio-mmio: stopped queue written after DRIVER_OK; ignored");
+            } else {
+                warn_limited!("virtio-mmio: queue register written after DRIVER_OK; ignored");
+            }
             return;
         }
         match self.selected_queue() {
@@ -437,18 +445,18 @@ impl MutEventSubscriber for MmioTransport {
                 tracing::error!("virtio-mmio: cannot watch queue {index}: {e:?}");
             }
         }
-        if let Some(fd) = self.device.backend_fd() {
-            let event =
-                Events::with_data_raw(fd, BACKEND_EVENT, EventSet::IN | EventSet::EDGE_TRIGGERED);
-            if let Err(e) = ops.add(event) {
-                tracing::error!("virtio-mmio: cannot watch the backend: {e:?}");
+        self.watch_backend(ops);
+        if let Some(fd) = self.device.control_fd() {
+            if let Err(e) = ops.add(Events::with_data_raw(fd, CONTROL_EVENT, EventSet::IN)) {
+                tracing::error!("virtio-mmio: cannot watch the device's control fd: {e:?}");
             }
         }
     }
 
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
         match events.data() {
             BACKEND_EVENT => self.process_backend(),
+            CONTROL_EVENT => self.process_control(ops),
             index => {
                 let index = index as usize;
                 if let Some(evt) = self.queue_evts.get(index) {
@@ -460,6 +468,39 @@ impl MutEventSubscriber for MmioTransport {
                 }
             }
         }
+    }
+}
+
+impl MmioTransport {
+    fn backend_event(fd: std::os::fd::RawFd) -> Events {
+        Events::with_data_raw(fd, BACKEND_EVENT, EventSet::IN | EventSet::EDGE_TRIGGERED)
+    }
+
+    fn watch_backend(&self, ops: &mut EventOps) {
+        if let Some(fd) = self.device.backend_fd() {
+            if let Err(e) = ops.add(Self::backend_event(fd)) {
+                tracing::error!("virtio-mmio: cannot watch the backend: {e:?}");
+            }
+        }
+    }
+
+    /// Applies a device's control request; a replaced backend's fd leaves
+    /// the epoll set before the old backend is dropped (closing it), and
+    /// the new backend is read at once: frames that arrived before it was
+    /// watched raised no edge.
+    fn process_control(&mut self, ops: &mut EventOps) {
+        let old_fd = self.device.backend_fd();
+        let Some(old) = self.device.process_control() else {
+            return;
+        };
+        if let Some(fd) = old_fd {
+            if let Err(e) = ops.remove(Self::backend_event(fd)) {
+                tracing::error!("virtio-mmio: cannot stop watching the old backend: {e:?}");
+            }
+        }
+        drop(old);
+        self.watch_backend(ops);
+        self.process_backend();
     }
 }
 

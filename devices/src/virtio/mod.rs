@@ -25,7 +25,7 @@ use virtio_queue::Queue;
 
 pub use block::{Block, BlockBackend, FileBackend};
 pub use mmio::MmioTransport;
-pub use net::{Net, NetBackend};
+pub use net::{BackendSwap, Net, NetBackend};
 pub use tap::Tap;
 
 /// Guest memory as every device sees it: mmap-backed, with a dirty bitmap
@@ -128,6 +128,18 @@ pub trait VirtioDevice: Send {
     /// The backend fd became readable.
     fn process_backend(&mut self, _queues: &mut [Queue], _mem: &GuestMemoryMmap) -> Processed {
         Processed::NOTHING
+    }
+    /// An eventfd the device thread watches (level-triggered) for requests
+    /// from other threads, such as a backend swap, if the device takes any.
+    fn control_fd(&self) -> Option<RawFd> {
+        None
+    }
+    /// The control fd became readable: applies what other threads asked
+    /// for. When the backend was replaced, returns the old one, which the
+    /// transport drops only after its fd left the device thread's epoll
+    /// set (then [`VirtioDevice::backend_fd`] is the new backend's).
+    fn process_control(&mut self) -> Option<Box<dyn Send>> {
+        None
     }
     /// The device's counters.
     fn counters(&self) -> Arc<DeviceCounters>;

@@ -10,7 +10,7 @@
 //! waits in the device until the driver adds one and notifies.
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -19,6 +19,7 @@ use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::Bytes;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{DeviceCounters, GuestMemoryMmap, Processed, VirtioDevice};
 use crate::ratelimit::warn_limited;
@@ -52,9 +53,37 @@ pub trait NetBackend: Send {
     fn send(&mut self, frame: &[u8]) -> io::Result<()>;
 }
 
+/// A backend handed over by another thread, waiting for the device
+/// thread.
+struct SwapSlot {
+    next: std::sync::Mutex<Option<Box<dyn NetBackend>>>,
+    evt: EventFd,
+}
+
+/// A handle through which any thread replaces a [`Net`] device's backend
+/// at run time (failover switches a NIC from the replication path to its
+/// tap). The device thread makes the switch: it stops watching the old
+/// backend's fd, watches the new one, drops the old backend, and reads the
+/// new one at once. A received frame still waiting for a guest buffer is
+/// kept. Cheap to clone; get one with [`Net::backend_swap`] before the
+/// device goes behind its transport.
+#[derive(Clone)]
+pub struct BackendSwap(Arc<SwapSlot>);
+
+impl BackendSwap {
+    /// Hands `backend` to the device thread; returns at once. When called
+    /// again before the device thread took the previous one, the latest
+    /// backend wins and the earlier one is dropped.
+    pub fn swap(&self, backend: Box<dyn NetBackend>) -> io::Result<()> {
+        *crate::lock(&self.0.next) = Some(backend);
+        self.0.evt.write(1)
+    }
+}
+
 /// A virtio-net device.
 pub struct Net {
     backend: Box<dyn NetBackend>,
+    swap: Arc<SwapSlot>,
     mac: [u8; 6],
     counters: Arc<DeviceCounters>,
     /// Header + frame of a received frame still waiting for a guest buffer
@@ -65,19 +94,30 @@ pub struct Net {
 }
 
 impl Net {
-    /// A device with MAC address `mac` over `backend`.
-    pub fn new(backend: Box<dyn NetBackend>, mac: [u8; 6]) -> Self {
+    /// A device with MAC address `mac` over `backend`; fails only when no
+    /// eventfd can be made for backend swaps.
+    pub fn new(backend: Box<dyn NetBackend>, mac: [u8; 6]) -> io::Result<Self> {
         let mut rx_buf = vec![0u8; NET_HDR_LEN + MAX_FRAME_LEN];
         // num_buffers = 1; every other header field stays zero.
         rx_buf[10] = 1;
-        Self {
+        let swap = Arc::new(SwapSlot {
+            next: std::sync::Mutex::new(None),
+            evt: EventFd::new(EFD_NONBLOCK)?,
+        });
+        Ok(Self {
             backend,
+            swap,
             mac,
             counters: Arc::default(),
             rx_buf,
             rx_len: 0,
             tx_buf: Vec::with_capacity(NET_HDR_LEN + MAX_FRAME_LEN),
-        }
+        })
+    }
+
+    /// The handle that replaces this device's backend from another thread.
+    pub fn backend_swap(&self) -> BackendSwap {
+        BackendSwap(self.swap.clone())
     }
 
     /// Moves frames from the backend into guest buffers.
@@ -266,6 +306,18 @@ impl VirtioDevice for Net {
         self.backend.fd()
     }
 
+    fn control_fd(&self) -> Option<RawFd> {
+        Some(self.swap.evt.as_raw_fd())
+    }
+
+    fn process_control(&mut self) -> Option<Box<dyn Send>> {
+        // Clears the counter; "nothing pending" is no error here.
+        let _ = self.swap.evt.read();
+        let next = crate::lock(&self.swap.next).take()?;
+        tracing::info!("virtio-net: backend replaced");
+        Some(Box::new(std::mem::replace(&mut self.backend, next)))
+    }
+
     fn process_backend(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Processed {
         match queues.first_mut() {
             Some(rx) => self.receive(rx, mem),
@@ -351,7 +403,7 @@ mod tests {
 
     fn net() -> (MmioTransport, Loop) {
         let backend = Loop::default();
-        let dev = Net::new(Box::new(backend.clone()), [2, 0, 0, 0, 0, 1]);
+        let dev = Net::new(Box::new(backend.clone()), [2, 0, 0, 0, 0, 1]).unwrap();
         let t = live_transport(Box::new(dev), guest_memory(), dev_features(), 2);
         (t, backend)
     }
@@ -547,7 +599,8 @@ mod tests {
                     runt,
                 }),
                 [2, 0, 0, 0, 0, 1],
-            );
+            )
+            .unwrap();
             let mut t = live_transport(Box::new(dev), guest_memory(), dev_features(), 2);
             DriverSim::new(&mut t).add_buffer(0, &[(0x1000, 2048, true)]);
             let counters = t.device().counters();
@@ -559,6 +612,123 @@ mod tests {
             assert_eq!(calls.load(std::sync::atomic::Ordering::Relaxed), expected);
             assert_eq!(errors() - errors_before, u64::from(runt));
             assert!(DriverSim::new(&mut t).used(0).is_empty());
+        }
+    }
+
+    /// A backend over one end of a datagram socketpair.
+    struct Socket(std::os::unix::net::UnixDatagram);
+
+    impl NetBackend for Socket {
+        fn fd(&self) -> Option<RawFd> {
+            Some(self.0.as_raw_fd())
+        }
+        fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.0.recv(buf)
+        }
+        fn send(&mut self, frame: &[u8]) -> io::Result<()> {
+            self.0.send(frame).map(drop)
+        }
+    }
+
+    /// A socketpair: the device's backend and the far end.
+    fn socket_pair() -> (Socket, std::os::unix::net::UnixDatagram) {
+        let (dev, peer) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        dev.set_nonblocking(true).unwrap();
+        (Socket(dev), peer)
+    }
+
+    /// Waits until the transport's irqfd fires or `deadline` passes.
+    fn wait_irq(irq: &EventFd, deadline: std::time::Instant) -> bool {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let mut pfd = libc::pollfd {
+            fd: irq.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis() as i32) };
+        n == 1 && irq.read().is_ok()
+    }
+
+    #[test]
+    fn a_backend_swapped_on_the_device_thread_keeps_the_pending_frame() {
+        use event_manager::{EventManager, SubscriberOps};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::time::{Duration, Instant};
+
+        let (old, old_peer) = socket_pair();
+        let (new, new_peer) = socket_pair();
+        let dev = Net::new(Box::new(old), [2, 0, 0, 0, 0, 1]).unwrap();
+        let swap = dev.backend_swap();
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut t =
+            MmioTransport::new(Box::new(dev), guest_memory(), irq.try_clone().unwrap()).unwrap();
+        let mut sim = DriverSim::new(&mut t);
+        sim.negotiate(dev_features());
+        sim.setup_queue(0, 16);
+        sim.setup_queue(1, 16);
+        sim.driver_ok();
+        // A frame read from the old backend waits: the guest has no buffer.
+        let (f0, f1, f2) = (frame(60, 0), frame(70, 1), frame(80, 2));
+        old_peer.send(&f0).unwrap();
+        t.process_backend();
+        let mut header = [0u8; NET_HDR_LEN];
+        header[10] = 1;
+        assert_eq!(
+            crate::Persist::save(&t).device,
+            crate::virtio::DeviceState::Net {
+                pending_rx: [&header[..], &f0].concat()
+            }
+        );
+        // Buffers, but no notification: only the swap makes the device
+        // look at its rx queue again.
+        let mut sim = DriverSim::new(&mut t);
+        for i in 0..3u64 {
+            sim.add_buffer(0, &[(0x1000 + i * 0x1000, 2048, true)]);
+        }
+
+        let t = Arc::new(Mutex::new(t));
+        let mut manager: EventManager<Arc<Mutex<MmioTransport>>> = EventManager::new().unwrap();
+        manager.add_subscriber(t.clone());
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    manager.run_with_timeout(20).unwrap();
+                }
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let used = || DriverSim::new(&mut t.lock().unwrap()).used(0).len();
+
+        // The swap delivers the kept frame.
+        swap.swap(Box::new(new)).unwrap();
+        assert!(wait_irq(&irq, deadline), "no interrupt after the swap");
+        assert_eq!(used(), 1);
+        // The old backend is gone (its socket closed); the new one is
+        // watched: its frames arrive as they come.
+        assert!(
+            old_peer.send(&f2).is_err(),
+            "the old backend was not dropped"
+        );
+        new_peer.send(&f1).unwrap();
+        assert!(wait_irq(&irq, deadline), "the new backend is not watched");
+        assert_eq!(used(), 2);
+        new_peer.send(&f2).unwrap();
+        assert!(wait_irq(&irq, deadline));
+        stop.store(true, Ordering::Relaxed);
+        thread.join().unwrap();
+
+        let mut t = t.lock().unwrap();
+        let sim = DriverSim::new(&mut t);
+        let used = sim.used(0);
+        assert_eq!(used.len(), 3, "{used:?}");
+        for (i, f) in [f0, f1, f2].iter().enumerate() {
+            let mut got = vec![0u8; f.len()];
+            let at = 0x1000 + i as u64 * 0x1000 + NET_HDR_LEN as u64;
+            sim.mem().read_slice(&mut got, GuestAddress(at)).unwrap();
+            assert_eq!(&got, f, "frame {i}");
         }
     }
 }
