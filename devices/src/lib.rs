@@ -6,6 +6,8 @@
 //! eventfds) and to its own lifecycle through the small types exported here.
 
 pub mod bus;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzz;
 pub mod legacy;
 pub mod persist;
 mod ratelimit;

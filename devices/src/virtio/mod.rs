@@ -165,5 +165,5 @@ pub enum DeviceState {
     Other(Vec<u8>),
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) mod testing;

@@ -1,6 +1,8 @@
 //! A minimal virtio driver for unit tests: lays out split queues in a small
 //! guest memory and drives an [`MmioTransport`] through its registers, the
-//! way a guest would.
+//! way a guest would. The unit tests and the fuzz targets use it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test support: a failure is a finding
 
 use vm_memory::{Bytes, GuestAddress};
 
@@ -167,6 +169,7 @@ impl<'a> DriverSim<'a> {
     }
 
     /// Every used-ring entry of queue `q` so far, as (id, len).
+    #[cfg_attr(not(test), allow(dead_code))] // the fuzz targets do not read it
     pub fn used(&self, q: u16) -> Vec<(u32, u32)> {
         let size = self.sizes[usize::from(q)];
         let base = self.bases[usize::from(q)] + 0x2000;
