@@ -26,6 +26,7 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -300,6 +301,15 @@ where
     }
 }
 
+/// Queue `q` is laid out as [`DriverSim`] does it, in guest memory.
+fn sim_layout(q: &virtio_queue::Queue, mem: &crate::virtio::GuestMemoryMmap) -> bool {
+    let base = q.desc_table();
+    q.ready()
+        && q.avail_ring() == base.wrapping_add(0x1000)
+        && q.used_ring() == base.wrapping_add(0x2000)
+        && crate::virtio::in_memory(mem, GuestAddress(base), 0x3000)
+}
+
 /// A live transport over `device` that has served some requests.
 fn used_transport(device: Box<dyn VirtioDevice>, features: u64, queues: u16) -> MmioTransport {
     let mut t = live_transport(device, guest_memory(), features, queues);
@@ -329,9 +339,14 @@ pub fn restore(data: &[u8]) {
                 return;
             };
             check_restore(&mut t, &state);
-            // Run what was restored.
-            let mut sim = DriverSim::new(&mut t);
-            sim.add_buffer(0, &[(0x2000, 2048, true)]);
+            // Run what was restored: the driver adds a buffer where the
+            // restored rings are where DriverSim lays them out (a restored
+            // state may keep them anywhere, even outside memory when the
+            // device is not live or needs a reset).
+            let mem = DriverSim::new(&mut t).mem().clone();
+            if sim_layout(&t.queues[0], &mem) {
+                DriverSim::new(&mut t).add_buffer(0, &[(0x2000, 2048, true)]);
+            }
             t.kick();
             for q in 0..queues {
                 t.process_queue(usize::from(q));
