@@ -17,6 +17,12 @@ packages=(
     qemu-system-x86 binutils cpio
 )
 
+# cargo-fuzz for scripts/fuzz.sh (crates.io, through cargo).
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    echo "installing: cargo-fuzz"
+    cargo install --locked cargo-fuzz
+fi
+
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

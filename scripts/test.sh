@@ -35,3 +35,5 @@ step "tests"
 # The test guest's pure logic, on the host.
 cargo test --manifest-path resources/test-guest/Cargo.toml --lib --locked
 cargo test --workspace --locked "${extra[@]}"
+step "fuzz (20 s per target; longer runs: scripts/fuzz.sh SECONDS)"
+scripts/fuzz.sh 20

@@ -6,8 +6,11 @@
 //! eventfds) and to its own lifecycle through the small types exported here.
 
 pub mod bus;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzz;
 pub mod legacy;
 pub mod persist;
+mod ratelimit;
 pub mod virtio;
 
 pub use bus::{lock, Bus, BusDevice, BusError};

@@ -2,8 +2,13 @@
 //!
 //! Every device implements [`Persist`]: `save` captures every register and
 //! queue index at a quiescent point (vCPUs paused, device thread parked),
-//! `restore` checks the whole state first and applies it only when all of
-//! it is acceptable, so a bad snapshot never leaves a device half-restored.
+//! `validate` checks a state without touching the device, and `restore`
+//! validates first and applies only a state that passed, so a bad snapshot
+//! never leaves a device half-restored.
+//!
+//! A saved state comes from a file or a peer: it is input, not trust. A
+//! VMM that restores several devices calls `validate` on every one of them
+//! before it restores any, so a load is all or nothing across devices.
 
 use serde::{de::DeserializeOwned, Serialize};
 
@@ -24,11 +29,10 @@ pub trait Persist {
     type State: Serialize + DeserializeOwned + Clone + std::fmt::Debug;
     /// Captures the state.
     fn save(&self) -> Self::State;
-    /// Checks that `state` could be applied, changing nothing (restore
-    /// checks it too).
-    fn validate(&self, _state: &Self::State) -> Result<(), PersistError> {
-        Ok(())
-    }
-    /// Applies `state`, all or nothing.
+    /// Checks that `state` is one this device could have saved and can run
+    /// from; changes nothing. When it returns `Ok`, `restore` of the same
+    /// state succeeds.
+    fn validate(&self, state: &Self::State) -> Result<(), PersistError>;
+    /// Applies `state`, all or nothing: calls [`Persist::validate`] first.
     fn restore(&mut self, state: &Self::State) -> Result<(), PersistError>;
 }

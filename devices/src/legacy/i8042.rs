@@ -25,6 +25,11 @@ const SB_LAST_WAS_COMMAND: u8 = 1 << 3;
 /// Set while the keyboard is not inhibited (the "keylock" switch is open).
 const SB_KEYLOCK_OPEN: u8 = 1 << 4;
 
+/// Every status bit the controller sets.
+const SB_KNOWN: u8 = SB_OUT_FULL | SB_SYSTEM | SB_LAST_WAS_COMMAND | SB_KEYLOCK_OPEN;
+/// Bytes the output buffer holds at most.
+const OUT_MAX: usize = 16;
+
 /// Controller commands we answer.
 const CMD_READ_CTR: u8 = 0x20;
 const CMD_WRITE_CTR: u8 = 0x60;
@@ -66,13 +71,32 @@ impl crate::Persist for I8042 {
         }
     }
 
-    fn restore(&mut self, s: &I8042Snapshot) -> Result<(), crate::PersistError> {
-        if s.out.len() > 16 {
-            return Err(crate::PersistError::Invalid(format!(
+    fn validate(&self, s: &I8042Snapshot) -> Result<(), crate::PersistError> {
+        use crate::PersistError::Invalid;
+        if s.out.len() > OUT_MAX {
+            return Err(Invalid(format!(
                 "i8042 output buffer of {} bytes",
                 s.out.len()
             )));
         }
+        if s.status & !SB_KNOWN != 0 {
+            return Err(Invalid(format!("i8042 status {:#x}", s.status)));
+        }
+        if (s.status & SB_OUT_FULL != 0) == s.out.is_empty() {
+            return Err(Invalid(format!(
+                "i8042 status {:#x} with {} output bytes",
+                s.status,
+                s.out.len()
+            )));
+        }
+        match s.pending {
+            None | Some(CMD_WRITE_CTR | CMD_WRITE_OUTPUT_PORT) => Ok(()),
+            Some(cmd) => Err(Invalid(format!("i8042 waits for data of command {cmd:#x}"))),
+        }
+    }
+
+    fn restore(&mut self, s: &I8042Snapshot) -> Result<(), crate::PersistError> {
+        self.validate(s)?;
         self.status = s.status;
         self.ctr = s.ctr;
         self.out = s.out.iter().copied().collect();
@@ -107,7 +131,7 @@ impl I8042 {
     fn push(&mut self, byte: u8) {
         // A real controller holds one byte; a few suffice for any sequence
         // of commands a driver sends without reading in between.
-        if self.out.len() < 16 {
+        if self.out.len() < OUT_MAX {
             self.out.push_back(byte);
         }
         self.status |= SB_OUT_FULL;
@@ -224,5 +248,41 @@ mod tests {
             dev.reset_evt.read().is_err(),
             "no reset from ordinary commands"
         );
+    }
+
+    #[test]
+    fn inconsistent_states_are_refused_and_change_nothing() {
+        use crate::Persist;
+        let mut dev = controller();
+        dev.write(COMMAND, &[CMD_SELF_TEST]);
+        let saved = dev.save();
+        dev.validate(&saved).unwrap();
+        let bad = [
+            I8042Snapshot {
+                out: vec![0; 17],
+                ..saved.clone()
+            },
+            I8042Snapshot {
+                out: vec![],
+                ..saved.clone()
+            },
+            I8042Snapshot {
+                status: saved.status | 0x80,
+                ..saved.clone()
+            },
+            I8042Snapshot {
+                pending: Some(CMD_SELF_TEST),
+                ..saved.clone()
+            },
+        ];
+        let mut other = controller();
+        let before = other.save();
+        for s in &bad {
+            assert!(other.validate(s).is_err(), "{s:?}");
+            assert!(other.restore(s).is_err(), "{s:?}");
+            assert_eq!(other.save(), before);
+        }
+        other.restore(&saved).unwrap();
+        assert_eq!(read(&mut other, DATA), SELF_TEST_OK);
     }
 }

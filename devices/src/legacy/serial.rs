@@ -13,13 +13,14 @@ use crate::bus::BusDevice;
 use crate::persist::{Persist, PersistError};
 
 /// Raises an interrupt by writing to an eventfd that KVM turned into an
-/// irqfd for the device's IRQ line.
-pub struct EventFdTrigger(EventFd);
+/// irqfd for the device's IRQ line. Clones share the eventfd.
+#[derive(Clone)]
+pub struct EventFdTrigger(Arc<EventFd>);
 
 impl EventFdTrigger {
     /// Wraps `fd`; the caller registers it with KVM as an irqfd.
     pub fn new(fd: EventFd) -> Self {
-        Self(fd)
+        Self(Arc::new(fd))
     }
 }
 
@@ -55,7 +56,7 @@ impl Write for CountingWriter {
 pub struct Serial {
     uart: vm_superio::Serial<EventFdTrigger, vm_superio::serial::NoEvents, CountingWriter>,
     tx_bytes: Arc<AtomicU64>,
-    irq: EventFd,
+    irq: EventFdTrigger,
     writer: CountingWriter,
 }
 
@@ -77,12 +78,9 @@ pub struct SerialSnapshot {
 /// The 16550's receive FIFO depth.
 const FIFO_SIZE: usize = 64;
 
-impl Persist for Serial {
-    type State = SerialSnapshot;
-
-    fn save(&self) -> SerialSnapshot {
-        let s = self.uart.state();
-        SerialSnapshot {
+impl From<vm_superio::serial::SerialState> for SerialSnapshot {
+    fn from(s: vm_superio::serial::SerialState) -> Self {
+        Self {
             baud_divisor_low: s.baud_divisor_low,
             baud_divisor_high: s.baud_divisor_high,
             interrupt_enable: s.interrupt_enable,
@@ -95,15 +93,11 @@ impl Persist for Serial {
             in_buffer: s.in_buffer,
         }
     }
+}
 
-    fn restore(&mut self, s: &SerialSnapshot) -> Result<(), PersistError> {
-        if s.in_buffer.len() > FIFO_SIZE {
-            return Err(PersistError::Invalid(format!(
-                "serial FIFO holds {} bytes, more than {FIFO_SIZE}",
-                s.in_buffer.len()
-            )));
-        }
-        let state = vm_superio::serial::SerialState {
+impl From<&SerialSnapshot> for vm_superio::serial::SerialState {
+    fn from(s: &SerialSnapshot) -> Self {
+        Self {
             baud_divisor_low: s.baud_divisor_low,
             baud_divisor_high: s.baud_divisor_high,
             interrupt_enable: s.interrupt_enable,
@@ -114,18 +108,47 @@ impl Persist for Serial {
             modem_status: s.modem_status,
             scratch: s.scratch,
             in_buffer: s.in_buffer.clone(),
-        };
-        let irq = self
-            .irq
-            .try_clone()
-            .map_err(|e| PersistError::Invalid(format!("serial irq: {e}")))?;
+        }
+    }
+}
+
+/// Interrupt identification bits vm-superio keeps: "none pending", or any
+/// of "transmitter empty" and "data available".
+const IIR_NONE: u8 = 0b001;
+const IIR_PENDING: u8 = 0b110;
+
+impl Persist for Serial {
+    type State = SerialSnapshot;
+
+    fn save(&self) -> SerialSnapshot {
+        self.uart.state().into()
+    }
+
+    fn validate(&self, s: &SerialSnapshot) -> Result<(), PersistError> {
+        if s.in_buffer.len() > FIFO_SIZE {
+            return Err(PersistError::Invalid(format!(
+                "serial FIFO holds {} bytes, more than {FIFO_SIZE}",
+                s.in_buffer.len()
+            )));
+        }
+        let iir = s.interrupt_identification;
+        if iir != IIR_NONE && (iir == 0 || iir & !IIR_PENDING != 0) {
+            return Err(PersistError::Invalid(format!(
+                "serial interrupt identification {iir:#x}"
+            )));
+        }
+        Ok(())
+    }
+
+    fn restore(&mut self, s: &SerialSnapshot) -> Result<(), PersistError> {
+        self.validate(s)?;
         self.uart = vm_superio::Serial::from_state(
-            &state,
-            EventFdTrigger(irq),
+            &s.into(),
+            self.irq.clone(),
             vm_superio::serial::NoEvents,
             self.writer.clone(),
         )
-        .map_err(|e| PersistError::Invalid(format!("serial: {e:?}")))?;
+        .map_err(|e| PersistError::Invalid(format!("serial: {e}")))?;
         Ok(())
     }
 }
@@ -139,8 +162,9 @@ impl Serial {
             out: Arc::new(Mutex::new(out)),
             bytes: tx_bytes.clone(),
         };
+        let irq = EventFdTrigger::new(irq);
         Ok(Self {
-            uart: vm_superio::Serial::new(EventFdTrigger(irq.try_clone()?), writer.clone()),
+            uart: vm_superio::Serial::new(irq.clone(), writer.clone()),
             tx_bytes,
             // Kept for restores, which build a new UART on the same line.
             irq,
@@ -165,7 +189,7 @@ impl BusDevice for Serial {
         if let (Ok(offset), [byte, ..]) = (u8::try_from(offset), data) {
             if let Err(e) = self.uart.write(offset, *byte) {
                 // Losing console output must not stop the guest.
-                tracing::warn!("serial: {e}");
+                crate::ratelimit::warn_limited!("serial: {e}");
             }
         }
     }
@@ -235,6 +259,25 @@ mod tests {
         bad.in_buffer = vec![0; 65];
         assert!(b.restore(&bad).is_err());
         assert_eq!(b.save(), saved, "a refused state changed the UART");
+    }
+
+    #[test]
+    fn unknown_interrupt_identification_is_refused() {
+        let mut s =
+            Serial::new(EventFd::new(libc_nonblock()).unwrap(), Box::new(io::sink())).unwrap();
+        let saved = s.save();
+        for iir in [0u8, 0x08, 0x03, 0xc1] {
+            let mut bad = saved.clone();
+            bad.interrupt_identification = iir;
+            assert!(s.validate(&bad).is_err(), "{iir:#x}");
+            assert!(s.restore(&bad).is_err(), "{iir:#x}");
+        }
+        for iir in [1u8, 2, 4, 6] {
+            let mut good = saved.clone();
+            good.interrupt_identification = iir;
+            s.validate(&good).unwrap();
+        }
+        assert_eq!(s.save(), saved);
     }
 
     fn libc_nonblock() -> i32 {

@@ -10,6 +10,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 use std::sync::Arc;
@@ -22,9 +23,10 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::Bytes;
+use vm_memory::{Address, Bytes};
 
 use super::{DeviceCounters, GuestMemoryMmap, Processed, VirtioDevice};
+use crate::ratelimit::{error_limited, warn_limited};
 
 /// Bytes per sector, as virtio-blk counts them.
 pub const SECTOR_SIZE: u64 = 512;
@@ -32,6 +34,8 @@ pub const SECTOR_SIZE: u64 = 512;
 pub const ID_LEN: usize = 20;
 const QUEUE_SIZES: &[u16] = &[256];
 const HEADER_LEN: u32 = 16;
+/// Bytes a request moves at a time between the disk and guest memory.
+pub const BOUNCE_LEN: usize = 128 << 10;
 
 /// Storage behind a virtio-blk device. `vmm` adapts the replicated backend
 /// of block-replication to this trait; [`FileBackend`] is the plain one.
@@ -62,6 +66,11 @@ impl FileBackend {
     /// Opens the raw image at `path`. The disk's size is the file's,
     /// rounded down to whole sectors; its ID is derived from the file's
     /// device and inode numbers, stable across restarts.
+    ///
+    /// An image has one writer: a read-write open takes an exclusive
+    /// `flock`, a read-only one a shared lock, both without waiting, held
+    /// as long as the backend lives. An image another VM (or another disk
+    /// of this one) holds fails with `ErrorKind::WouldBlock`.
     pub fn open(path: &Path, read_only: bool) -> io::Result<Self> {
         let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
         let meta = file.metadata()?;
@@ -70,6 +79,23 @@ impl FileBackend {
                 io::ErrorKind::InvalidInput,
                 "not a regular file",
             ));
+        }
+        let mode = if read_only {
+            libc::LOCK_SH
+        } else {
+            libc::LOCK_EX
+        };
+        // SAFETY: flock on a file descriptor `file` owns; no memory is
+        // passed.
+        if unsafe { libc::flock(file.as_raw_fd(), mode | libc::LOCK_NB) } != 0 {
+            let e = io::Error::last_os_error();
+            return Err(match e.kind() {
+                io::ErrorKind::WouldBlock => io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    "in use by another VM (the image is locked)",
+                ),
+                _ => e,
+            });
         }
         let mut id = format!("colo{:x}-{:x}", meta.dev(), meta.ino()).into_bytes();
         id.truncate(ID_LEN);
@@ -107,6 +133,8 @@ impl BlockBackend for FileBackend {
 pub struct Block {
     backend: Box<dyn BlockBackend>,
     counters: Arc<DeviceCounters>,
+    /// The one buffer request data passes through, [`BOUNCE_LEN`] bytes.
+    bounce: Vec<u8>,
 }
 
 /// Why a request failed, as the status byte tells the driver.
@@ -122,6 +150,7 @@ impl Block {
         Self {
             backend,
             counters: Arc::default(),
+            bounce: vec![0; BOUNCE_LEN],
         }
     }
 
@@ -179,14 +208,14 @@ impl Block {
             VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
                 let start = self.checked_range(sector, total)?;
                 if kind == VIRTIO_BLK_T_IN {
-                    self.read(start, data, mem)?;
+                    self.transfer(Direction::FromDisk, start, data, mem)?;
                     DeviceCounters::add(&self.counters.read_bytes, total);
                     u32::try_from(total).map_err(|_| Failure::IoErr)
                 } else {
                     if self.backend.read_only() {
                         return Err(Failure::IoErr);
                     }
-                    self.write(start, data, mem)?;
+                    self.transfer(Direction::ToDisk, start, data, mem)?;
                     DeviceCounters::add(&self.counters.write_bytes, total);
                     Ok(0)
                 }
@@ -228,45 +257,57 @@ impl Block {
         Ok(start)
     }
 
-    fn read(
+    /// Moves the data of a read or write request between the disk at
+    /// `offset` and the chain's data buffers, through the device's bounded
+    /// bounce buffer: never more than [`BOUNCE_LEN`] bytes at a time,
+    /// whatever length the descriptors claim.
+    fn transfer(
         &mut self,
+        dir: Direction,
         mut offset: u64,
         data: &[Descriptor],
         mem: &GuestMemoryMmap,
     ) -> Result<(), Failure> {
-        let mut buf = Vec::new();
         for d in data {
-            buf.resize(d.len() as usize, 0);
-            self.backend.read_at(offset, &mut buf).map_err(|e| {
-                tracing::error!("virtio-blk: read at {offset:#x} failed: {e}");
-                Failure::IoErr
-            })?;
-            mem.write_slice(&buf, d.addr())
-                .map_err(|_| Failure::IoErr)?;
-            offset += u64::from(d.len());
+            let mut done = 0u64;
+            let len = u64::from(d.len());
+            while done < len {
+                let n = (len - done).min(BOUNCE_LEN as u64) as usize;
+                let buf = &mut self.bounce[..n];
+                let addr = d.addr().checked_add(done).ok_or(Failure::IoErr)?;
+                let moved = match dir {
+                    Direction::FromDisk => self
+                        .backend
+                        .read_at(offset, buf)
+                        .map_err(Some)
+                        .and_then(|()| mem.write_slice(buf, addr).map_err(|_| None)),
+                    Direction::ToDisk => mem
+                        .read_slice(buf, addr)
+                        .map_err(|_| None)
+                        .and_then(|()| self.backend.write_at(offset, buf).map_err(Some)),
+                };
+                match moved {
+                    Ok(()) => {}
+                    Err(Some(e)) => {
+                        error_limited!("virtio-blk: {dir:?} at {offset:#x} failed: {e}");
+                        return Err(Failure::IoErr);
+                    }
+                    // Checked against guest memory before any byte moved.
+                    Err(None) => return Err(Failure::IoErr),
+                }
+                done += n as u64;
+                offset += n as u64;
+            }
         }
         Ok(())
     }
+}
 
-    fn write(
-        &mut self,
-        mut offset: u64,
-        data: &[Descriptor],
-        mem: &GuestMemoryMmap,
-    ) -> Result<(), Failure> {
-        let mut buf = Vec::new();
-        for d in data {
-            buf.resize(d.len() as usize, 0);
-            mem.read_slice(&mut buf, d.addr())
-                .map_err(|_| Failure::IoErr)?;
-            self.backend.write_at(offset, &buf).map_err(|e| {
-                tracing::error!("virtio-blk: write at {offset:#x} failed: {e}");
-                Failure::IoErr
-            })?;
-            offset += u64::from(d.len());
-        }
-        Ok(())
-    }
+/// Which way a request's data moves.
+#[derive(Debug, Clone, Copy)]
+enum Direction {
+    FromDisk,
+    ToDisk,
 }
 
 impl VirtioDevice for Block {
@@ -307,7 +348,7 @@ impl VirtioDevice for Block {
             let descs: Vec<Descriptor> = chain.collect();
             DeviceCounters::add(&self.counters.requests, 1);
             let len = self.execute(&descs, mem).unwrap_or_else(|| {
-                tracing::warn!("virtio-blk: request {head} has no usable status byte");
+                warn_limited!("virtio-blk: request {head} has no usable status byte");
                 DeviceCounters::add(&self.counters.errors, 1);
                 0
             });
@@ -327,7 +368,7 @@ impl VirtioDevice for Block {
         super::DeviceState::Block
     }
 
-    fn restore_state(&mut self, state: &super::DeviceState) -> Result<(), crate::PersistError> {
+    fn validate_state(&self, state: &super::DeviceState) -> Result<(), crate::PersistError> {
         match state {
             super::DeviceState::Block => Ok(()),
             other => Err(crate::PersistError::Mismatch(format!(
@@ -335,16 +376,17 @@ impl VirtioDevice for Block {
             ))),
         }
     }
+
+    fn restore_state(&mut self, _state: &super::DeviceState) {}
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::virtio::mmio::MmioTransport;
-    use crate::virtio::testing::{guest_memory, DriverSim, MEM_SIZE};
+    use crate::virtio::testing::{guest_memory, live_transport, DriverSim, MEM_SIZE};
     use std::io::{Read, Seek, SeekFrom, Write};
     use vm_memory::GuestAddress;
-    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     const HDR: u64 = 0x1000;
     const DATA: u64 = 0x2000;
@@ -362,18 +404,17 @@ mod tests {
             .collect();
         file.write_all(&bytes).unwrap();
         let backend = FileBackend::open(file.path(), read_only).unwrap();
-        let mut t = MmioTransport::new(
-            Box::new(Block::new(Box::new(backend))),
-            guest_memory(),
-            EventFd::new(EFD_NONBLOCK).unwrap(),
-        )
-        .unwrap();
-        let mut sim = DriverSim::new(&mut t);
-        sim.negotiate(1 << VIRTIO_F_VERSION_1);
-        sim.setup_queue(0, 16);
-        sim.driver_ok();
-        assert!(t.is_activated());
+        let t = block_over(Box::new(backend), guest_memory());
         Disk { file, t }
+    }
+
+    fn block_over(backend: Box<dyn BlockBackend>, mem: GuestMemoryMmap) -> MmioTransport {
+        live_transport(
+            Box::new(Block::new(backend)),
+            mem,
+            1 << VIRTIO_F_VERSION_1,
+            1,
+        )
     }
 
     fn header(mem: &GuestMemoryMmap, kind: u32, sector: u64) {
@@ -535,5 +576,93 @@ mod tests {
         let mut past = [0xffu8; 4];
         d.t.device().read_config(100, &mut past);
         assert_eq!(past, [0; 4]);
+    }
+
+    /// A disk that keeps nothing and records the largest buffer it was
+    /// handed and the bytes it saw.
+    #[derive(Clone, Default)]
+    struct Recorder {
+        largest: Arc<std::sync::atomic::AtomicUsize>,
+        bytes: Arc<std::sync::atomic::AtomicU64>,
+    }
+
+    impl BlockBackend for Recorder {
+        fn capacity(&self) -> u64 {
+            1 << 40
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+        fn read_at(&mut self, _: u64, buf: &mut [u8]) -> io::Result<()> {
+            self.write_at(0, buf)
+        }
+        fn write_at(&mut self, _: u64, buf: &[u8]) -> io::Result<()> {
+            use std::sync::atomic::Ordering::Relaxed;
+            self.largest.fetch_max(buf.len(), Relaxed);
+            self.bytes.fetch_add(buf.len() as u64, Relaxed);
+            Ok(())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+        fn id(&self) -> &[u8] {
+            b"recorder"
+        }
+    }
+
+    #[test]
+    fn a_huge_request_moves_through_a_bounded_buffer() {
+        use std::sync::atomic::Ordering::Relaxed;
+        const BIG: u32 = 256 << 20;
+        let recorder = Recorder::default();
+        // Guest memory large enough for the data buffer; untouched pages
+        // cost nothing.
+        let mem =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), BIG as usize + MEM_SIZE)]).unwrap();
+        let mut t = block_over(Box::new(recorder.clone()), mem);
+        let big = MEM_SIZE as u64;
+        for (kind, writable, used) in [
+            (VIRTIO_BLK_T_OUT, false, 1),
+            (VIRTIO_BLK_T_IN, true, BIG + 1),
+        ] {
+            let mut sim = DriverSim::new(&mut t);
+            header(sim.mem(), kind, 8);
+            sim.add_buffer(
+                0,
+                &[(HDR, 16, false), (big, BIG, writable), (STATUS, 1, true)],
+            );
+            t.process_queue(0);
+            let sim = DriverSim::new(&mut t);
+            assert_eq!(sim.mem().read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0);
+            assert_eq!(sim.used(0).last().unwrap().1, used);
+        }
+        assert_eq!(recorder.bytes.load(Relaxed), 2 * u64::from(BIG));
+        assert!(
+            recorder.largest.load(Relaxed) <= BOUNCE_LEN,
+            "the backend was handed {} bytes at once",
+            recorder.largest.load(Relaxed)
+        );
+    }
+
+    #[test]
+    fn an_image_has_one_writer() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        file.as_file().set_len(4 * SECTOR_SIZE).unwrap();
+        let path = file.path();
+        let writer = FileBackend::open(path, false).unwrap();
+        for read_only in [false, true] {
+            let e = FileBackend::open(path, read_only)
+                .err()
+                .expect("a second open succeeded");
+            assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+            assert!(e.to_string().contains("in use by another VM"), "{e}");
+        }
+        drop(writer);
+        // Readers share an image, and keep writers out.
+        let r1 = FileBackend::open(path, true).unwrap();
+        let _r2 = FileBackend::open(path, true).unwrap();
+        assert!(FileBackend::open(path, false).is_err());
+        drop((r1, _r2));
+        FileBackend::open(path, false).unwrap();
     }
 }

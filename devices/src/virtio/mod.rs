@@ -25,7 +25,7 @@ use virtio_queue::Queue;
 
 pub use block::{Block, BlockBackend, FileBackend};
 pub use mmio::MmioTransport;
-pub use net::{Net, NetBackend};
+pub use net::{BackendSwap, Net, NetBackend};
 pub use tap::Tap;
 
 /// Guest memory as every device sees it: mmap-backed, with a dirty bitmap
@@ -129,12 +129,28 @@ pub trait VirtioDevice: Send {
     fn process_backend(&mut self, _queues: &mut [Queue], _mem: &GuestMemoryMmap) -> Processed {
         Processed::NOTHING
     }
+    /// An eventfd the device thread watches (level-triggered) for requests
+    /// from other threads, such as a backend swap, if the device takes any.
+    fn control_fd(&self) -> Option<RawFd> {
+        None
+    }
+    /// The control fd became readable: applies what other threads asked
+    /// for. When the backend was replaced, returns the old one, which the
+    /// transport drops only after its fd left the device thread's epoll
+    /// set (then [`VirtioDevice::backend_fd`] is the new backend's).
+    fn process_control(&mut self) -> Option<Box<dyn Send>> {
+        None
+    }
     /// The device's counters.
     fn counters(&self) -> Arc<DeviceCounters>;
     /// Device-specific state beyond the transport and queues.
     fn save_state(&self) -> DeviceState;
-    /// Applies what [`VirtioDevice::save_state`] returned, all or nothing.
-    fn restore_state(&mut self, state: &DeviceState) -> Result<(), crate::PersistError>;
+    /// Checks that `state` is one this device could have saved; changes
+    /// nothing.
+    fn validate_state(&self, state: &DeviceState) -> Result<(), crate::PersistError>;
+    /// Applies what [`VirtioDevice::save_state`] returned after
+    /// [`VirtioDevice::validate_state`] accepted it; cannot fail then.
+    fn restore_state(&mut self, state: &DeviceState);
 }
 
 /// Device-specific state of a virtio device.
@@ -149,5 +165,5 @@ pub enum DeviceState {
     Other(Vec<u8>),
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) mod testing;

@@ -1,6 +1,8 @@
 //! A minimal virtio driver for unit tests: lays out split queues in a small
 //! guest memory and drives an [`MmioTransport`] through its registers, the
-//! way a guest would.
+//! way a guest would. The unit tests and the fuzz targets use it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test support: a failure is a finding
 
 use vm_memory::{Bytes, GuestAddress};
 
@@ -26,6 +28,27 @@ const VIRTQ_DESC_F_WRITE: u16 = 2;
 /// A fresh 1 MiB guest memory with a dirty bitmap.
 pub fn guest_memory() -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("test guest memory")
+}
+
+/// A transport over `device` that a driver brought up: `features`
+/// negotiated, queues `0..queues` of 16 entries set up, DRIVER_OK.
+pub fn live_transport(
+    device: Box<dyn super::VirtioDevice>,
+    mem: GuestMemoryMmap,
+    features: u64,
+    queues: u16,
+) -> MmioTransport {
+    let irq = vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)
+        .expect("irq eventfd");
+    let mut t = MmioTransport::new(device, mem, irq).expect("transport");
+    let mut sim = DriverSim::new(&mut t);
+    sim.negotiate(features);
+    for q in 0..queues {
+        sim.setup_queue(q, 16);
+    }
+    sim.driver_ok();
+    assert!(t.is_activated());
+    t
 }
 
 /// Drives one transport.
@@ -146,6 +169,7 @@ impl<'a> DriverSim<'a> {
     }
 
     /// Every used-ring entry of queue `q` so far, as (id, len).
+    #[cfg_attr(not(test), allow(dead_code))] // the fuzz targets do not read it
     pub fn used(&self, q: u16) -> Vec<(u32, u32)> {
         let size = self.sizes[usize::from(q)];
         let base = self.bases[usize::from(q)] + 0x2000;

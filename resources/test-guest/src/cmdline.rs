@@ -13,6 +13,21 @@ impl<'a> Cmdline<'a> {
         Self { text }
     }
 
+    /// The command line a boot loader left in `bytes` (`hdr.cmdline_size`
+    /// of them): it ends at the first NUL, since some loaders count the
+    /// terminator in the size and others do not; text that is not UTF-8 is
+    /// cut where it stops being so.
+    pub fn from_boot_bytes(bytes: &'a [u8]) -> Self {
+        let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+        let bytes = &bytes[..end];
+        let text = match core::str::from_utf8(bytes) {
+            Ok(text) => text,
+            // The prefix up to `valid_up_to` is UTF-8 by definition.
+            Err(e) => core::str::from_utf8(&bytes[..e.valid_up_to()]).unwrap_or(""),
+        };
+        Self::new(text)
+    }
+
     /// The whole line.
     pub fn as_str(&self) -> &'a str {
         self.text
@@ -57,5 +72,23 @@ mod tests {
         assert!(c.words().any(|w| w == ("quiet", None)));
         assert_eq!(c.get_u64("missing"), None);
         assert_eq!(Cmdline::new("").words().count(), 0);
+    }
+
+    #[test]
+    fn boot_bytes_end_at_the_first_nul() {
+        // A loader that counts the NUL, one that does not, and stale bytes
+        // after the terminator.
+        for bytes in [
+            &b"a=1 virtio_mmio.device=4K@0xd0000000:5\0"[..],
+            b"a=1 virtio_mmio.device=4K@0xd0000000:5",
+            b"a=1 virtio_mmio.device=4K@0xd0000000:5\0\0junk x=2",
+        ] {
+            let c = Cmdline::from_boot_bytes(bytes);
+            assert_eq!(c.as_str(), "a=1 virtio_mmio.device=4K@0xd0000000:5");
+            assert_eq!(c.get("virtio_mmio.device"), Some("4K@0xd0000000:5"));
+            assert_eq!(c.get("x"), None);
+        }
+        assert_eq!(Cmdline::from_boot_bytes(b"").as_str(), "");
+        assert_eq!(Cmdline::from_boot_bytes(b"ok \xff bad").as_str(), "ok ");
     }
 }

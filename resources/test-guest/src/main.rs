@@ -152,7 +152,7 @@ extern "C" fn kernel_main(zero_page: u64) -> ! {
     // writes them afterwards.
     let cmdline_bytes =
         unsafe { core::slice::from_raw_parts(cmdline_addr as *const u8, cmdline_len) };
-    let cmdline = Cmdline::new(core::str::from_utf8(cmdline_bytes).unwrap_or(""));
+    let cmdline = Cmdline::from_boot_bytes(cmdline_bytes);
     say!("cmdline \"{}\"", cmdline.as_str());
     say!("memory {} MiB", params.ram_bytes() >> 20);
     say!("cpus {}", count_cpus());

@@ -34,7 +34,10 @@ pub fn table_len(header: &[u8]) -> Option<usize> {
         .then(|| usize::from(u16::from_le_bytes([header[4], header[5]])))
 }
 
-/// Enabled processors listed by a whole configuration table.
+/// Enabled processors listed by a whole configuration table. Entries are
+/// walked within the table's length: an entry count that says more (some
+/// monitors write one too many) or an entry cut off at the end stops the
+/// walk, it does not void the table.
 pub fn count_processors(table: &[u8]) -> Option<usize> {
     if table.len() < HEADER_LEN || table_len(table)? != table.len() || !sums_to_zero(table) {
         return None;
@@ -43,15 +46,19 @@ pub fn count_processors(table: &[u8]) -> Option<usize> {
     let mut at = HEADER_LEN;
     let mut cpus = 0;
     for _ in 0..count {
-        let kind = *table.get(at)?;
-        if kind == ENTRY_PROCESSOR {
-            if table.get(at + 3)? & CPU_ENABLED != 0 {
-                cpus += 1;
-            }
-            at += PROCESSOR_LEN;
+        let Some(&kind) = table.get(at) else { break };
+        let len = if kind == ENTRY_PROCESSOR {
+            PROCESSOR_LEN
         } else {
-            at += OTHER_LEN;
+            OTHER_LEN
+        };
+        let Some(entry) = table.get(at..at + len) else {
+            break;
+        };
+        if kind == ENTRY_PROCESSOR && entry[3] & CPU_ENABLED != 0 {
+            cpus += 1;
         }
+        at += len;
     }
     Some(cpus)
 }
@@ -84,6 +91,12 @@ mod tests {
         fix_checksum(&mut table, 7);
         assert_eq!(table_len(&table), Some(table.len()));
         assert_eq!(count_processors(&table), Some(2));
+        // A count one too high, or far too high: the table's length rules.
+        for count in [4, 0xffff] {
+            table[34..36].copy_from_slice(&u16::to_le_bytes(count));
+            fix_checksum(&mut table, 7);
+            assert_eq!(count_processors(&table), Some(2), "count {count}");
+        }
         table[20] ^= 1;
         assert_eq!(count_processors(&table), None, "bad checksum");
         assert_eq!(find_floating(&[0u8; 64]), None);

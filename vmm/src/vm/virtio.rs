@@ -71,7 +71,7 @@ pub fn attach(
         made.push((
             format!("net{i}"),
             "virtio-net",
-            Box::new(Net::new(Box::new(tap), mac)),
+            Box::new(Net::new(Box::new(tap), mac).map_err(io_err("a virtio-net eventfd"))?),
         ));
     }
 
