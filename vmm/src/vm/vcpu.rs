@@ -154,6 +154,10 @@ pub struct Vcpu {
     io_bus: Arc<Bus>,
     mmio_bus: Arc<Bus>,
     exits: Arc<ExitCounters>,
+    /// The last KVM_RUN ended in an exit KVM completes only on the next
+    /// KVM_RUN (port or MMIO access): the vCPU's registers lag behind the
+    /// devices until then.
+    io_pending: bool,
 }
 
 /// What one KVM_RUN came back with, once the exit's borrow of the vCPU ends.
@@ -182,6 +186,7 @@ impl Vcpu {
             io_bus,
             mmio_bus,
             exits,
+            io_pending: false,
         }
     }
 
@@ -239,7 +244,13 @@ impl Vcpu {
         report: &dyn Fn(VcpuEvent),
     ) -> VcpuStop {
         loop {
-            match commands.try_recv() {
+            let command = commands.try_recv();
+            if matches!(command, Ok(VcpuCommand::Pause | VcpuCommand::Job(_))) {
+                if let Some(stop) = self.complete_pending_io() {
+                    return stop;
+                }
+            }
+            match command {
                 Ok(VcpuCommand::Pause) => {
                     report(VcpuEvent::Paused(self.index));
                     if let Some(stop) = self.wait_while_paused(commands, report) {
@@ -258,6 +269,24 @@ impl Vcpu {
                 outcome => return self.stop_for(outcome),
             }
         }
+    }
+
+    /// Lets KVM finish the access of the last exit without running guest
+    /// code: one KVM_RUN with `immediate_exit` set completes it and returns
+    /// EINTR. A string instruction may exit again first; those exits are
+    /// served the same way. Returns how the thread must end, if it must.
+    fn complete_pending_io(&mut self) -> Option<VcpuStop> {
+        while self.io_pending {
+            self.fd.set_kvm_immediate_exit(1);
+            match self.run_once() {
+                Outcome::Continue | Outcome::Interrupted => {}
+                outcome => {
+                    self.fd.set_kvm_immediate_exit(0);
+                    return Some(self.stop_for(outcome));
+                }
+            }
+        }
+        None
     }
 
     /// Blocks until told to resume (`None`) or stop.
@@ -286,8 +315,17 @@ impl Vcpu {
             io_bus,
             mmio_bus,
             exits,
+            io_pending,
         } = self;
-        match fd.run() {
+        let result = fd.run();
+        *io_pending = matches!(
+            result,
+            Ok(VcpuExit::IoIn(..)
+                | VcpuExit::IoOut(..)
+                | VcpuExit::MmioRead(..)
+                | VcpuExit::MmioWrite(..))
+        );
+        match result {
             Ok(VcpuExit::IoIn(port, data)) => {
                 bump(&exits.io_in);
                 if !io_bus.read(u64::from(port), data) {
