@@ -240,6 +240,20 @@ impl Drop for Vmm {
     }
 }
 
+/// Waits up to `timeout` for a listener on the Unix socket `path` (a
+/// `vmm` API socket appears once its VM has started).
+pub fn wait_for_socket(path: &Path, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while std::os::unix::net::UnixStream::connect(path).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "no listener on {} within {timeout:?}",
+            path.display()
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Runs `vmm` with `args` to completion (bounded by `timeout`) and returns
 /// its exit status with its log.
 pub fn run_vmm<I, S>(args: I, timeout: Duration) -> (ExitStatus, Vmm)

@@ -9,12 +9,11 @@
 //! cycles must never make it see a byte twice or lose one, and the restored
 //! VM has the state hash of the one that was snapshotted.
 
-use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use colo_tests::http::api_request;
-use colo_tests::{guest_artifact, Vmm};
+use colo_tests::{guest_artifact, wait_for_socket, Vmm};
 
 const BOOT: Duration = Duration::from_secs(30);
 /// Cycles in the suite; `COLO_PIO_CYCLES` asks for more.
@@ -29,18 +28,6 @@ fn call(sock: &Path, method: &str, path: &str, body: &str) -> String {
         r.text()
     );
     r.text()
-}
-
-fn wait_socket(sock: &Path) {
-    let deadline = Instant::now() + BOOT;
-    while UnixStream::connect(sock).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "no API socket at {}",
-            sock.display()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 /// Waits for the guest's next `pio_loop` line, which must not report a
@@ -92,7 +79,7 @@ fn port_io_is_never_half_done_across_pause_snapshot_and_restore() {
             "--api-sock",
             sock.to_str().unwrap(),
         ]);
-        wait_socket(&sock);
+        wait_for_socket(&sock, BOOT);
         assert_eq!(
             call(&sock, "GET", "/state-hash", ""),
             hash,

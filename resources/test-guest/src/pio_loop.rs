@@ -21,7 +21,7 @@ const LSR: u16 = COM1 + 5;
 const MCR_LOOP: u8 = 1 << 4;
 const LSR_DATA_READY: u8 = 1;
 /// Checks per progress line.
-const ROUND: u32 = 500;
+const ROUND: u32 = 100;
 /// More than the FIFO holds: draining stops there whatever the UART says.
 const DRAIN_MAX: u32 = 256;
 

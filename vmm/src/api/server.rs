@@ -1,10 +1,10 @@
 //! The HTTP server: hyper 1 on a tokio current-thread runtime, on its own
 //! OS thread, accepting on a Unix socket.
 //!
-//! Requests are served one at a time as far as the VM is concerned: the
-//! [`VmControl`] calls run on the runtime's only thread, so a slow `pause`
-//! holds back the other connections until it returns (and the VMM never
-//! sees two control calls at once).
+//! Calls that wait for the VM (pause, resume, shutdown, snapshot, state
+//! hash) run on tokio's blocking pool, never on the runtime's only thread:
+//! `GET /status` and `/metrics` answer while a snapshot is being written.
+//! The VM thread carries out its requests one at a time, in order.
 
 use std::convert::Infallible;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -201,7 +201,7 @@ async fn serve(
                 tokio::spawn(async move {
                     let service = service_fn(move |req| {
                         let control = control.clone();
-                        async move { Ok::<_, Infallible>(handle(req, control.as_ref()).await) }
+                        async move { Ok::<_, Infallible>(handle(req, control).await) }
                     });
                     if let Err(e) = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
@@ -408,8 +408,20 @@ fn method_not_allowed(method: &Method, path: &str, allow: &'static str) -> Reply
     r
 }
 
+/// Runs `call` on the blocking pool: it may wait for the VM as long as
+/// the work takes without holding up the runtime's thread.
+async fn off_thread<T: Send + 'static>(
+    control: &Arc<dyn VmControl>,
+    call: impl FnOnce(&dyn VmControl) -> Result<T, ControlError> + Send + 'static,
+) -> Result<T, ControlError> {
+    let control = control.clone();
+    tokio::task::spawn_blocking(move || call(control.as_ref()))
+        .await
+        .unwrap_or_else(|e| Err(ControlError::Internal(format!("control call failed: {e}"))))
+}
+
 /// Routes one request to `control` and builds its reply.
-pub(super) async fn handle<B>(req: Request<B>, control: &dyn VmControl) -> Reply
+pub(super) async fn handle<B>(req: Request<B>, control: Arc<dyn VmControl>) -> Reply
 where
     B: Body,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -435,8 +447,8 @@ where
         ("/vm", &Method::PUT) => match json_body::<VmRequest, _>(req).await {
             Ok(body) => {
                 let result = match body.state {
-                    RequestedState::Paused => control.pause(),
-                    RequestedState::Running => control.resume(),
+                    RequestedState::Paused => off_thread(&control, |c| c.pause()).await,
+                    RequestedState::Running => off_thread(&control, |c| c.resume()).await,
                 };
                 result.map_or_else(control_error, |()| empty(StatusCode::NO_CONTENT))
             }
@@ -446,8 +458,8 @@ where
         ("/actions", &Method::PUT) => match json_body::<ActionRequest, _>(req).await {
             Ok(ActionRequest {
                 action: Action::Shutdown,
-            }) => control
-                .shutdown()
+            }) => off_thread(&control, |c| c.shutdown())
+                .await
                 .map_or_else(control_error, |()| empty(StatusCode::ACCEPTED)),
             Err(reply) => reply,
         },
@@ -456,17 +468,19 @@ where
             Ok(body) if body.path.as_os_str().is_empty() => {
                 error(StatusCode::BAD_REQUEST, "an empty snapshot path")
             }
-            Ok(body) => match control.snapshot(body.kind, &body.path) {
-                Ok(bytes) => json_reply(
-                    StatusCode::OK,
-                    serde_json::json!({ "bytes": bytes }).to_string(),
-                ),
-                Err(e) => control_error(e),
-            },
+            Ok(body) => {
+                match off_thread(&control, move |c| c.snapshot(body.kind, &body.path)).await {
+                    Ok(bytes) => json_reply(
+                        StatusCode::OK,
+                        serde_json::json!({ "bytes": bytes }).to_string(),
+                    ),
+                    Err(e) => control_error(e),
+                }
+            }
             Err(reply) => reply,
         },
         ("/snapshot", _) => method_not_allowed(&method, &path, "PUT"),
-        ("/state-hash", &Method::GET) => match control.state_hash() {
+        ("/state-hash", &Method::GET) => match off_thread(&control, |c| c.state_hash()).await {
             Ok(json) => json_reply(StatusCode::OK, json),
             Err(e) => control_error(e),
         },
@@ -497,12 +511,12 @@ mod tests {
     }
 
     impl Fake {
-        fn new() -> Self {
-            Self {
+        fn new() -> Arc<Self> {
+            Arc::new(Self {
                 state: Mutex::new(VmState::Running),
                 calls: Mutex::new(Vec::new()),
                 fail: Mutex::new(None),
-            }
+            })
         }
 
         fn call(&self, name: &str) -> Result<(), ControlError> {
@@ -606,12 +620,12 @@ mod tests {
         }
     }
 
-    async fn send<B>(control: &Fake, req: Request<B>) -> Answer
+    async fn send<B>(control: &Arc<Fake>, req: Request<B>) -> Answer
     where
         B: Body,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let reply = handle(req, control).await;
+        let reply = handle(req, control.clone()).await;
         let status = reply.status().as_u16();
         let headers = reply.headers().clone();
         let body = reply.into_body().collect().await.unwrap().to_bytes();
@@ -622,7 +636,7 @@ mod tests {
         }
     }
 
-    async fn put(control: &Fake, path: &str, body: &str) -> Answer {
+    async fn put(control: &Arc<Fake>, path: &str, body: &str) -> Answer {
         send(control, request("PUT", path, JSON, body)).await
     }
 

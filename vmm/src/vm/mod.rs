@@ -2,10 +2,11 @@
 //! control loop that waits for the guest to stop.
 
 pub mod boot;
+pub mod console;
 pub mod cpuid;
 pub mod device_loop;
 mod handle;
-pub use handle::{error_chain, RunState, VmHandle};
+pub use handle::{error_chain, RequestError, RunState, VmHandle};
 pub mod memory;
 mod persist;
 pub use persist::StateHash;
@@ -16,7 +17,6 @@ pub mod state;
 pub mod vcpu;
 pub mod virtio;
 
-use std::fs::File;
 use std::io::Write;
 use std::sync::atomic::AtomicU64;
 use std::sync::mpsc;
@@ -77,6 +77,10 @@ pub enum VmError {
     Vcpu(#[from] VcpuError),
     #[error("all vCPUs stopped")]
     VcpusGone,
+    #[error("vCPU {0} ended")]
+    VcpuEnded(u8),
+    #[error("the vCPUs did not acknowledge {0} in time")]
+    NoAck(&'static str),
     #[error("cannot open disk {path}")]
     Disk {
         path: String,
@@ -316,6 +320,7 @@ impl Vm {
             msr_indices: self.msr_indices,
             layout: self.layout,
             dirty: persist::DirtyTracker::new(self.track_dirty),
+            vcpu_seq: 0,
         };
         for vcpu in self.vcpus {
             let wake = running
@@ -349,18 +354,20 @@ fn legacy_devices(
 ) -> Result<(Bus, Arc<AtomicU64>, Legacy), VmError> {
     let out: Box<dyn Write + Send> = match &config.serial {
         SerialOutput::Stdout => Box::new(std::io::stdout()),
-        SerialOutput::File(path) => {
-            Box::new(File::create(path).map_err(|source| VmError::SerialFile {
+        SerialOutput::File(path) => Box::new(console::open_console_file(path).map_err(
+            |source| VmError::SerialFile {
                 path: path.display().to_string(),
                 source,
-            })?)
-        }
+            },
+        )?),
     };
+    let out = console::ConsoleSink::spawn(out, console::CONSOLE_BUFFER)
+        .map_err(io_err("the console thread"))?;
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("the serial irqfd"))?;
     vm_fd
         .register_irqfd(&serial_irq, COM1_IRQ)
         .map_err(kvm_err("the serial irqfd"))?;
-    let serial = Serial::new(serial_irq, out).map_err(io_err("the serial port"))?;
+    let serial = Serial::new(serial_irq, Box::new(out)).map_err(io_err("the serial port"))?;
     let serial_tx_bytes = serial.tx_bytes();
     let i8042 = I8042::new(reset_evt.try_clone().map_err(io_err("the reset eventfd"))?);
 

@@ -1,19 +1,23 @@
 //! [`RunningVm`]: the started VM, its pause and resume, and the control
 //! loop that waits for it to end.
 
-use std::sync::mpsc::Receiver;
-use std::time::Instant;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::VmFd;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::device_loop::DeviceLoop;
-use super::handle::{error_chain, Request, RunState, VmHandle};
+use super::device_loop::{DeviceLoop, DeviceLoopError};
+use super::handle::{error_chain, Request, RequestError, RunState, VmHandle};
 use super::memory::GuestMemory;
 use super::vcpu::{VcpuCommand, VcpuEvent, VcpuHandle, VcpuStop};
 use super::virtio::AttachedDevice;
 use super::{io_err, persist, Legacy, VmCounters, VmError, VmExit};
+
+/// How long the vCPUs have to acknowledge a pause or resume: a kick
+/// reaches a vCPU at once unless it is stuck in a device.
+const VCPU_ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A VM whose vCPUs run. Dropping it stops them.
 pub struct RunningVm {
@@ -35,6 +39,8 @@ pub struct RunningVm {
     pub(super) msr_indices: Vec<u32>,
     pub(super) layout: crate::snapshot::Layout,
     pub(super) dirty: persist::DirtyTracker,
+    /// Sequence number of the last command sent to all vCPUs.
+    pub(super) vcpu_seq: u64,
 }
 
 impl RunningVm {
@@ -54,42 +60,62 @@ impl RunningVm {
     }
 
     /// Pauses every vCPU, then the device thread; returns once no guest
-    /// code runs and no device request is in flight.
+    /// code runs and no device request is in flight. A pause that cannot
+    /// complete is rolled back: everything runs again, the VM stays
+    /// running and the caller gets the error.
     pub fn pause(&mut self) -> Result<(), VmError> {
-        self.command_all(|| VcpuCommand::Pause, |e| matches!(e, VcpuEvent::Paused(_)))?;
-        self.device_loop.pause()?;
+        let paused = self
+            .command_all(VcpuCommand::Pause, "pause")
+            .and_then(|()| Ok(self.device_loop.pause()?));
+        if let Err(e) = paused {
+            tracing::warn!("pause failed, resuming: {}", error_chain(&e));
+            if let Err(r) = self.resume_all() {
+                tracing::error!("rolling back a failed pause: {}", error_chain(&r));
+            }
+            return Err(e);
+        }
         self.handle.set_state(RunState::Paused);
         Ok(())
     }
 
     /// Resumes the device thread, then every vCPU, after [`RunningVm::pause`].
     pub fn resume(&mut self) -> Result<(), VmError> {
-        self.device_loop.resume()?;
-        self.command_all(
-            || VcpuCommand::Resume,
-            |e| matches!(e, VcpuEvent::Resumed(_)),
-        )?;
+        self.resume_all()?;
         self.handle.set_state(RunState::Running);
         Ok(())
+    }
+
+    /// Resumes the device thread and every vCPU, whichever are paused: a
+    /// resume of something running is a no-op.
+    fn resume_all(&mut self) -> Result<(), VmError> {
+        let devices = self.device_loop.resume();
+        self.command_all(VcpuCommand::Resume, "resume")?;
+        Ok(devices?)
     }
 
     /// Carries out requests from [`VmHandle`]s; returns true on shutdown.
     fn serve_requests(&mut self) -> bool {
         for (request, reply) in self.handle.take_requests() {
             let state = self.handle.state();
-            let text = |e: VmError| error_chain(&e);
+            let failed = |e: VmError| RequestError::Failed(error_chain(&e));
             let result = match (&request, state) {
                 (Request::Pause, RunState::Paused) | (Request::Resume, RunState::Running) => {
                     Ok(String::new())
                 }
-                (Request::Pause, _) => self.pause().map(|()| String::new()).map_err(text),
-                (Request::Resume, _) => self.resume().map(|()| String::new()).map_err(text),
+                (Request::Pause, _) => self.pause().map(|()| String::new()).map_err(failed),
+                (Request::Resume, _) => self.resume().map(|()| String::new()).map_err(failed),
+                (Request::Snapshot(..), RunState::Running) => {
+                    Err(RequestError::NotPaused("a snapshot"))
+                }
+                (Request::StateHash, RunState::Running) => {
+                    Err(RequestError::NotPaused("a state hash"))
+                }
                 (Request::Snapshot(kind, path), _) => {
                     let started = Instant::now();
                     let r = self
                         .snapshot(*kind, path)
                         .map(|n| n.to_string())
-                        .map_err(text);
+                        .map_err(failed);
                     tracing::info!(
                         "{kind:?} snapshot to {} in {:.1} ms",
                         path.display(),
@@ -97,9 +123,9 @@ impl RunningVm {
                     );
                     r
                 }
-                (Request::StateHash, _) => self.state_hash().map(|h| h.to_json()).map_err(text),
+                (Request::StateHash, _) => self.state_hash().map(|h| h.to_json()).map_err(failed),
                 (Request::Shutdown, _) => {
-                    self.handle.set_state(RunState::ShuttingDown);
+                    self.handle.close();
                     let _ = reply.send(Ok(String::new()));
                     return true;
                 }
@@ -110,23 +136,41 @@ impl RunningVm {
         false
     }
 
+    /// Sends every vCPU `command` with a new sequence number and waits, up
+    /// to [`VCPU_ACK_TIMEOUT`], for each to acknowledge that very command.
     fn command_all(
         &mut self,
-        command: impl Fn() -> VcpuCommand,
-        is_ack: impl Fn(&VcpuEvent) -> bool,
+        command: fn(u64) -> VcpuCommand,
+        what: &'static str,
     ) -> Result<(), VmError> {
+        self.vcpu_seq += 1;
+        let seq = self.vcpu_seq;
         for handle in &self.handles {
-            handle.send(command());
+            handle.send(command(seq));
         }
-        let mut acks = 0;
-        while acks < self.handles.len() {
-            let event = self.events.recv().map_err(|_| VmError::VcpusGone)?;
-            if is_ack(&event) {
-                acks += 1;
-            } else if let VcpuEvent::Exited(index, stop) = event {
-                // A vCPU that ended cannot acknowledge: report why it ended.
-                self.exited.push((index, stop));
-                return Err(self.take_exit_error().unwrap_or(VmError::VcpusGone));
+        let deadline = Instant::now() + VCPU_ACK_TIMEOUT;
+        let mut acked = vec![false; self.handles.len()];
+        while acked.iter().any(|a| !a) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let event = match self.events.recv_timeout(left) {
+                Ok(event) => event,
+                Err(RecvTimeoutError::Timeout) => return Err(VmError::NoAck(what)),
+                Err(RecvTimeoutError::Disconnected) => return Err(VmError::VcpusGone),
+            };
+            match event {
+                VcpuEvent::Paused(index, s) | VcpuEvent::Resumed(index, s) if s == seq => {
+                    if let Some(a) = acked.get_mut(usize::from(index)) {
+                        *a = true;
+                    }
+                }
+                VcpuEvent::Paused(..) | VcpuEvent::Resumed(..) => {} // a late ack
+                VcpuEvent::Exited(index, stop) => {
+                    // A vCPU that ended cannot acknowledge; the control
+                    // loop reports why it ended (its wake is pending).
+                    self.exited.push((index, stop));
+                    let _ = self.wake.write(1);
+                    return Err(VmError::VcpuEnded(index));
+                }
             }
         }
         Ok(())
@@ -144,9 +188,12 @@ impl RunningVm {
         }
     }
 
-    /// Runs until the guest shuts down or a vCPU fails, then stops every vCPU.
+    /// Runs until the guest shuts down, a vCPU fails or the device thread
+    /// dies, then stops every vCPU. Requests still queued, or sent from now
+    /// on, are answered at once with [`RequestError::ShuttingDown`].
     pub fn wait(mut self) -> Result<VmExit, VmError> {
         let result = self.wait_for_end();
+        self.handle.close();
         self.stop_all();
         result
     }
@@ -155,12 +202,14 @@ impl RunningVm {
         const RESET: u64 = 0;
         const VCPU: u64 = 1;
         const CONTROL: u64 = 2;
+        const DEVICES: u64 = 3;
         let epoll = Epoll::new().map_err(io_err("epoll"))?;
         let control = self.handle.0.clone();
         for (fd, token) in [
             (&self.reset_evt, RESET),
             (&self.wake, VCPU),
             (&control.evt, CONTROL),
+            (self.device_loop.died_evt(), DEVICES),
         ] {
             use std::os::fd::AsRawFd;
             epoll
@@ -171,7 +220,7 @@ impl RunningVm {
                 )
                 .map_err(io_err("epoll"))?;
         }
-        let mut ready = [EpollEvent::default(); 3];
+        let mut ready = [EpollEvent::default(); 4];
         loop {
             let n = match epoll.wait(-1, &mut ready) {
                 Ok(n) => n,
@@ -184,6 +233,13 @@ impl RunningVm {
                         let _ = self.reset_evt.read();
                         tracing::info!("guest reset: stopping the VM");
                         return Ok(VmExit::GuestShutdown);
+                    }
+                    DEVICES => {
+                        return Err(self
+                            .device_loop
+                            .failure()
+                            .unwrap_or(DeviceLoopError::Died("unknown".into()))
+                            .into());
                     }
                     CONTROL => {
                         if self.serve_requests() {
@@ -230,6 +286,7 @@ impl RunningVm {
 
 impl Drop for RunningVm {
     fn drop(&mut self) {
+        self.handle.close();
         self.stop_all();
     }
 }
