@@ -5,6 +5,7 @@
 
 use std::io::Read;
 use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -164,4 +165,65 @@ fn status_answers_while_a_snapshot_is_being_written() {
     // cannot on a FIFO, so a failure is a fine answer here too.
     let r = snapshot.join().unwrap();
     assert!(matches!(r.status, 200 | 500), "{} {}", r.status, r.text());
+}
+
+#[test]
+fn idle_connections_are_closed_and_the_api_survives_running_out_of_descriptors() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let log_path = dir.path().join("vmm.log");
+    let mut command = Command::new(vmm_bin());
+    command
+        .args(["--kernel", guest_artifact("test-guest").to_str().unwrap()])
+        .args(["--mem-mib", "32", "--api-sock"])
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap());
+    // SAFETY: setrlimit is async-signal-safe; it runs in the child only.
+    unsafe {
+        command.pre_exec(|| {
+            // A VM without devices uses about 25 descriptors.
+            let limit = libc::rlimit {
+                rlim_cur: 40,
+                rlim_max: 40,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        })
+    };
+    let _child = KillOnDrop(command.spawn().unwrap());
+    wait_for_socket(&sock, BOOT);
+
+    // More idle connections than the VMM has descriptors for: it runs out,
+    // and accepting fails until idle connections time out.
+    let mut idle: Vec<UnixStream> = (0..40)
+        .map(|_| UnixStream::connect(&sock).unwrap())
+        .collect();
+    let mut first = idle.remove(0);
+    first
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    assert_eq!(
+        first.read(&mut byte).unwrap(),
+        0,
+        "an idle connection stays open"
+    );
+
+    // The API still answers once descriptors are free again.
+    drop(idle);
+    let r = api_request(&sock, "GET", "/status", "").unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let failures = log.matches("accept failed").count();
+    assert!(failures >= 1, "the VMM never ran out of descriptors\n{log}");
+    assert!(
+        failures <= 3,
+        "{failures} accept warnings: the API spins\n{log}"
+    );
 }

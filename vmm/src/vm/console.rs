@@ -10,7 +10,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Bytes the console holds for a slow reader before it drops output.
 pub const CONSOLE_BUFFER: usize = 1 << 20;
@@ -18,35 +18,11 @@ pub const CONSOLE_BUFFER: usize = 1 << 20;
 /// How long the VMM waits, when the VM ends, for buffered output to go out.
 const FLUSH_ON_CLOSE: Duration = Duration::from_secs(2);
 
-/// At most one warning per this period for something a guest can repeat.
-const WARN_PERIOD: Duration = Duration::from_secs(10);
-
-/// Lets a warning through at most once per [`WARN_PERIOD`].
-#[derive(Debug, Default)]
-pub struct RateLimit {
-    last: Option<Instant>,
-}
-
-impl RateLimit {
-    /// Whether a warning may go out now.
-    pub fn allow(&mut self) -> bool {
-        let now = Instant::now();
-        if self
-            .last
-            .is_some_and(|t| now.duration_since(t) < WARN_PERIOD)
-        {
-            return false;
-        }
-        self.last = Some(now);
-        true
-    }
-}
-
 #[derive(Default)]
 struct Buffer {
     bytes: VecDeque<u8>,
     closed: bool,
-    warn: RateLimit,
+    warn: crate::ratelimit::RateLimit,
 }
 
 struct Shared {
@@ -134,7 +110,7 @@ impl Write for ConsoleSink {
         let lost = (data.len() - take) as u64;
         if lost > 0 {
             let total = shared.dropped.fetch_add(lost, Ordering::Relaxed) + lost;
-            if buffer.warn.allow() {
+            if buffer.warn.allow().is_some() {
                 tracing::warn!(
                     dropped_bytes = total,
                     "serial console reader is not keeping up: dropping guest output"
