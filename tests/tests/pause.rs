@@ -59,7 +59,8 @@ fn pause_stops_the_guest_and_resume_continues_it() {
         start_paused: false,
     };
     config.validate().unwrap();
-    let mut vm = Vm::create(&config).unwrap().start().unwrap();
+    let backends = vmm::role::standalone::backends(&config).unwrap();
+    let mut vm = Vm::create(&config, backends).unwrap().start().unwrap();
     let before = wait_generation_after(console.path(), None);
 
     vm.pause().unwrap();

@@ -9,5 +9,6 @@ pub mod arch;
 pub mod config;
 pub mod control;
 pub mod ratelimit;
+pub mod role;
 pub mod snapshot;
 pub mod vm;

@@ -58,7 +58,9 @@ fn run(cli: &Cli) -> anyhow::Result<VmExit> {
         }
         chain
     };
-    let mut vm = Vm::create(&config).context("cannot create the VM")?;
+    // The backends (console, disk images, taps) open before the VM exists.
+    let backends = vmm::role::standalone::backends(&config).context("invalid configuration")?;
+    let mut vm = Vm::create(&config, backends).context("cannot create the VM")?;
     if let Some(last) = config.restore.last() {
         vm.restore(&chain, last).context("cannot restore")?;
         drop(chain);

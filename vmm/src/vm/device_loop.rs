@@ -1,9 +1,12 @@
-//! The device thread: one event-manager loop over every virtio device's
-//! queue-notify eventfds and backend fds.
+//! Device threads: one event-manager loop per virtio device over its
+//! queue-notify eventfds and backend fds ([`DeviceLoop`]), and the set of
+//! them that pauses and resumes together ([`DeviceThreads`]). Disk I/O
+//! never runs on the thread that serves the network.
 //!
-//! The VMM pauses it together with the vCPUs: a pause request is answered
-//! only between two device events, so no request is half-processed while
-//! the VM is paused (what a snapshot or a checkpoint needs).
+//! The VMM pauses them together with the vCPUs: a pause request is
+//! answered only between two device events, so no request is
+//! half-processed while the VM is paused (what a snapshot or a checkpoint
+//! needs).
 
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,6 +19,10 @@ use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// A device for its own thread: name, the device, what the thread runs
+/// before its first event.
+pub type DeviceThread = (String, Subscriber, Box<dyn FnOnce() + Send>);
 
 /// How long a caller waits for the device thread to acknowledge a command
 /// by default.
@@ -132,6 +139,7 @@ impl DeviceLoop {
     /// event before the first [`DeviceLoop::resume`]. `on_start` runs on the
     /// device thread before its first event.
     pub fn start(
+        name: &str,
         subscribers: Vec<Subscriber>,
         paused: bool,
         on_start: Box<dyn FnOnce() + Send>,
@@ -160,7 +168,7 @@ impl DeviceLoop {
             died.try_clone().map_err(DeviceLoopError::Start)?,
         );
         let thread = std::thread::Builder::new()
-            .name("devices".into())
+            .name(format!("dev-{name}"))
             .spawn(move || {
                 if paused && gate_rx.recv().is_err() {
                     return; // dropped before it was ever resumed
@@ -269,6 +277,50 @@ impl Drop for DeviceLoop {
     }
 }
 
+/// One [`DeviceLoop`] per device, paused and resumed together.
+pub struct DeviceThreads(Vec<DeviceLoop>);
+
+impl DeviceThreads {
+    /// Starts a thread per `(name, device, on_start)`.
+    pub fn start(devices: Vec<DeviceThread>, paused: bool) -> Result<Self, DeviceLoopError> {
+        devices
+            .into_iter()
+            .map(|(name, device, on_start)| {
+                DeviceLoop::start(&name, vec![device], paused, on_start)
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Self)
+    }
+
+    /// Parks every thread between two events. On an error some may be
+    /// parked: the caller rolls back with [`DeviceThreads::resume`].
+    pub fn pause(&mut self) -> Result<(), DeviceLoopError> {
+        self.0.iter_mut().try_for_each(DeviceLoop::pause)
+    }
+
+    /// Lets every thread run again (a running one is left running); the
+    /// first error, after trying them all.
+    pub fn resume(&mut self) -> Result<(), DeviceLoopError> {
+        let mut first = None;
+        for dl in &mut self.0 {
+            if let Err(e) = dl.resume() {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    /// One eventfd per thread, readable once it died.
+    pub fn died_evts(&self) -> impl Iterator<Item = &EventFd> {
+        self.0.iter().map(DeviceLoop::died_evt)
+    }
+
+    /// Why a device thread died, if one has.
+    pub fn failure(&self) -> Option<DeviceLoopError> {
+        self.0.iter().find_map(DeviceLoop::failure)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -298,8 +350,13 @@ mod tests {
             evt: evt.try_clone().unwrap(),
             seen: seen.clone(),
         };
-        let mut dl =
-            DeviceLoop::start(vec![Arc::new(Mutex::new(counter))], false, Box::new(|| {})).unwrap();
+        let mut dl = DeviceLoop::start(
+            "test",
+            vec![Arc::new(Mutex::new(counter))],
+            false,
+            Box::new(|| {}),
+        )
+        .unwrap();
         dl.pause().unwrap();
         evt.write(3).unwrap();
         // A second pause round-trips through the parked loop: had the loop
@@ -327,8 +384,13 @@ mod tests {
             seen: seen.clone(),
         };
         evt.write(2).unwrap();
-        let mut dl =
-            DeviceLoop::start(vec![Arc::new(Mutex::new(counter))], true, Box::new(|| {})).unwrap();
+        let mut dl = DeviceLoop::start(
+            "test",
+            vec![Arc::new(Mutex::new(counter))],
+            true,
+            Box::new(|| {}),
+        )
+        .unwrap();
         dl.pause().unwrap();
         assert_eq!(seen.load(Ordering::SeqCst), 0);
         dl.resume().unwrap();
@@ -370,6 +432,44 @@ mod tests {
         }
     }
 
+    /// A device that gets stuck when `stuck` is written, and a counter of
+    /// `evt`'s events, with the handles to drive them.
+    struct Pair {
+        blocker: Blocker,
+        entered: Receiver<()>,
+        release: Sender<()>,
+        stuck: EventFd,
+        counter: Counter,
+        evt: EventFd,
+        seen: Arc<AtomicU64>,
+    }
+
+    impl Pair {
+        fn new() -> Self {
+            let (entered_tx, entered) = mpsc::channel();
+            let (release, release_rx) = mpsc::channel();
+            let stuck = EventFd::new(EFD_NONBLOCK).unwrap();
+            let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+            let seen = Arc::new(AtomicU64::new(0));
+            Self {
+                blocker: Blocker {
+                    evt: stuck.try_clone().unwrap(),
+                    entered: entered_tx,
+                    release: release_rx,
+                },
+                entered,
+                release,
+                stuck,
+                counter: Counter {
+                    evt: evt.try_clone().unwrap(),
+                    seen: seen.clone(),
+                },
+                evt,
+                seen,
+            }
+        }
+    }
+
     /// Waits up to `ACK_TIMEOUT` for `evt` to become readable.
     fn wait_readable(evt: &EventFd) -> bool {
         use std::os::fd::AsRawFd;
@@ -387,9 +487,13 @@ mod tests {
     fn a_panicking_device_ends_the_loop_with_an_error() {
         let evt = EventFd::new(EFD_NONBLOCK).unwrap();
         let panicker = Panicker(evt.try_clone().unwrap());
-        let mut dl =
-            DeviceLoop::start(vec![Arc::new(Mutex::new(panicker))], false, Box::new(|| {}))
-                .unwrap();
+        let mut dl = DeviceLoop::start(
+            "test",
+            vec![Arc::new(Mutex::new(panicker))],
+            false,
+            Box::new(|| {}),
+        )
+        .unwrap();
         assert!(dl.failure().is_none());
         evt.write(1).unwrap();
         assert!(wait_readable(dl.died_evt()), "no death reported");
@@ -400,48 +504,85 @@ mod tests {
 
     #[test]
     fn a_pause_that_times_out_is_rolled_back_and_late_acks_answer_nothing() {
-        let (entered_tx, entered) = mpsc::channel();
-        let (release, release_rx) = mpsc::channel();
-        let stuck = EventFd::new(EFD_NONBLOCK).unwrap();
-        let blocker = Blocker {
-            evt: stuck.try_clone().unwrap(),
-            entered: entered_tx,
-            release: release_rx,
-        };
-        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
-        let seen = Arc::new(AtomicU64::new(0));
-        let counter = Counter {
-            evt: evt.try_clone().unwrap(),
-            seen: seen.clone(),
-        };
-        let subscribers: Vec<Subscriber> =
-            vec![Arc::new(Mutex::new(blocker)), Arc::new(Mutex::new(counter))];
-        let mut dl = DeviceLoop::start(subscribers, false, Box::new(|| {})).unwrap();
+        let p = Pair::new();
+        let subscribers: Vec<Subscriber> = vec![
+            Arc::new(Mutex::new(p.blocker)),
+            Arc::new(Mutex::new(p.counter)),
+        ];
+        let mut dl = DeviceLoop::start("test", subscribers, false, Box::new(|| {})).unwrap();
         dl.set_ack_timeout(Duration::from_millis(200));
-        stuck.write(1).unwrap();
-        entered.recv_timeout(ACK_TIMEOUT).unwrap();
+        p.stuck.write(1).unwrap();
+        p.entered.recv_timeout(ACK_TIMEOUT).unwrap();
 
         // The device never gets back to the loop: the pause fails, and so
         // does the rollback's resume (it is queued behind the pause).
         assert!(matches!(dl.pause(), Err(DeviceLoopError::NoAck("pause"))));
         assert!(matches!(dl.resume(), Err(DeviceLoopError::NoAck("resume"))));
         dl.set_ack_timeout(ACK_TIMEOUT);
-        release.send(()).unwrap();
+        p.release.send(()).unwrap();
 
         // Once unstuck, the loop runs (the queued resume undid the pause):
         // an event is handled without any further command.
-        evt.write(5).unwrap();
+        p.evt.write(5).unwrap();
         let deadline = Instant::now() + ACK_TIMEOUT;
-        while seen.load(Ordering::SeqCst) != 5 {
+        while p.seen.load(Ordering::SeqCst) != 5 {
             assert!(Instant::now() < deadline, "the loop stayed parked");
             std::thread::yield_now();
         }
         // The late acknowledgements of the failed pause and resume do not
         // answer these: a pause holds until the resume.
         dl.pause().unwrap();
-        evt.write(1).unwrap();
+        p.evt.write(1).unwrap();
         dl.pause().unwrap();
-        assert_eq!(seen.load(Ordering::SeqCst), 5);
+        assert_eq!(p.seen.load(Ordering::SeqCst), 5);
         dl.resume().unwrap();
+    }
+
+    #[test]
+    fn device_threads_pause_together_and_roll_back_when_one_is_stuck() {
+        let p = Pair::new();
+        let noop = || -> Box<dyn FnOnce() + Send> { Box::new(|| {}) };
+        let mut threads = DeviceThreads::start(
+            vec![
+                (
+                    "net0".into(),
+                    Arc::new(Mutex::new(p.counter)) as Subscriber,
+                    noop(),
+                ),
+                (
+                    "blk0".into(),
+                    Arc::new(Mutex::new(p.blocker)) as Subscriber,
+                    noop(),
+                ),
+            ],
+            false,
+        )
+        .unwrap();
+        // Both pause; while paused, the p.counter's device sees nothing.
+        threads.pause().unwrap();
+        p.evt.write(1).unwrap();
+        threads.pause().unwrap();
+        assert_eq!(p.seen.load(Ordering::SeqCst), 0);
+        threads.resume().unwrap();
+
+        // The disk's thread gets stuck: the next pause fails, and the
+        // rollback lets the network's thread run on meanwhile.
+        p.stuck.write(1).unwrap();
+        p.entered.recv_timeout(ACK_TIMEOUT).unwrap();
+        for dl in &mut threads.0 {
+            dl.set_ack_timeout(Duration::from_millis(200));
+        }
+        assert!(threads.pause().is_err());
+        assert!(threads.resume().is_err());
+        p.evt.write(1).unwrap();
+        let deadline = Instant::now() + ACK_TIMEOUT;
+        while p.seen.load(Ordering::SeqCst) < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "the network thread stayed parked"
+            );
+            std::thread::yield_now();
+        }
+        p.release.send(()).unwrap();
     }
 }

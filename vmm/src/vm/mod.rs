@@ -32,11 +32,12 @@ use kvm_ioctls::{Cap, Kvm, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::layout::KVM_TSS_ADDR;
-use crate::config::{SerialOutput, VmConfig};
-use device_loop::{DeviceLoop, DeviceLoopError};
+use crate::config::VmConfig;
+use device_loop::{DeviceLoopError, DeviceThreads};
 use memory::GuestMemory;
 use vcpu::{ExitCounters, Vcpu, VcpuError};
 use virtio::AttachedDevice;
+pub use virtio::VirtioBackend;
 
 /// Errors creating or running a VM.
 #[derive(Debug, thiserror::Error)]
@@ -161,9 +162,19 @@ struct Legacy {
     i8042: Arc<Mutex<I8042>>,
 }
 
+/// What the VM's devices talk to, built by the caller (see `crate::role`):
+/// the VM opens no file or tap itself.
+pub struct Backends {
+    /// Where the serial console's output goes.
+    pub console: Box<dyn Write + Send>,
+    /// The virtio devices, in guest-visible order.
+    pub virtio: Vec<VirtioBackend>,
+}
+
 impl Vm {
-    /// Creates the VM of `config`, loads the kernel and configures the vCPUs.
-    pub fn create(config: &VmConfig) -> Result<Self, VmError> {
+    /// Creates the VM of `config` with `backends`, loads the kernel and
+    /// configures the vCPUs.
+    pub fn create(config: &VmConfig, backends: Backends) -> Result<Self, VmError> {
         let created = Instant::now();
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         for cap in [
@@ -193,7 +204,7 @@ impl Vm {
         let mem = memory::create(config.mem_size())?;
         memory::register(&vm_fd, &mem, config.track_dirty_pages)?;
         let mut mmio_bus = Bus::new();
-        let (virtio, extra_cmdline) = virtio::attach(&vm_fd, &mem, config, &mut mmio_bus)?;
+        let (virtio, extra_cmdline) = virtio::attach(&vm_fd, &mem, backends.virtio, &mut mmio_bus)?;
         // A restored VM gets its memory and registers from the snapshot.
         let entry = if config.restore.is_empty() {
             let mut boot_config = config.clone();
@@ -204,7 +215,8 @@ impl Vm {
         };
 
         let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(io_err("the reset eventfd"))?;
-        let (io_bus, serial_tx_bytes, legacy) = legacy_devices(&vm_fd, config, &reset_evt)?;
+        let (io_bus, serial_tx_bytes, legacy) =
+            legacy_devices(&vm_fd, backends.console, &reset_evt)?;
         let io_bus = Arc::new(io_bus);
         let counters = VmCounters {
             serial_tx_bytes,
@@ -289,20 +301,24 @@ impl Vm {
         vcpu::install_kick_handler().map_err(VmError::Signal)?;
         let (events_tx, events) = mpsc::channel();
         let wake = EventFd::new(EFD_NONBLOCK).map_err(io_err("the vCPU eventfd"))?;
-        let subscribers = self
+        // One thread per device. Queues may hold work whose notification
+        // a snapshot could not carry (it sat in an ioeventfd): each thread
+        // serves its device's queues once first.
+        let devices = self
             .virtio
             .iter()
-            .map(|d| d.transport.clone() as device_loop::Subscriber)
+            .map(|d| {
+                let transport = d.transport.clone();
+                let kick: Box<dyn FnOnce() + Send> =
+                    Box::new(move || devices::lock(&transport).kick());
+                (
+                    d.name.clone(),
+                    d.transport.clone() as device_loop::Subscriber,
+                    kick,
+                )
+            })
             .collect();
-        // Queues may hold work whose notification a snapshot could not
-        // carry (it sat in an ioeventfd): serve every queue once first.
-        let transports: Vec<_> = self.virtio.iter().map(|d| d.transport.clone()).collect();
-        let kick_all = Box::new(move || {
-            for t in transports {
-                devices::lock(&t).kick();
-            }
-        });
-        let device_loop = DeviceLoop::start(subscribers, paused, kick_all)?;
+        let device_loop = DeviceThreads::start(devices, paused)?;
         let mut running = RunningVm {
             device_loop,
             handle: VmHandle::new().map_err(io_err("the control eventfd"))?,
@@ -349,18 +365,9 @@ impl Vm {
 /// port's byte counter and the devices.
 fn legacy_devices(
     vm_fd: &VmFd,
-    config: &VmConfig,
+    out: Box<dyn Write + Send>,
     reset_evt: &EventFd,
 ) -> Result<(Bus, Arc<AtomicU64>, Legacy), VmError> {
-    let out: Box<dyn Write + Send> = match &config.serial {
-        SerialOutput::Stdout => Box::new(std::io::stdout()),
-        SerialOutput::File(path) => Box::new(console::open_console_file(path).map_err(
-            |source| VmError::SerialFile {
-                path: path.display().to_string(),
-                source,
-            },
-        )?),
-    };
     let out = console::ConsoleSink::spawn(out, console::CONSOLE_BUFFER)
         .map_err(io_err("the console thread"))?;
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("the serial irqfd"))?;

@@ -8,7 +8,7 @@ use kvm_ioctls::VmFd;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::device_loop::{DeviceLoop, DeviceLoopError};
+use super::device_loop::{DeviceLoopError, DeviceThreads};
 use super::handle::{error_chain, Request, RequestError, RunState, VmHandle};
 use super::memory::GuestMemory;
 use super::vcpu::{VcpuCommand, VcpuEvent, VcpuHandle, VcpuStop};
@@ -21,7 +21,7 @@ const VCPU_ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A VM whose vCPUs run. Dropping it stops them.
 pub struct RunningVm {
-    pub(super) device_loop: DeviceLoop,
+    pub(super) device_loop: DeviceThreads,
     pub(super) handle: VmHandle,
     pub(super) handles: Vec<VcpuHandle>,
     pub(super) events: Receiver<VcpuEvent>,
@@ -205,12 +205,13 @@ impl RunningVm {
         const DEVICES: u64 = 3;
         let epoll = Epoll::new().map_err(io_err("epoll"))?;
         let control = self.handle.0.clone();
-        for (fd, token) in [
+        let fds = [
             (&self.reset_evt, RESET),
             (&self.wake, VCPU),
             (&control.evt, CONTROL),
-            (self.device_loop.died_evt(), DEVICES),
-        ] {
+        ];
+        let died = self.device_loop.died_evts().map(|evt| (evt, DEVICES));
+        for (fd, token) in fds.into_iter().chain(died) {
             use std::os::fd::AsRawFd;
             epoll
                 .ctl(
