@@ -240,6 +240,17 @@ impl Drop for Vmm {
     }
 }
 
+/// A count from the environment variable `name` (soak runs ask for more
+/// cycles than the suite), or `default`.
+pub fn env_count(name: &str, default: usize) -> usize {
+    match std::env::var(name) {
+        Ok(text) => text
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={text:?} is not a count")),
+        Err(_) => default,
+    }
+}
+
 /// Waits up to `timeout` for a listener on the Unix socket `path` (a
 /// `vmm` API socket appears once its VM has started).
 pub fn wait_for_socket(path: &Path, timeout: Duration) {

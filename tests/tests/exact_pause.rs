@@ -13,7 +13,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use colo_tests::http::api_request;
-use colo_tests::{guest_artifact, wait_for_socket, Vmm};
+use colo_tests::{env_count, guest_artifact, wait_for_socket, Vmm};
 
 const BOOT: Duration = Duration::from_secs(30);
 /// Cycles in the suite; `COLO_PIO_CYCLES` asks for more.
@@ -43,10 +43,7 @@ fn next_round(vmm: &mut Vmm, cycle: usize) {
 
 #[test]
 fn port_io_is_never_half_done_across_pause_snapshot_and_restore() {
-    let cycles = std::env::var("COLO_PIO_CYCLES")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(CYCLES);
+    let cycles = env_count("COLO_PIO_CYCLES", CYCLES);
     let dir = tempfile::tempdir().unwrap();
     let kernel = guest_artifact("test-guest");
     let sock = dir.path().join("0.sock");
