@@ -145,11 +145,16 @@ impl RunningVm {
     ) -> Result<(), VmError> {
         self.vcpu_seq += 1;
         let seq = self.vcpu_seq;
-        for handle in &self.handles {
+        // A vCPU that has ended answers nothing: nothing to wait for.
+        let mut acked: Vec<bool> = self
+            .handles
+            .iter()
+            .map(|h| self.exited.iter().any(|(i, _)| *i == h.index()))
+            .collect();
+        for (handle, _) in self.handles.iter().zip(&acked).filter(|(_, a)| !**a) {
             handle.send(command(seq));
         }
         let deadline = Instant::now() + VCPU_ACK_TIMEOUT;
-        let mut acked = vec![false; self.handles.len()];
         while acked.iter().any(|a| !a) {
             let left = deadline.saturating_duration_since(Instant::now());
             let event = match self.events.recv_timeout(left) {
