@@ -132,7 +132,9 @@ impl Vmm {
         Self::spawn_command(ns.exec(vmm_bin(), args))
     }
 
-    fn spawn_command(mut command: Command) -> Self {
+    /// Starts `command` (a `vmm` command line, with its environment) with
+    /// its console and log captured.
+    pub fn spawn_command(mut command: Command) -> Self {
         let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -104,15 +104,13 @@ fn status_answers_while_a_snapshot_is_being_written() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("api.sock");
     // The debug log says when the API has taken the snapshot request.
-    std::env::set_var("VMM_LOG", "info,vmm::api=debug");
-    let mut vmm = Vmm::spawn([
-        "--kernel",
-        guest_artifact("test-guest").to_str().unwrap(),
-        "--mem-mib",
-        "64",
-        "--api-sock",
-        sock.to_str().unwrap(),
-    ]);
+    let mut command = Command::new(vmm_bin());
+    command
+        .env("VMM_LOG", "info,vmm::api=debug")
+        .args(["--kernel", guest_artifact("test-guest").to_str().unwrap()])
+        .args(["--mem-mib", "64", "--api-sock"])
+        .arg(&sock);
+    let mut vmm = Vmm::spawn_command(command);
     vmm.wait_for_serial("colo-test-guest: ready", BOOT);
     wait_for_socket(&sock, BOOT);
     assert_eq!(status(&sock, "PUT", "/vm", r#"{"state":"paused"}"#), 204);

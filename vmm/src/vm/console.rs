@@ -104,6 +104,8 @@ impl Write for ConsoleSink {
         if buffer.closed {
             return Ok(data.len());
         }
+        // The writer waits only on an empty buffer: wake it only then.
+        let wake = buffer.bytes.is_empty();
         let room = shared.capacity.saturating_sub(buffer.bytes.len());
         let take = room.min(data.len());
         buffer.bytes.extend(&data[..take]);
@@ -118,7 +120,9 @@ impl Write for ConsoleSink {
             }
         }
         drop(buffer);
-        shared.ready.notify_one();
+        if wake {
+            shared.ready.notify_one();
+        }
         Ok(data.len())
     }
 
