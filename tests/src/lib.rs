@@ -132,7 +132,9 @@ impl Vmm {
         Self::spawn_command(ns.exec(vmm_bin(), args))
     }
 
-    fn spawn_command(mut command: Command) -> Self {
+    /// Starts `command` (a `vmm` command line, with its environment) with
+    /// its console and log captured.
+    pub fn spawn_command(mut command: Command) -> Self {
         let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -237,6 +239,31 @@ impl Vmm {
 impl Drop for Vmm {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A count from the environment variable `name` (soak runs ask for more
+/// cycles than the suite), or `default`.
+pub fn env_count(name: &str, default: usize) -> usize {
+    match std::env::var(name) {
+        Ok(text) => text
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={text:?} is not a count")),
+        Err(_) => default,
+    }
+}
+
+/// Waits up to `timeout` for a listener on the Unix socket `path` (a
+/// `vmm` API socket appears once its VM has started).
+pub fn wait_for_socket(path: &Path, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while std::os::unix::net::UnixStream::connect(path).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "no listener on {} within {timeout:?}",
+            path.display()
+        );
+        thread::sleep(Duration::from_millis(5));
     }
 }
 

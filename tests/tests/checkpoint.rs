@@ -67,14 +67,19 @@ fn cycles() -> usize {
         .unwrap_or(CYCLES)
 }
 
+/// A VM of `config` with the backends the standalone role opens for it.
+fn create(config: &VmConfig) -> Vm {
+    let backends = vmm::role::standalone::backends(config).unwrap();
+    Vm::create(config, backends).unwrap()
+}
+
 /// A and B without devices, A booted to its workload.
 fn pair(dir: &Path) -> (RunningVm, RunningVm) {
     let console = dir.join("a.log");
     let config_a = config(&console, None);
     config_a.validate().unwrap();
-    let a = Vm::create(&config_a).unwrap().start().unwrap();
-    let b = Vm::create(&config(&dir.join("b.log"), None))
-        .unwrap()
+    let a = create(&config_a).start().unwrap();
+    let b = create(&config(&dir.join("b.log"), None))
         .start_with(true)
         .unwrap();
     assert_eq!(a.layout(), b.layout());
@@ -145,8 +150,8 @@ fn checkpoints_with_a_nic_and_a_disk_reproduce_the_state_exactly() {
     let config_a = config(&console, Some((&disk_a, "tap0")));
     let config_b = config(&dir.path().join("b.log"), Some((&disk_b, "tap1")));
     let (mut a, mut b) = ns.enter(|| {
-        let a = Vm::create(&config_a).unwrap().start().unwrap();
-        let b = Vm::create(&config_b).unwrap().start_with(true).unwrap();
+        let a = create(&config_a).start().unwrap();
+        let b = create(&config_b).start_with(true).unwrap();
         (a, b)
     });
     wait_for(&console, "colo-test-guest: ready");
@@ -234,7 +239,7 @@ fn dirty_logging_switches_on_and_off_on_a_running_vm() {
     let console = dir.path().join("a.log");
     let mut config = config(&console, None);
     config.track_dirty_pages = false;
-    let mut vm = Vm::create(&config).unwrap().start().unwrap();
+    let mut vm = create(&config).start().unwrap();
     wait_for(&console, "colo-test-guest: ready");
     assert!(!vm.dirty_logging());
     vm.pause().unwrap();

@@ -112,3 +112,35 @@ fn missing_initrd() {
         "{log}"
     );
 }
+
+#[test]
+fn api_socket_in_a_missing_directory_or_over_a_file() {
+    let kernel = guest_artifact("test-guest");
+    let kernel = kernel.to_str().unwrap();
+    let log = refused(&["--kernel", kernel, "--api-sock", "/nonexistent/api.sock"]);
+    assert!(
+        log.contains("directory /nonexistent does not exist"),
+        "{log}"
+    );
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let path = file.path().to_str().unwrap();
+    let log = refused(&["--kernel", kernel, "--api-sock", path]);
+    assert!(log.contains("exists and is not a socket"), "{log}");
+    assert!(file.path().is_file(), "the file was replaced");
+}
+
+#[test]
+fn serial_output_that_is_no_regular_file_or_a_symlink() {
+    let kernel = guest_artifact("test-guest");
+    let kernel = kernel.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("target");
+    std::fs::write(&target, "keep").unwrap();
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    for bad in [dir.path(), link.as_path()] {
+        let log = refused(&["--kernel", kernel, "--serial", bad.to_str().unwrap()]);
+        assert!(log.contains("cannot open serial output"), "{log}");
+    }
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep");
+}

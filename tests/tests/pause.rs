@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use colo_tests::guest_artifact;
-use vmm::config::{Role, SerialOutput, VmConfig};
+use vmm::config::{SerialOutput, VmConfig};
 use vmm::vm::Vm;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -43,23 +43,16 @@ fn wait_generation_after(console: &std::path::Path, after: Option<u64>) -> u64 {
 fn pause_stops_the_guest_and_resume_continues_it() {
     let console = tempfile::NamedTempFile::new().unwrap();
     let config = VmConfig {
-        role: Role::Standalone,
-        kernel: guest_artifact("test-guest"),
-        initrd: None,
         cmdline: "dirty_mib_per_s=2 workload_mib=4".into(),
         mem_mib: 64,
         vcpus: 2,
         serial: SerialOutput::File(console.path().to_path_buf()),
-        cpu_template: Default::default(),
         track_dirty_pages: true,
-        disks: Vec::new(),
-        nets: Vec::new(),
-        api_sock: None,
-        restore: Vec::new(),
-        start_paused: false,
+        ..VmConfig::new(guest_artifact("test-guest"))
     };
     config.validate().unwrap();
-    let mut vm = Vm::create(&config).unwrap().start().unwrap();
+    let backends = vmm::role::standalone::backends(&config).unwrap();
+    let mut vm = Vm::create(&config, backends).unwrap().start().unwrap();
     let before = wait_generation_after(console.path(), None);
 
     vm.pause().unwrap();

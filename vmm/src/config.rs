@@ -268,6 +268,29 @@ pub struct VmConfig {
     pub start_paused: bool,
 }
 
+impl VmConfig {
+    /// A standalone VM booting `kernel` with every other setting at its
+    /// default (for callers that build a configuration in code).
+    pub fn new(kernel: PathBuf) -> Self {
+        Self {
+            role: Role::Standalone,
+            kernel,
+            initrd: None,
+            cmdline: DEFAULT_CMDLINE.into(),
+            mem_mib: DEFAULT_MEM_MIB,
+            vcpus: DEFAULT_VCPUS,
+            serial: SerialOutput::Stdout,
+            cpu_template: CpuTemplate::default(),
+            track_dirty_pages: false,
+            disks: Vec::new(),
+            nets: Vec::new(),
+            api_sock: None,
+            restore: Vec::new(),
+            start_paused: false,
+        }
+    }
+}
+
 impl NetConfig {
     /// The MAC the device at `index` gets.
     pub fn mac_or_default(&self, index: usize) -> [u8; 6] {

@@ -8,7 +8,17 @@ use std::time::Instant;
 use crate::api::{ControlError, DeviceMetrics, Metrics, Status, VmControl, VmState};
 use crate::config::VmConfig;
 use crate::snapshot::Kind;
-use crate::vm::{RunState, RunningVm, VmCounters, VmHandle};
+use crate::vm::{RequestError, RunState, RunningVm, VmCounters, VmHandle};
+
+/// 409 for what the VM's state forbids, 500 for what failed.
+fn from_request(e: RequestError) -> ControlError {
+    match e {
+        RequestError::NotPaused(_) | RequestError::ShuttingDown => {
+            ControlError::Conflict(e.to_string())
+        }
+        RequestError::Failed(text) => ControlError::Internal(text),
+    }
+}
 
 /// Implements the API for one VM.
 pub struct VmmControl {
@@ -72,17 +82,17 @@ impl VmControl for VmmControl {
 
     fn pause(&self) -> Result<(), ControlError> {
         self.refuse_when_stopping()?;
-        self.handle.pause().map_err(ControlError::Internal)
+        self.handle.pause().map_err(from_request)
     }
 
     fn resume(&self) -> Result<(), ControlError> {
         self.refuse_when_stopping()?;
-        self.handle.resume().map_err(ControlError::Internal)
+        self.handle.resume().map_err(from_request)
     }
 
     fn shutdown(&self) -> Result<(), ControlError> {
         self.refuse_when_stopping()?;
-        self.handle.shutdown().map_err(ControlError::Internal)
+        self.handle.shutdown().map_err(from_request)
     }
 
     fn snapshot(&self, kind: Kind, path: &Path) -> Result<u64, ControlError> {
@@ -92,14 +102,12 @@ impl VmControl for VmmControl {
                 "a diff snapshot needs dirty tracking: start vmm with --track-dirty-pages".into(),
             ));
         }
-        self.handle
-            .snapshot(kind, path)
-            .map_err(ControlError::Internal)
+        self.handle.snapshot(kind, path).map_err(from_request)
     }
 
     fn state_hash(&self) -> Result<String, ControlError> {
         self.require_paused()?;
-        self.handle.state_hash().map_err(ControlError::Internal)
+        self.handle.state_hash().map_err(from_request)
     }
 
     fn metrics(&self) -> Metrics {

@@ -8,5 +8,7 @@ pub mod api;
 pub mod arch;
 pub mod config;
 pub mod control;
+pub mod ratelimit;
+pub mod role;
 pub mod snapshot;
 pub mod vm;

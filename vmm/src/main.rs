@@ -36,6 +36,10 @@ fn main() -> ExitCode {
 
 fn run(cli: &Cli) -> anyhow::Result<VmExit> {
     let mut config = VmConfig::from_cli(cli).context("invalid configuration")?;
+    // Everything that can be checked up front is, before any VM exists.
+    if let Some(path) = &config.api_sock {
+        vmm::api::check_socket_path(path).context("invalid configuration")?;
+    }
     // A restore reads and verifies the whole chain before any VM exists.
     let chain = if config.restore.is_empty() {
         Vec::new()
@@ -68,7 +72,9 @@ fn run(cli: &Cli) -> anyhow::Result<VmExit> {
         }
         chain
     };
-    let mut vm = Vm::create(&config).context("cannot create the VM")?;
+    // The backends (console, disk images, taps) open before the VM exists.
+    let backends = vmm::role::standalone::backends(&config).context("invalid configuration")?;
+    let mut vm = Vm::create(&config, backends).context("cannot create the VM")?;
     if let Some(last) = config.restore.last() {
         vm.restore(chain, last).context("cannot restore")?;
     }

@@ -15,6 +15,7 @@
 //! | `crash=page_fault` | take a page fault (reported by the handler) |
 //! | `ip=A.B.C.D/N`, `gw=A.B.C.D` | address of the first NIC, default route |
 //! | `blk_bench_ops=N` | time N random 4 KiB reads and writes on the first disk (destroys it) |
+//! | `pio_loop` | stay in ring 0 checking port I/O with side effects (see `pio_loop`) |
 //!
 //! Devices come from `virtio_mmio.device=` words. The first disk holds a
 //! key-value log, the first NIC serves echo, HTTP and ping (see `net`).
@@ -36,6 +37,7 @@ extern crate alloc;
 mod arch;
 mod heap;
 mod net;
+mod pio_loop;
 mod power;
 mod serial;
 mod store;
@@ -176,6 +178,10 @@ extern "C" fn kernel_main(zero_page: u64) -> ! {
         }
         Some(other) => say!("ignoring crash={other}: unknown"),
         None => {}
+    }
+    if cmdline.words().any(|(word, _)| word == "pio_loop") {
+        say!("ready");
+        pio_loop::run();
     }
 
     // The heap sits right above the image, the workload above the heap.

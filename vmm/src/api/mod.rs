@@ -37,7 +37,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 pub use metrics::render as render_metrics;
-pub use server::{spawn_server, ApiError, ApiServer};
+pub use server::{check_socket_path, spawn_server, ApiError, ApiServer};
 
 /// Largest request body the API reads.
 pub const MAX_BODY: usize = 16 * 1024;

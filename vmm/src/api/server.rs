@@ -1,10 +1,10 @@
 //! The HTTP server: hyper 1 on a tokio current-thread runtime, on its own
 //! OS thread, accepting on a Unix socket.
 //!
-//! Requests are served one at a time as far as the VM is concerned: the
-//! [`VmControl`] calls run on the runtime's only thread, so a slow `pause`
-//! holds back the other connections until it returns (and the VMM never
-//! sees two control calls at once).
+//! Calls that wait for the VM (pause, resume, shutdown, snapshot, state
+//! hash) run on tokio's blocking pool, never on the runtime's only thread:
+//! `GET /status` and `/metrics` answer while a snapshot is being written.
+//! The VM thread carries out its requests one at a time, in order.
 
 use std::convert::Infallible;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -19,7 +19,7 @@ use hyper::body::{Body, Buf, Bytes};
 use hyper::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 
@@ -133,8 +133,124 @@ fn clear_stale_socket(path: &Path) -> Result<(), ApiError> {
     }
 }
 
-/// Binds a Unix socket at `path` (mode 0600) and serves the API on a new
-/// thread until the returned [`ApiServer`] is shut down or dropped.
+/// Checks, before any VM exists, that an API socket can be created at
+/// `path`: its directory exists, and nothing but a stale socket is there.
+pub fn check_socket_path(path: &Path) -> Result<(), ApiError> {
+    let dir = socket_dir(path);
+    if !dir.is_dir() {
+        return Err(ApiError::Bind {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("directory {} does not exist", dir.display()),
+            ),
+        });
+    }
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(ApiError::Bind {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    if !meta.file_type().is_socket() {
+        return Err(ApiError::NotASocket {
+            path: path.to_path_buf(),
+        });
+    }
+    if StdUnixStream::connect(path).is_ok() {
+        return Err(ApiError::InUse {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(())
+}
+
+/// The directory a socket at `path` goes in.
+fn socket_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    }
+}
+
+/// Binds a listener at `path` that no other user can reach even for a
+/// moment: it is bound inside a new private (0700) directory next to
+/// `path`, made 0600, and only then renamed into place (never over
+/// anything that appeared there meanwhile).
+fn bind_private(path: &Path) -> std::io::Result<StdUnixListener> {
+    let private = PrivateDir::create(socket_dir(path))?;
+    let staged = private.0.join("api.sock");
+    let listener = StdUnixListener::bind(&staged)?;
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;
+    rename_noreplace(&staged, path)?;
+    Ok(listener)
+}
+
+/// A new directory only its owner can enter, removed (with what is left
+/// in it) when dropped.
+struct PrivateDir(PathBuf);
+
+impl PrivateDir {
+    fn create(parent: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::DirBuilderExt;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let mut last = None;
+        for attempt in 0..16u32 {
+            let dir = parent.join(format!(
+                ".vmm-api-{}-{:x}",
+                std::process::id(),
+                nanos.wrapping_add(attempt)
+            ));
+            match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+                Ok(()) => return Ok(Self(dir)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| std::io::Error::other("no private directory")))
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `rename(2)` that fails with EEXIST instead of replacing `to`.
+fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+    };
+    let (from, to) = (c(from)?, c(to)?);
+    // SAFETY: two valid C strings; AT_FDCWD resolves them like rename(2).
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Binds a Unix socket at `path` (mode 0600, see [`bind_private`]) and
+/// serves the API on a new thread until the returned [`ApiServer`] is
+/// shut down or dropped.
 ///
 /// A stale socket file at `path` (nobody listening) is replaced; a live
 /// one, or a file that is not a socket, is an error.
@@ -144,14 +260,12 @@ pub fn spawn_server(path: &Path, control: Arc<dyn VmControl>) -> Result<ApiServe
         source,
     };
     clear_stale_socket(path)?;
-    let listener = StdUnixListener::bind(path).map_err(bind_err)?;
+    let listener = bind_private(path).map_err(bind_err)?;
     // From here on the file is ours: remove it again on any failure.
     let cleanup = |e: ApiError| {
         let _ = std::fs::remove_file(path);
         e
     };
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| cleanup(bind_err(e)))?;
     let inode = std::fs::symlink_metadata(path)
         .map(|m| (m.dev(), m.ino()))
         .map_err(|e| cleanup(bind_err(e)))?;
@@ -181,11 +295,20 @@ pub fn spawn_server(path: &Path, control: Arc<dyn VmControl>) -> Result<ApiServe
     })
 }
 
+/// How long the API waits before accepting again after accept failed
+/// (out of descriptors, say): long enough not to spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// How long a client may take to send a request's headers, and how long
+/// an idle connection stays open.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
 async fn serve(
     listener: tokio::net::UnixListener,
     control: Arc<dyn VmControl>,
     mut stop: oneshot::Receiver<()>,
 ) {
+    let mut accept_warning = crate::ratelimit::RateLimit::default();
     loop {
         tokio::select! {
             _ = &mut stop => break,
@@ -193,17 +316,24 @@ async fn serve(
                 let stream = match accepted {
                     Ok((stream, _)) => stream,
                     Err(e) => {
-                        tracing::warn!("API: accept failed: {e}");
-                        continue;
+                        if let Some(suppressed) = accept_warning.allow() {
+                            tracing::warn!(suppressed, "API: accept failed: {e}");
+                        }
+                        tokio::select! {
+                            _ = &mut stop => break,
+                            () = tokio::time::sleep(ACCEPT_BACKOFF) => continue,
+                        }
                     }
                 };
                 let control = control.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |req| {
                         let control = control.clone();
-                        async move { Ok::<_, Infallible>(handle(req, control.as_ref()).await) }
+                        async move { Ok::<_, Infallible>(handle(req, control).await) }
                     });
                     if let Err(e) = hyper::server::conn::http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(HEADER_TIMEOUT)
                         .serve_connection(TokioIo::new(stream), service)
                         .await
                     {
@@ -408,8 +538,20 @@ fn method_not_allowed(method: &Method, path: &str, allow: &'static str) -> Reply
     r
 }
 
+/// Runs `call` on the blocking pool: it may wait for the VM as long as
+/// the work takes without holding up the runtime's thread.
+async fn off_thread<T: Send + 'static>(
+    control: &Arc<dyn VmControl>,
+    call: impl FnOnce(&dyn VmControl) -> Result<T, ControlError> + Send + 'static,
+) -> Result<T, ControlError> {
+    let control = control.clone();
+    tokio::task::spawn_blocking(move || call(control.as_ref()))
+        .await
+        .unwrap_or_else(|e| Err(ControlError::Internal(format!("control call failed: {e}"))))
+}
+
 /// Routes one request to `control` and builds its reply.
-pub(super) async fn handle<B>(req: Request<B>, control: &dyn VmControl) -> Reply
+pub(super) async fn handle<B>(req: Request<B>, control: Arc<dyn VmControl>) -> Reply
 where
     B: Body,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -435,8 +577,8 @@ where
         ("/vm", &Method::PUT) => match json_body::<VmRequest, _>(req).await {
             Ok(body) => {
                 let result = match body.state {
-                    RequestedState::Paused => control.pause(),
-                    RequestedState::Running => control.resume(),
+                    RequestedState::Paused => off_thread(&control, |c| c.pause()).await,
+                    RequestedState::Running => off_thread(&control, |c| c.resume()).await,
                 };
                 result.map_or_else(control_error, |()| empty(StatusCode::NO_CONTENT))
             }
@@ -446,8 +588,8 @@ where
         ("/actions", &Method::PUT) => match json_body::<ActionRequest, _>(req).await {
             Ok(ActionRequest {
                 action: Action::Shutdown,
-            }) => control
-                .shutdown()
+            }) => off_thread(&control, |c| c.shutdown())
+                .await
                 .map_or_else(control_error, |()| empty(StatusCode::ACCEPTED)),
             Err(reply) => reply,
         },
@@ -456,17 +598,19 @@ where
             Ok(body) if body.path.as_os_str().is_empty() => {
                 error(StatusCode::BAD_REQUEST, "an empty snapshot path")
             }
-            Ok(body) => match control.snapshot(body.kind, &body.path) {
-                Ok(bytes) => json_reply(
-                    StatusCode::OK,
-                    serde_json::json!({ "bytes": bytes }).to_string(),
-                ),
-                Err(e) => control_error(e),
-            },
+            Ok(body) => {
+                match off_thread(&control, move |c| c.snapshot(body.kind, &body.path)).await {
+                    Ok(bytes) => json_reply(
+                        StatusCode::OK,
+                        serde_json::json!({ "bytes": bytes }).to_string(),
+                    ),
+                    Err(e) => control_error(e),
+                }
+            }
             Err(reply) => reply,
         },
         ("/snapshot", _) => method_not_allowed(&method, &path, "PUT"),
-        ("/state-hash", &Method::GET) => match control.state_hash() {
+        ("/state-hash", &Method::GET) => match off_thread(&control, |c| c.state_hash()).await {
             Ok(json) => json_reply(StatusCode::OK, json),
             Err(e) => control_error(e),
         },
@@ -497,12 +641,12 @@ mod tests {
     }
 
     impl Fake {
-        fn new() -> Self {
-            Self {
+        fn new() -> Arc<Self> {
+            Arc::new(Self {
                 state: Mutex::new(VmState::Running),
                 calls: Mutex::new(Vec::new()),
                 fail: Mutex::new(None),
-            }
+            })
         }
 
         fn call(&self, name: &str) -> Result<(), ControlError> {
@@ -606,12 +750,12 @@ mod tests {
         }
     }
 
-    async fn send<B>(control: &Fake, req: Request<B>) -> Answer
+    async fn send<B>(control: &Arc<Fake>, req: Request<B>) -> Answer
     where
         B: Body,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let reply = handle(req, control).await;
+        let reply = handle(req, control.clone()).await;
         let status = reply.status().as_u16();
         let headers = reply.headers().clone();
         let body = reply.into_body().collect().await.unwrap().to_bytes();
@@ -622,7 +766,7 @@ mod tests {
         }
     }
 
-    async fn put(control: &Fake, path: &str, body: &str) -> Answer {
+    async fn put(control: &Arc<Fake>, path: &str, body: &str) -> Answer {
         send(control, request("PUT", path, JSON, body)).await
     }
 

@@ -215,7 +215,6 @@ fn le_bytes(words: &[u64]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Role, SerialOutput};
     use std::io::Write;
     use vm_memory::GuestMemoryBackend;
 
@@ -259,20 +258,11 @@ mod tests {
 
     fn config(kernel: &Path, initrd: Option<&Path>, vcpus: u8) -> VmConfig {
         VmConfig {
-            role: Role::Standalone,
-            kernel: kernel.to_path_buf(),
             initrd: initrd.map(Path::to_path_buf),
             cmdline: "console=ttyS0 hello".into(),
             mem_mib: 32,
             vcpus,
-            serial: SerialOutput::Stdout,
-            cpu_template: Default::default(),
-            track_dirty_pages: false,
-            disks: Vec::new(),
-            nets: Vec::new(),
-            api_sock: None,
-            restore: Vec::new(),
-            start_paused: false,
+            ..VmConfig::new(kernel.to_path_buf())
         }
     }
 

@@ -3,24 +3,27 @@
 
 pub mod boot;
 pub mod checkpoint;
+pub mod console;
 pub mod cpuid;
 pub mod device_loop;
+mod handle;
+pub use handle::{error_chain, RequestError, RunState, VmHandle};
 pub mod machine;
 pub mod memory;
 mod persist;
 pub use persist::StateHash;
 pub mod regs;
+mod running;
+pub use running::RunningVm;
 pub mod state;
 pub mod vcpu;
 pub mod virtio;
 
-use std::collections::VecDeque;
-use std::fs::File;
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::mpsc::{self, Receiver};
+use std::sync::atomic::AtomicU64;
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use devices::legacy::{
     Serial, COM1_IRQ, COM1_PORT, COM_PORT_LEN, I8042, I8042_DATA_PORT, I8042_PORT_LEN,
@@ -28,15 +31,15 @@ use devices::legacy::{
 use devices::Bus;
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::layout::KVM_TSS_ADDR;
-use crate::config::{SerialOutput, VmConfig};
-use device_loop::{DeviceLoop, DeviceLoopError};
+use crate::config::VmConfig;
+use device_loop::{DeviceLoopError, DeviceThreads};
 use memory::GuestMemory;
-use vcpu::{ExitCounters, Vcpu, VcpuCommand, VcpuError, VcpuEvent, VcpuHandle, VcpuStop};
+use vcpu::{ExitCounters, Vcpu, VcpuError};
 use virtio::AttachedDevice;
+pub use virtio::VirtioBackend;
 
 /// Errors creating or running a VM.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +80,10 @@ pub enum VmError {
     Vcpu(#[from] VcpuError),
     #[error("all vCPUs stopped")]
     VcpusGone,
+    #[error("vCPU {0} ended")]
+    VcpuEnded(u8),
+    #[error("the vCPUs did not acknowledge {0} in time")]
+    NoAck(&'static str),
     #[error("cannot open disk {path}")]
     Disk {
         path: String,
@@ -160,9 +167,19 @@ struct Legacy {
     i8042: Arc<Mutex<I8042>>,
 }
 
+/// What the VM's devices talk to, built by the caller (see `crate::role`):
+/// the VM opens no file or tap itself.
+pub struct Backends {
+    /// Where the serial console's output goes.
+    pub console: Box<dyn Write + Send>,
+    /// The virtio devices, in guest-visible order.
+    pub virtio: Vec<VirtioBackend>,
+}
+
 impl Vm {
-    /// Creates the VM of `config`, loads the kernel and configures the vCPUs.
-    pub fn create(config: &VmConfig) -> Result<Self, VmError> {
+    /// Creates the VM of `config` with `backends`, loads the kernel and
+    /// configures the vCPUs.
+    pub fn create(config: &VmConfig, backends: Backends) -> Result<Self, VmError> {
         let created = Instant::now();
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         for cap in [
@@ -192,7 +209,7 @@ impl Vm {
         let mem = memory::create(config.mem_size())?;
         memory::register(&vm_fd, &mem, config.track_dirty_pages)?;
         let mut mmio_bus = Bus::new();
-        let (virtio, extra_cmdline) = virtio::attach(&vm_fd, &mem, config, &mut mmio_bus)?;
+        let (virtio, extra_cmdline) = virtio::attach(&vm_fd, &mem, backends.virtio, &mut mmio_bus)?;
         // A restored VM gets its memory and registers from the snapshot.
         let entry = if config.restore.is_empty() {
             let mut boot_config = config.clone();
@@ -203,7 +220,8 @@ impl Vm {
         };
 
         let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(io_err("the reset eventfd"))?;
-        let (io_bus, serial_tx_bytes, legacy) = legacy_devices(&vm_fd, config, &reset_evt)?;
+        let (io_bus, serial_tx_bytes, legacy) =
+            legacy_devices(&vm_fd, backends.console, &reset_evt)?;
         let io_bus = Arc::new(io_bus);
         let counters = VmCounters {
             serial_tx_bytes,
@@ -298,20 +316,24 @@ impl Vm {
         vcpu::install_kick_handler().map_err(VmError::Signal)?;
         let (events_tx, events) = mpsc::channel();
         let wake = EventFd::new(EFD_NONBLOCK).map_err(io_err("the vCPU eventfd"))?;
-        let subscribers = self
+        // One thread per device. Queues may hold work whose notification
+        // a snapshot could not carry (it sat in an ioeventfd): each thread
+        // serves its device's queues once first.
+        let devices = self
             .virtio
             .iter()
-            .map(|d| d.transport.clone() as device_loop::Subscriber)
+            .map(|d| {
+                let transport = d.transport.clone();
+                let kick: Box<dyn FnOnce() + Send> =
+                    Box::new(move || devices::lock(&transport).kick());
+                (
+                    d.name.clone(),
+                    d.transport.clone() as device_loop::Subscriber,
+                    kick,
+                )
+            })
             .collect();
-        // Queues may hold work whose notification a snapshot could not
-        // carry (it sat in an ioeventfd): serve every queue once first.
-        let transports: Vec<_> = self.virtio.iter().map(|d| d.transport.clone()).collect();
-        let kick_all = Box::new(move || {
-            for t in transports {
-                devices::lock(&t).kick();
-            }
-        });
-        let device_loop = DeviceLoop::start(subscribers, paused, kick_all)?;
+        let device_loop = DeviceThreads::start(devices, paused)?;
         let mut running = RunningVm {
             device_loop,
             handle: VmHandle::new().map_err(io_err("the control eventfd"))?,
@@ -332,6 +354,7 @@ impl Vm {
             kick_on_resume: false,
             broken: false,
             lineage: self.lineage,
+            vcpu_seq: 0,
         };
         for vcpu in self.vcpus {
             let wake = running
@@ -360,23 +383,16 @@ impl Vm {
 /// port's byte counter and the devices.
 fn legacy_devices(
     vm_fd: &VmFd,
-    config: &VmConfig,
+    out: Box<dyn Write + Send>,
     reset_evt: &EventFd,
 ) -> Result<(Bus, Arc<AtomicU64>, Legacy), VmError> {
-    let out: Box<dyn Write + Send> = match &config.serial {
-        SerialOutput::Stdout => Box::new(std::io::stdout()),
-        SerialOutput::File(path) => {
-            Box::new(File::create(path).map_err(|source| VmError::SerialFile {
-                path: path.display().to_string(),
-                source,
-            })?)
-        }
-    };
+    let out = console::ConsoleSink::spawn(out, console::CONSOLE_BUFFER)
+        .map_err(io_err("the console thread"))?;
     let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(io_err("the serial irqfd"))?;
     vm_fd
         .register_irqfd(&serial_irq, COM1_IRQ)
         .map_err(kvm_err("the serial irqfd"))?;
-    let serial = Serial::new(serial_irq, out).map_err(io_err("the serial port"))?;
+    let serial = Serial::new(serial_irq, Box::new(out)).map_err(io_err("the serial port"))?;
     let serial_tx_bytes = serial.tx_bytes();
     let i8042 = I8042::new(reset_evt.try_clone().map_err(io_err("the reset eventfd"))?);
 
@@ -388,359 +404,4 @@ fn legacy_devices(
     bus.insert(legacy.serial.clone(), COM1_PORT, COM_PORT_LEN)?;
     bus.insert(legacy.i8042.clone(), I8042_DATA_PORT, I8042_PORT_LEN)?;
     Ok((bus, serial_tx_bytes, legacy))
-}
-
-/// The state of a running VM as its handle reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RunState {
-    Running,
-    Paused,
-    ShuttingDown,
-}
-
-/// What another thread (the API) may ask of the thread that runs the VM.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Request {
-    Pause,
-    Resume,
-    Shutdown,
-    Snapshot(crate::snapshot::Kind, std::path::PathBuf),
-    StateHash,
-}
-
-/// A request's answer: a short text (snapshot size, hash) or an error.
-type Reply = mpsc::Sender<Result<String, String>>;
-
-/// An error with its sources, "outer: inner: innermost".
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
-struct HandleInner {
-    evt: EventFd,
-    requests: Mutex<VecDeque<(Request, Reply)>>,
-    state: AtomicU8,
-}
-
-/// A cloneable, thread-safe handle on a [`RunningVm`]: pause, resume and
-/// shut down from another thread while [`RunningVm::wait`] runs.
-#[derive(Clone)]
-pub struct VmHandle(Arc<HandleInner>);
-
-/// How long a handle waits for the VM thread to carry out a request.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-
-impl VmHandle {
-    fn new() -> std::io::Result<Self> {
-        Ok(Self(Arc::new(HandleInner {
-            evt: EventFd::new(EFD_NONBLOCK)?,
-            requests: Mutex::new(VecDeque::new()),
-            state: AtomicU8::new(RunState::Running as u8),
-        })))
-    }
-
-    /// The VM's state.
-    pub fn state(&self) -> RunState {
-        match self.0.state.load(Ordering::SeqCst) {
-            s if s == RunState::Paused as u8 => RunState::Paused,
-            s if s == RunState::ShuttingDown as u8 => RunState::ShuttingDown,
-            _ => RunState::Running,
-        }
-    }
-
-    fn set_state(&self, state: RunState) {
-        self.0.state.store(state as u8, Ordering::SeqCst);
-    }
-
-    fn call(&self, request: Request) -> Result<String, String> {
-        if self.state() == RunState::ShuttingDown {
-            return Err("the VM is shutting down".into());
-        }
-        let (tx, rx) = mpsc::channel();
-        devices::lock(&self.0.requests).push_back((request, tx));
-        self.0
-            .evt
-            .write(1)
-            .map_err(|e| format!("cannot reach the VM thread: {e}"))?;
-        rx.recv_timeout(REQUEST_TIMEOUT)
-            .map_err(|_| "the VM thread did not answer".to_string())?
-    }
-
-    /// Pauses vCPUs and device processing; a no-op when paused.
-    pub fn pause(&self) -> Result<(), String> {
-        self.call(Request::Pause).map(drop)
-    }
-
-    /// Writes a snapshot of the paused VM; returns its size in bytes.
-    pub fn snapshot(
-        &self,
-        kind: crate::snapshot::Kind,
-        path: &std::path::Path,
-    ) -> Result<u64, String> {
-        let size = self.call(Request::Snapshot(kind, path.to_path_buf()))?;
-        size.parse()
-            .map_err(|_| format!("bad snapshot size {size:?}"))
-    }
-
-    /// The state hash of the paused VM, as JSON: `{"hash": ..., "parts": {...}}`.
-    pub fn state_hash(&self) -> Result<String, String> {
-        self.call(Request::StateHash)
-    }
-
-    /// Resumes after [`VmHandle::pause`]; a no-op when running.
-    pub fn resume(&self) -> Result<(), String> {
-        self.call(Request::Resume).map(drop)
-    }
-
-    /// Stops the VM; [`RunningVm::wait`] then returns [`VmExit::Stopped`].
-    pub fn shutdown(&self) -> Result<(), String> {
-        self.call(Request::Shutdown).map(drop)
-    }
-
-    fn take_requests(&self) -> Vec<(Request, Reply)> {
-        let _ = self.0.evt.read();
-        devices::lock(&self.0.requests).drain(..).collect()
-    }
-}
-
-/// A VM whose vCPUs run. Dropping it stops them.
-pub struct RunningVm {
-    device_loop: DeviceLoop,
-    handle: VmHandle,
-    handles: Vec<VcpuHandle>,
-    events: Receiver<VcpuEvent>,
-    wake: EventFd,
-    reset_evt: EventFd,
-    counters: VmCounters,
-    created: Instant,
-    /// vCPUs that have ended, with how.
-    exited: Vec<(u8, VcpuStop)>,
-    // Kept alive for the vCPUs; dropped after them (see `Drop`).
-    vm_fd: VmFd,
-    mem: GuestMemory,
-    virtio: Vec<AttachedDevice>,
-    legacy: Legacy,
-    // The checkpoint API's (see `checkpoint`).
-    vcpu_ctx: state::VcpuContext,
-    layout: machine::Layout,
-    dirty: checkpoint::DirtyLog,
-    /// A load happened: serve every queue once on resume.
-    kick_on_resume: bool,
-    /// A load failed half-way: the VM must not run again.
-    broken: bool,
-    lineage: persist::SnapshotLineage,
-}
-
-impl RunningVm {
-    /// Counters of the VM's devices.
-    pub fn counters(&self) -> &VmCounters {
-        &self.counters
-    }
-
-    /// Time since the VM's creation began.
-    pub fn uptime(&self) -> std::time::Duration {
-        self.created.elapsed()
-    }
-
-    /// A handle for other threads.
-    pub fn handle(&self) -> VmHandle {
-        self.handle.clone()
-    }
-
-    /// Pauses every vCPU, then the device thread; returns once no guest
-    /// code runs and no device request is in flight.
-    pub fn pause(&mut self) -> Result<(), VmError> {
-        self.command_all(|| VcpuCommand::Pause, |e| matches!(e, VcpuEvent::Paused(_)))?;
-        self.device_loop.pause()?;
-        self.handle.set_state(RunState::Paused);
-        Ok(())
-    }
-
-    /// Resumes the device thread, then every vCPU, after [`RunningVm::pause`].
-    pub fn resume(&mut self) -> Result<(), VmError> {
-        if self.broken {
-            return Err(checkpoint::CheckpointError::Broken.into());
-        }
-        if std::mem::take(&mut self.kick_on_resume) {
-            // Work whose notification a checkpoint could not carry (it sat
-            // in an ioeventfd); the device thread is still parked.
-            for d in &self.virtio {
-                devices::lock(&d.transport).kick();
-            }
-        }
-        self.device_loop.resume()?;
-        self.command_all(
-            || VcpuCommand::Resume,
-            |e| matches!(e, VcpuEvent::Resumed(_)),
-        )?;
-        self.handle.set_state(RunState::Running);
-        Ok(())
-    }
-
-    /// Carries out requests from [`VmHandle`]s; returns true on shutdown.
-    fn serve_requests(&mut self) -> bool {
-        for (request, reply) in self.handle.take_requests() {
-            let state = self.handle.state();
-            let text = |e: VmError| error_chain(&e);
-            let result = match (&request, state) {
-                (Request::Pause, RunState::Paused) | (Request::Resume, RunState::Running) => {
-                    Ok(String::new())
-                }
-                (Request::Pause, _) => self.pause().map(|()| String::new()).map_err(text),
-                (Request::Resume, _) => self.resume().map(|()| String::new()).map_err(text),
-                (Request::Snapshot(kind, path), _) => {
-                    let started = Instant::now();
-                    let r = self
-                        .snapshot(*kind, path)
-                        .map(|n| n.to_string())
-                        .map_err(text);
-                    tracing::info!(
-                        "{kind:?} snapshot to {} in {:.1} ms",
-                        path.display(),
-                        started.elapsed().as_secs_f64() * 1e3
-                    );
-                    r
-                }
-                (Request::StateHash, _) => self.state_hash().map(|h| h.to_json()).map_err(text),
-                (Request::Shutdown, _) => {
-                    self.handle.set_state(RunState::ShuttingDown);
-                    let _ = reply.send(Ok(String::new()));
-                    return true;
-                }
-            };
-            tracing::info!("{request:?} requested: {result:?}");
-            let _ = reply.send(result);
-        }
-        false
-    }
-
-    fn command_all(
-        &mut self,
-        command: impl Fn() -> VcpuCommand,
-        is_ack: impl Fn(&VcpuEvent) -> bool,
-    ) -> Result<(), VmError> {
-        for handle in &self.handles {
-            handle.send(command());
-        }
-        let mut acks = 0;
-        while acks < self.handles.len() {
-            let event = self.events.recv().map_err(|_| VmError::VcpusGone)?;
-            if is_ack(&event) {
-                acks += 1;
-            } else if let VcpuEvent::Exited(index, stop) = event {
-                // A vCPU that ended cannot acknowledge: report why it ended.
-                self.exited.push((index, stop));
-                return Err(self.take_exit_error().unwrap_or(VmError::VcpusGone));
-            }
-        }
-        Ok(())
-    }
-
-    /// The first recorded vCPU error, if any.
-    fn take_exit_error(&mut self) -> Option<VmError> {
-        let pos = self
-            .exited
-            .iter()
-            .position(|(_, stop)| matches!(stop, VcpuStop::Error(_)))?;
-        match self.exited.remove(pos).1 {
-            VcpuStop::Error(e) => Some(VmError::Vcpu(e)),
-            _ => None,
-        }
-    }
-
-    /// Runs until the guest shuts down or a vCPU fails, then stops every vCPU.
-    pub fn wait(mut self) -> Result<VmExit, VmError> {
-        let result = self.wait_for_end();
-        self.stop_all();
-        result
-    }
-
-    fn wait_for_end(&mut self) -> Result<VmExit, VmError> {
-        const RESET: u64 = 0;
-        const VCPU: u64 = 1;
-        const CONTROL: u64 = 2;
-        let epoll = Epoll::new().map_err(io_err("epoll"))?;
-        let control = self.handle.0.clone();
-        for (fd, token) in [
-            (&self.reset_evt, RESET),
-            (&self.wake, VCPU),
-            (&control.evt, CONTROL),
-        ] {
-            use std::os::fd::AsRawFd;
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd.as_raw_fd(),
-                    EpollEvent::new(EventSet::IN, token),
-                )
-                .map_err(io_err("epoll"))?;
-        }
-        let mut ready = [EpollEvent::default(); 3];
-        loop {
-            let n = match epoll.wait(-1, &mut ready) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(io_err("epoll")(e)),
-            };
-            for event in &ready[..n] {
-                match event.data() {
-                    RESET => {
-                        let _ = self.reset_evt.read();
-                        tracing::info!("guest reset: stopping the VM");
-                        return Ok(VmExit::GuestShutdown);
-                    }
-                    CONTROL => {
-                        if self.serve_requests() {
-                            tracing::info!("shutdown requested: stopping the VM");
-                            return Ok(VmExit::Stopped);
-                        }
-                    }
-                    _ => {
-                        let _ = self.wake.read();
-                        while let Ok(event) = self.events.try_recv() {
-                            if let VcpuEvent::Exited(index, stop) = event {
-                                self.exited.push((index, stop));
-                            }
-                        }
-                        if let Some(error) = self.take_exit_error() {
-                            return Err(error);
-                        }
-                        if self
-                            .exited
-                            .iter()
-                            .any(|(_, stop)| matches!(stop, VcpuStop::GuestShutdown))
-                        {
-                            return Ok(VmExit::GuestShutdown);
-                        }
-                        if self.exited.len() == self.handles.len() {
-                            return Ok(VmExit::Stopped);
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// Stops and joins every vCPU thread.
-    fn stop_all(&mut self) {
-        for handle in &self.handles {
-            handle.send(VcpuCommand::Stop);
-        }
-        for handle in self.handles.drain(..) {
-            handle.join();
-        }
-    }
-}
-
-impl Drop for RunningVm {
-    fn drop(&mut self) {
-        self.stop_all();
-    }
 }

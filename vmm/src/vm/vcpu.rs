@@ -28,10 +28,12 @@ pub type VcpuJob = Box<dyn FnOnce(&VcpuFd) + Send>;
 
 /// What the VM asks of a vCPU thread.
 pub enum VcpuCommand {
-    /// Stop running guest code and report [`VcpuEvent::Paused`].
-    Pause,
-    /// Continue after a pause and report [`VcpuEvent::Resumed`].
-    Resume,
+    /// Stop running guest code and report [`VcpuEvent::Paused`] with this
+    /// sequence number.
+    Pause(u64),
+    /// Continue after a pause and report [`VcpuEvent::Resumed`] with this
+    /// sequence number.
+    Resume(u64),
     /// End the thread.
     Stop,
     /// Run a job on the vCPU's fd (sent only while paused).
@@ -59,6 +61,8 @@ pub enum VcpuError {
     Crash { index: u8, rip: u64 },
     #[error("vCPU {index}: unexpected exit {exit} at RIP {rip:#x}")]
     Unexpected { index: u8, exit: String, rip: u64 },
+    #[error("vCPU {index}: thread panicked: {reason}")]
+    Panicked { index: u8, reason: String },
     #[error("vCPU {index}: KVM_RUN failed")]
     Run {
         index: u8,
@@ -79,11 +83,12 @@ pub enum VcpuStop {
     Error(VcpuError),
 }
 
-/// What a vCPU thread reports to the VM.
+/// What a vCPU thread reports to the VM: (vCPU index, command sequence
+/// number) for acknowledgements, so a late one answers nothing else.
 #[derive(Debug)]
 pub enum VcpuEvent {
-    Paused(u8),
-    Resumed(u8),
+    Paused(u8, u64),
+    Resumed(u8, u64),
     Exited(u8, VcpuStop),
 }
 
@@ -154,6 +159,10 @@ pub struct Vcpu {
     io_bus: Arc<Bus>,
     mmio_bus: Arc<Bus>,
     exits: Arc<ExitCounters>,
+    /// The last KVM_RUN ended in an exit KVM completes only on the next
+    /// KVM_RUN (port or MMIO access): the vCPU's registers lag behind the
+    /// devices until then.
+    io_pending: bool,
 }
 
 /// What one KVM_RUN came back with, once the exit's borrow of the vCPU ends.
@@ -182,6 +191,7 @@ impl Vcpu {
             io_bus,
             mmio_bus,
             exits,
+            io_pending: false,
         }
     }
 
@@ -225,12 +235,24 @@ impl Vcpu {
             let _ = wake.write(1);
         };
         KVM_RUN.with(|cell| cell.set(self.fd.get_kvm_run()));
-        let stop = match paused.then(|| self.wait_while_paused(commands, &report)) {
-            Some(Some(stop)) => stop,
-            _ => self.run_loop(commands, &report),
-        };
+        let index = self.index;
+        // A panic (a device model bug on an exit, say) ends the VM with an
+        // error instead of leaving it without this vCPU (release builds
+        // abort on panic anyway).
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            match paused.then(|| self.wait_while_paused(commands, &report)) {
+                Some(Some(stop)) => stop,
+                _ => self.run_loop(commands, &report),
+            }
+        }));
         KVM_RUN.with(|cell| cell.set(std::ptr::null_mut()));
-        report(VcpuEvent::Exited(self.index, stop));
+        let stop = run.unwrap_or_else(|payload| {
+            VcpuStop::Error(VcpuError::Panicked {
+                index,
+                reason: super::device_loop::panic_text(payload.as_ref()),
+            })
+        });
+        report(VcpuEvent::Exited(index, stop));
     }
 
     fn run_loop(
@@ -239,14 +261,20 @@ impl Vcpu {
         report: &dyn Fn(VcpuEvent),
     ) -> VcpuStop {
         loop {
-            match commands.try_recv() {
-                Ok(VcpuCommand::Pause) => {
-                    report(VcpuEvent::Paused(self.index));
+            let command = commands.try_recv();
+            if matches!(command, Ok(VcpuCommand::Pause(_) | VcpuCommand::Job(_))) {
+                if let Some(stop) = self.complete_pending_io() {
+                    return stop;
+                }
+            }
+            match command {
+                Ok(VcpuCommand::Pause(seq)) => {
+                    report(VcpuEvent::Paused(self.index, seq));
                     if let Some(stop) = self.wait_while_paused(commands, report) {
                         return stop;
                     }
                 }
-                Ok(VcpuCommand::Resume) => report(VcpuEvent::Resumed(self.index)),
+                Ok(VcpuCommand::Resume(seq)) => report(VcpuEvent::Resumed(self.index, seq)),
                 Ok(VcpuCommand::Job(job)) => job(&self.fd),
                 Ok(VcpuCommand::Stop) | Err(TryRecvError::Disconnected) => {
                     return VcpuStop::Stopped
@@ -260,6 +288,24 @@ impl Vcpu {
         }
     }
 
+    /// Lets KVM finish the access of the last exit without running guest
+    /// code: one KVM_RUN with `immediate_exit` set completes it and returns
+    /// EINTR. A string instruction may exit again first; those exits are
+    /// served the same way. Returns how the thread must end, if it must.
+    fn complete_pending_io(&mut self) -> Option<VcpuStop> {
+        while self.io_pending {
+            self.fd.set_kvm_immediate_exit(1);
+            match self.run_once() {
+                Outcome::Continue | Outcome::Interrupted => {}
+                outcome => {
+                    self.fd.set_kvm_immediate_exit(0);
+                    return Some(self.stop_for(outcome));
+                }
+            }
+        }
+        None
+    }
+
     /// Blocks until told to resume (`None`) or stop.
     fn wait_while_paused(
         &self,
@@ -268,11 +314,11 @@ impl Vcpu {
     ) -> Option<VcpuStop> {
         loop {
             match commands.recv() {
-                Ok(VcpuCommand::Resume) => {
-                    report(VcpuEvent::Resumed(self.index));
+                Ok(VcpuCommand::Resume(seq)) => {
+                    report(VcpuEvent::Resumed(self.index, seq));
                     return None;
                 }
-                Ok(VcpuCommand::Pause) => report(VcpuEvent::Paused(self.index)),
+                Ok(VcpuCommand::Pause(seq)) => report(VcpuEvent::Paused(self.index, seq)),
                 Ok(VcpuCommand::Job(job)) => job(&self.fd),
                 Ok(VcpuCommand::Stop) | Err(_) => return Some(VcpuStop::Stopped),
             }
@@ -286,8 +332,17 @@ impl Vcpu {
             io_bus,
             mmio_bus,
             exits,
+            io_pending,
         } = self;
-        match fd.run() {
+        let result = fd.run();
+        *io_pending = matches!(
+            result,
+            Ok(VcpuExit::IoIn(..)
+                | VcpuExit::IoOut(..)
+                | VcpuExit::MmioRead(..)
+                | VcpuExit::MmioWrite(..))
+        );
+        match result {
             Ok(VcpuExit::IoIn(port, data)) => {
                 bump(&exits.io_in);
                 if !io_bus.read(u64::from(port), data) {

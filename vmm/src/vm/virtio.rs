@@ -5,8 +5,7 @@
 use std::sync::{Arc, Mutex};
 
 use devices::virtio::{
-    Block, DeviceCounters, FileBackend, MmioTransport, Net, Tap, VirtioDevice, MMIO_WINDOW_LEN,
-    QUEUE_NOTIFY_OFFSET,
+    DeviceCounters, MmioTransport, VirtioDevice, MMIO_WINDOW_LEN, QUEUE_NOTIFY_OFFSET,
 };
 use devices::Bus;
 use kvm_ioctls::{IoEventAddress, VmFd};
@@ -15,7 +14,6 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::memory::GuestMemory;
 use super::{io_err, kvm_err, VmError};
 use crate::arch::layout::{VIRTIO_IRQ_BASE, VIRTIO_MMIO_BASE};
-use crate::config::VmConfig;
 
 /// One attached virtio device.
 pub struct AttachedDevice {
@@ -33,51 +31,28 @@ pub struct AttachedDevice {
     pub counters: Arc<DeviceCounters>,
 }
 
-/// Creates the disks, then the NICs, of `config`, in that order, places
-/// them on `mmio_bus` and wires them to KVM. Returns them and the text to
-/// append to the kernel command line.
+/// A virtio device built by the caller (see `crate::role`), not yet
+/// attached.
+pub struct VirtioBackend {
+    /// `blk0`, `net0`, ...
+    pub name: String,
+    /// `virtio-blk` or `virtio-net`.
+    pub kind: &'static str,
+    pub device: Box<dyn VirtioDevice>,
+}
+
+/// Places `made` on `mmio_bus` in order and wires them to KVM. Returns
+/// them and the text to append to the kernel command line.
 pub fn attach(
     vm_fd: &VmFd,
     mem: &GuestMemory,
-    config: &VmConfig,
+    made: Vec<VirtioBackend>,
     mmio_bus: &mut Bus,
 ) -> Result<(Vec<AttachedDevice>, String), VmError> {
-    let mut made: Vec<(String, &'static str, Box<dyn VirtioDevice>)> = Vec::new();
-    for (i, disk) in config.disks.iter().enumerate() {
-        let backend =
-            FileBackend::open(&disk.path, disk.read_only).map_err(|source| VmError::Disk {
-                path: disk.path.display().to_string(),
-                source,
-            })?;
-        tracing::info!(
-            path = %disk.path.display(),
-            bytes = devices::virtio::BlockBackend::capacity(&backend),
-            read_only = disk.read_only,
-            "disk blk{i}"
-        );
-        made.push((
-            format!("blk{i}"),
-            "virtio-blk",
-            Box::new(Block::new(Box::new(backend))),
-        ));
-    }
-    for (i, net) in config.nets.iter().enumerate() {
-        let tap = Tap::open(&net.tap).map_err(|source| VmError::Tap {
-            name: net.tap.clone(),
-            source,
-        })?;
-        let mac = net.mac_or_default(i);
-        tracing::info!(tap = %net.tap, mac = ?mac, "nic net{i}");
-        made.push((
-            format!("net{i}"),
-            "virtio-net",
-            Box::new(Net::new(Box::new(tap), mac).map_err(io_err("a virtio-net eventfd"))?),
-        ));
-    }
-
     let mut attached = Vec::with_capacity(made.len());
     let mut cmdline = String::new();
-    for (index, (name, kind, device)) in made.into_iter().enumerate() {
+    for (index, made) in made.into_iter().enumerate() {
+        let VirtioBackend { name, kind, device } = made;
         let base = VIRTIO_MMIO_BASE + index as u64 * MMIO_WINDOW_LEN;
         let irq = VIRTIO_IRQ_BASE + index as u32;
         let irq_evt = EventFd::new(EFD_NONBLOCK).map_err(io_err("a virtio irqfd"))?;
