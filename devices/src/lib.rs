@@ -10,7 +10,7 @@ pub mod bus;
 pub mod fuzz;
 pub mod legacy;
 pub mod persist;
-mod ratelimit;
+pub mod ratelimit;
 pub mod virtio;
 
 pub use bus::{lock, Bus, BusDevice, BusError};

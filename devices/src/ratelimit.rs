@@ -1,5 +1,6 @@
-//! Rate-limited logging for anything a guest can trigger: a driver that
-//! misbehaves in a loop must not flood the VMM's log.
+//! Rate-limited logging for anything a guest or a client can trigger: a
+//! driver that misbehaves in a loop must not flood the VMM's log. The
+//! macros serve call sites in this crate; [`LogLimit`] serves the VMM's.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -8,11 +9,19 @@ use std::time::Instant;
 /// Least time between two messages of one call site, in milliseconds.
 const INTERVAL_MS: u64 = 1000;
 
-/// One call site's budget: a message per [`INTERVAL_MS`], counting the ones
-/// it held back.
-pub(crate) struct LogLimit {
+/// One call site's budget: a message per interval (a second unless
+/// [`LogLimit::every_ms`] says otherwise), counting the ones it held back.
+#[derive(Debug)]
+pub struct LogLimit {
     next_ms: AtomicU64,
     suppressed: AtomicU64,
+    interval_ms: u64,
+}
+
+impl Default for LogLimit {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 fn now_ms() -> u64 {
@@ -22,16 +31,22 @@ fn now_ms() -> u64 {
 }
 
 impl LogLimit {
-    pub(crate) const fn new() -> Self {
+    pub const fn new() -> Self {
+        Self::every_ms(INTERVAL_MS)
+    }
+
+    /// At most one message per `interval_ms`.
+    pub const fn every_ms(interval_ms: u64) -> Self {
         Self {
             next_ms: AtomicU64::new(0),
             suppressed: AtomicU64::new(0),
+            interval_ms,
         }
     }
 
     /// `Some(messages held back since the last one)` when this one may be
     /// logged.
-    pub(crate) fn allow(&self) -> Option<u64> {
+    pub fn allow(&self) -> Option<u64> {
         let now = now_ms();
         let next = self.next_ms.load(Ordering::Relaxed);
         if now < next
@@ -39,7 +54,7 @@ impl LogLimit {
                 .next_ms
                 .compare_exchange(
                     next,
-                    now + INTERVAL_MS,
+                    now + self.interval_ms,
                     Ordering::Relaxed,
                     Ordering::Relaxed,
                 )

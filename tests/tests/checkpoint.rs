@@ -18,8 +18,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use colo_tests::guest_artifact;
 use colo_tests::net::{guest_ip, Host, Topology};
+use colo_tests::{env_count, guest_artifact};
 use vmm::config::{DiskConfig, NetConfig, Role, SerialOutput, VmConfig};
 use vmm::vm::checkpoint::{CheckpointError, PageBuffer};
 use vmm::vm::{RunningVm, Vm};
@@ -58,13 +58,6 @@ fn config(console: &Path, devices: Option<(&Path, &str)>) -> VmConfig {
         restore: Vec::new(),
         start_paused: false,
     }
-}
-
-fn cycles() -> usize {
-    std::env::var("COLO_STRESS_CYCLES")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(CYCLES)
 }
 
 /// A VM of `config` with the backends the standalone role opens for it.
@@ -162,7 +155,7 @@ fn checkpoints_with_a_nic_and_a_disk_reproduce_the_state_exactly() {
         .unwrap();
     echo.set_read_timeout(Some(TIMEOUT)).unwrap();
     let mut pages = PageBuffer::new();
-    for i in 0..cycles() {
+    for i in 0..env_count("COLO_STRESS_CYCLES", CYCLES) {
         // A frame in and out: pages the VMM writes, not the guest.
         let msg = format!("cycle {i:06}");
         echo.write_all(msg.as_bytes()).unwrap();
@@ -181,11 +174,14 @@ fn checkpoints_into_a_live_paused_vm_reproduce_the_state_exactly() {
     let (mut a, mut b) = pair(dir.path());
     let mut pages = PageBuffer::new();
     let mut sent = 0;
-    for i in 0..cycles() {
+    for i in 0..env_count("COLO_STRESS_CYCLES", CYCLES) {
         cycle(&mut a, &mut b, &mut pages, i);
         sent += pages.len();
     }
-    assert!(sent > cycles(), "the workload dirtied only {sent} pages");
+    assert!(
+        sent > env_count("COLO_STRESS_CYCLES", CYCLES),
+        "the workload dirtied only {sent} pages"
+    );
     let text = std::fs::read_to_string(dir.path().join("a.log")).unwrap();
     assert!(!text.contains("FAILED"), "{text}");
     // B, never booted, runs on from the last checkpoint: its workload

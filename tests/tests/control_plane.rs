@@ -103,25 +103,23 @@ fn a_console_nobody_reads_does_not_stop_a_pause() {
 fn status_answers_while_a_snapshot_is_being_written() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("api.sock");
-    // The debug log says when the API has taken the snapshot request.
+    // The debug log says when the API has taken the snapshot request. A
+    // 2 GiB guest makes the full snapshot take seconds (every byte is
+    // written and checksummed); a status answer takes a millisecond. An
+    // API that ran the snapshot on its only thread answers the status
+    // only after the snapshot, whatever the machine's speed.
     let mut command = Command::new(vmm_bin());
     command
         .env("VMM_LOG", "info,vmm::api=debug")
         .args(["--kernel", guest_artifact("test-guest").to_str().unwrap()])
-        .args(["--mem-mib", "64", "--api-sock"])
+        .args(["--mem-mib", "2048", "--api-sock"])
         .arg(&sock);
     let mut vmm = Vmm::spawn_command(command);
     vmm.wait_for_serial("colo-test-guest: ready", BOOT);
     wait_for_socket(&sock, BOOT);
     assert_eq!(status(&sock, "PUT", "/vm", r#"{"state":"paused"}"#), 204);
 
-    // The snapshot is written to `<path>.partial` first: a FIFO there holds
-    // the snapshot in progress until this test reads it.
     let snap = dir.path().join("vm.snap");
-    let fifo = snap.with_extension("partial");
-    let c_fifo = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-    // SAFETY: a valid C string.
-    assert_eq!(unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o600) }, 0);
     let (done_tx, done) = mpsc::channel();
     let snap_sock = sock.clone();
     let body = format!(r#"{{"type":"full","path":"{}"}}"#, snap.display());
@@ -145,24 +143,11 @@ fn status_answers_while_a_snapshot_is_being_written() {
     assert!(r.text().contains(r#""state":"paused""#), "{}", r.text());
     assert!(
         done.try_recv().is_err(),
-        "the snapshot finished before this test let it"
+        "the status answer came only after the snapshot"
     );
-
-    // Reading the FIFO lets the snapshot go on.
-    let mut bytes = Vec::new();
-    std::fs::File::open(&fifo)
-        .unwrap()
-        .read_to_end(&mut bytes)
-        .unwrap();
-    assert!(
-        bytes.len() > 1024,
-        "the snapshot did not go through the FIFO: {} bytes",
-        bytes.len()
-    );
-    // It is answered now; a writer that seeks back (to finish a header)
-    // cannot on a FIFO, so a failure is a fine answer here too.
     let r = snapshot.join().unwrap();
-    assert!(matches!(r.status, 200 | 500), "{} {}", r.status, r.text());
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(std::fs::metadata(&snap).unwrap().len() > 2 << 30);
 }
 
 #[test]

@@ -169,6 +169,13 @@ fn full_plus_diffs_restore_to_the_state_of_a_full_snapshot_at_the_end() {
     );
 
     pause(&sock);
+    // A diff needs a full snapshot (or a restore) to follow: 409, not 500,
+    // and no file.
+    let body = format!(r#"{{"type":"diff","path":"{}"}}"#, d1.display());
+    let r = api(&sock, "PUT", "/snapshot", &body);
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(r.text().contains("full snapshot first"), "{}", r.text());
+    assert!(!d1.exists());
     snapshot(&sock, "full", &full);
     resume(&sock);
     next_generation(&mut vmm);

@@ -13,7 +13,7 @@ use crate::vm::{RequestError, RunState, RunningVm, VmCounters, VmHandle};
 /// 409 for what the VM's state forbids, 500 for what failed.
 fn from_request(e: RequestError) -> ControlError {
     match e {
-        RequestError::NotPaused(_) | RequestError::ShuttingDown => {
+        RequestError::NotPaused(_) | RequestError::ShuttingDown | RequestError::Refused(_) => {
             ControlError::Conflict(e.to_string())
         }
         RequestError::Failed(text) => ControlError::Internal(text),

@@ -8,7 +8,6 @@ pub mod api;
 pub mod arch;
 pub mod config;
 pub mod control;
-pub mod ratelimit;
 pub mod role;
 pub mod snapshot;
 pub mod vm;

@@ -23,6 +23,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 
+use devices::ratelimit::LogLimit;
+
 use super::{
     metrics, Action, ActionRequest, ControlError, RequestedState, SnapshotRequest, VmControl,
     VmRequest, MAX_BODY,
@@ -298,6 +300,8 @@ pub fn spawn_server(path: &Path, control: Arc<dyn VmControl>) -> Result<ApiServe
 /// How long the API waits before accepting again after accept failed
 /// (out of descriptors, say): long enough not to spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// At most one accept-failure warning per this many milliseconds.
+const WARN_PERIOD_MS: u64 = 10_000;
 
 /// How long a client may take to send a request's headers, and how long
 /// an idle connection stays open.
@@ -308,7 +312,7 @@ async fn serve(
     control: Arc<dyn VmControl>,
     mut stop: oneshot::Receiver<()>,
 ) {
-    let mut accept_warning = crate::ratelimit::RateLimit::default();
+    let accept_warning = LogLimit::every_ms(WARN_PERIOD_MS);
     loop {
         tokio::select! {
             _ = &mut stop => break,

@@ -12,17 +12,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use devices::ratelimit::LogLimit;
+
 /// Bytes the console holds for a slow reader before it drops output.
 pub const CONSOLE_BUFFER: usize = 1 << 20;
 
 /// How long the VMM waits, when the VM ends, for buffered output to go out.
 const FLUSH_ON_CLOSE: Duration = Duration::from_secs(2);
 
-#[derive(Default)]
 struct Buffer {
     bytes: VecDeque<u8>,
     closed: bool,
-    warn: crate::ratelimit::RateLimit,
+    warn: LogLimit,
 }
 
 struct Shared {
@@ -44,7 +45,11 @@ impl ConsoleSink {
     /// bytes for it.
     pub fn spawn(out: Box<dyn Write + Send>, capacity: usize) -> io::Result<Self> {
         let shared = Arc::new(Shared {
-            buffer: Mutex::new(Buffer::default()),
+            buffer: Mutex::new(Buffer {
+                bytes: VecDeque::new(),
+                closed: false,
+                warn: LogLimit::every_ms(10_000),
+            }),
             ready: Condvar::new(),
             capacity,
             dropped: AtomicU64::new(0),

@@ -34,6 +34,10 @@ pub enum RequestError {
     /// The VM is ending (or has ended); nothing more is carried out.
     #[error("the VM is shutting down")]
     ShuttingDown,
+    /// The VM's state forbids it now (e.g. a diff snapshot before any
+    /// full one); the message says what to do.
+    #[error("{0}")]
+    Refused(String),
     /// The VMM tried and failed; the message has the causes.
     #[error("{0}")]
     Failed(String),

@@ -185,7 +185,10 @@ impl RunningVm {
             value
                 .encode()
                 .map(|bytes| xxhash_rust::xxh3::xxh3_64(&bytes))
-                .map_err(|e| VmError::Refused(format!("cannot encode {what}: {e}")))
+                .map_err(|e| VmError::Io {
+                    what: "the state hash's encoding",
+                    source: std::io::Error::other(format!("{what}: {e}")),
+                })
         };
         let mut parts = Vec::new();
         for (i, v) in st.vcpus.iter().enumerate() {
@@ -342,8 +345,9 @@ impl Vm {
                     for region in self.mem.iter() {
                         let host = region
                             .get_host_address(vm_memory::MemoryRegionAddress(0))
-                            .map_err(|_| {
-                                VmError::Refused("guest memory has no host address".into())
+                            .map_err(|e| VmError::Io {
+                                what: "guest memory's host mapping",
+                                source: std::io::Error::other(e),
                             })?;
                         // SAFETY: a live mapping of `region.len()` bytes that
                         // `self.mem` owns; the VM has not started, so no vCPU

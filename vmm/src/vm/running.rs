@@ -113,7 +113,10 @@ impl RunningVm {
     fn serve_requests(&mut self) -> bool {
         for (request, reply) in self.handle.take_requests() {
             let state = self.handle.state();
-            let failed = |e: VmError| RequestError::Failed(error_chain(&e));
+            let failed = |e: VmError| match e {
+                VmError::Refused(why) => RequestError::Refused(why),
+                e => RequestError::Failed(error_chain(&e)),
+            };
             let result = match (&request, state) {
                 (Request::Pause, RunState::Paused) | (Request::Resume, RunState::Running) => {
                     Ok(String::new())
