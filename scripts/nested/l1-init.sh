@@ -168,6 +168,7 @@ linux() {
 }
 want linux-vmlinux-1 && linux linux-vmlinux-1 $G/vmlinux 1
 want linux-vmlinux-2 && linux linux-vmlinux-2 $G/vmlinux 2
+want linux-bzimage-1 && linux linux-bzimage-1 $G/bzImage 1
 want linux-bzimage-2 && linux linux-bzimage-2 $G/bzImage 2
 want debian-2 && linux debian-2 $G/debian-vmlinuz 2
 

@@ -178,8 +178,8 @@ fn assert_ok(results: &BTreeMap<String, String>, names: &[&str]) {
 /// On an EPYC L1 (SVM with nested paging, XSAVE): the test guest with two
 /// vCPUs; the networked test guest's kv store, a state hash stable while
 /// paused (Hyper-V's time MSRs tick on this KVM), snapshot, kill, restore
-/// to an equal hash; our Linux (vmlinux with 1 and 2 vCPUs, bzImage with
-/// 2) and Debian's stock kernel (2 vCPUs, found through ACPI) to /init,
+/// to an equal hash; our Linux (vmlinux and bzImage, each with 1 and 2
+/// vCPUs) and Debian's stock kernel (2 vCPUs, found through ACPI) to /init,
 /// each seeing every vCPU (the PIT must be on the pin KVM routes it to).
 #[test]
 fn on_a_hardware_style_kvm_guests_snapshots_and_linux_work() {
@@ -197,6 +197,7 @@ fn on_a_hardware_style_kvm_guests_snapshots_and_linux_work() {
             "kv-after-restore",
             "linux-vmlinux-1",
             "linux-vmlinux-2",
+            "linux-bzimage-1",
             "linux-bzimage-2",
             "debian-2",
         ],
