@@ -21,6 +21,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    fail_stop_on_panic();
     let cli = Cli::parse();
     match run(&cli) {
         Ok(exit) => {
@@ -32,6 +33,19 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Fail-stop: a panic on any thread (a device model, a vCPU, the API) ends
+/// the process with exit status 1 and says so, rather than leaving a VM
+/// that runs on without that thread, or (with the release profile's
+/// `panic = "abort"`) dying of SIGABRT without a word of ours.
+fn fail_stop_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        eprintln!("vmm: error: the VM failed: a VMM thread panicked; stopping");
+        std::process::exit(1);
+    }));
 }
 
 fn run(cli: &Cli) -> anyhow::Result<VmExit> {
