@@ -20,7 +20,12 @@ work=$(mktemp -d)
 host=colo-demo-host-$$
 client=colo-demo-client-$$
 cleanup() {
+    rc=$?
     set +e
+    if [ "$rc" -ne 0 ] && [ -s "$work/vmm.log" ]; then
+        echo "== demo failed (exit $rc); the end of vmm's log:" >&2
+        tail -15 "$work/vmm.log" >&2
+    fi
     [ -n "${pid:-}" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
     ip netns del "$host" 2>/dev/null
     ip netns del "$client" 2>/dev/null
@@ -75,7 +80,7 @@ echo "after resume:"; http http://10.77.0.10/count
 "$ctl" --api-sock "$work/api.sock" metrics | grep -E "virtio_requests|serial_tx"
 echo "== snapshot: pause, write a full snapshot, kill the vmm, restore it"
 in_client python3 -c "
-import socket, subprocess, sys
+import fcntl, socket, subprocess, sys, time
 s = socket.create_connection(('10.77.0.10', 7), timeout=5)
 s.sendall(b'before'); print('echo before the snapshot:', s.recv(64).decode())
 ctl = ['$ctl', '--api-sock', '$work/api.sock']
@@ -83,6 +88,19 @@ subprocess.run(ctl + ['pause'], check=True)
 subprocess.run(ctl + ['snapshot', '--type', 'full', '$work/vm.snap'], check=True)
 print('snapshot written; killing the vmm'); sys.stdout.flush()
 subprocess.run(['kill', '-9', '$pid'], check=True)
+# The image stays locked until every thread of the killed vmm is gone:
+# a restore before that is refused as 'in use by another VM'. Wait for
+# the lock itself.
+def locked(path):
+    with open(path, 'rb') as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+while locked('$work/disk.img'):
+    time.sleep(0.01)
 subprocess.run(['ip', 'netns', 'exec', '$host', 'sh', '-c',
     '$vmm --restore $work/vm.snap --disk $work/disk.img --net tap=tap0 --api-sock $work/api2.sock >> $work/console.log 2>> $work/vmm.log &'],
     check=True)
