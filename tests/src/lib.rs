@@ -242,6 +242,20 @@ impl Drop for Vmm {
     }
 }
 
+/// Waits up to `timeout` for `marker` in the file `path` (the console of a
+/// VM run in-process, written to a file); panics with the file's text.
+pub fn wait_for_file(path: &Path, marker: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(marker) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no {marker:?} in:\n{text}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A count from the environment variable `name` (soak runs ask for more
 /// cycles than the suite), or `default`.
 pub fn env_count(name: &str, default: usize) -> usize {

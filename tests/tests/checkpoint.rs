@@ -16,10 +16,10 @@
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use colo_tests::net::{guest_ip, Host, Topology};
-use colo_tests::{env_count, guest_artifact};
+use colo_tests::{env_count, guest_artifact, wait_for_file};
 use vmm::config::{DiskConfig, NetConfig, Role, SerialOutput, VmConfig};
 use vmm::vm::checkpoint::{CheckpointError, PageBuffer};
 use vmm::vm::{RunningVm, Vm};
@@ -76,24 +76,12 @@ fn pair(dir: &Path) -> (RunningVm, RunningVm) {
         .start_with(true)
         .unwrap();
     assert_eq!(a.layout(), b.layout());
-    wait_for(&console, "colo-test-guest: ready");
+    wait_for_file(&console, "colo-test-guest: ready", TIMEOUT);
     (a, b)
 }
 
 /// Waits until the console file shows `marker` (the VMM writes it: reading
 /// it until the marker appears is the event).
-fn wait_for(console: &Path, marker: &str) {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let text = std::fs::read_to_string(console).unwrap_or_default();
-        if text.contains(marker) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "no {marker:?} in:\n{text}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn disk(dir: &Path, name: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::File::create(&path)
@@ -147,7 +135,7 @@ fn checkpoints_with_a_nic_and_a_disk_reproduce_the_state_exactly() {
         let b = create(&config_b).start_with(true).unwrap();
         (a, b)
     });
-    wait_for(&console, "colo-test-guest: ready");
+    wait_for_file(&console, "colo-test-guest: ready", TIMEOUT);
 
     let mut echo = topo
         .client()
@@ -188,7 +176,7 @@ fn checkpoints_into_a_live_paused_vm_reproduce_the_state_exactly() {
     // self-checks the memory it got.
     b.resume().unwrap();
     let console_b = dir.path().join("b.log");
-    wait_for(&console_b, " ok, ");
+    wait_for_file(&console_b, " ok, ", TIMEOUT);
     let text = std::fs::read_to_string(&console_b).unwrap();
     assert!(!text.contains("FAILED"), "{text}");
 }
@@ -236,7 +224,7 @@ fn dirty_logging_switches_on_and_off_on_a_running_vm() {
     let mut config = config(&console, None);
     config.track_dirty_pages = false;
     let mut vm = create(&config).start().unwrap();
-    wait_for(&console, "colo-test-guest: ready");
+    wait_for_file(&console, "colo-test-guest: ready", TIMEOUT);
     assert!(!vm.dirty_logging());
     vm.pause().unwrap();
     assert!(matches!(vm.take_dirty(), Err(CheckpointError::LoggingOff)));
@@ -244,7 +232,7 @@ fn dirty_logging_switches_on_and_off_on_a_running_vm() {
 
     // On while the guest runs: its workload's pages show up.
     vm.set_dirty_logging(true).unwrap();
-    wait_for(&console, "workload generation 1 ok");
+    wait_for_file(&console, "workload generation 1 ok", TIMEOUT);
     vm.pause().unwrap();
     let dirty = vm.take_dirty().unwrap();
     assert!(dirty.len() > 16, "{} pages dirty", dirty.len());

@@ -16,6 +16,7 @@
 //! | `ip=A.B.C.D/N`, `gw=A.B.C.D` | address of the first NIC, default route |
 //! | `blk_bench_ops=N` | time N random 4 KiB reads and writes on the first disk (destroys it) |
 //! | `pio_loop` | stay in ring 0 checking port I/O with side effects (see `pio_loop`) |
+//! | `stall_probe` | after ready, submit one read to the second disk and never wait for it (a disk the VMM cannot serve must not stop the network) |
 //!
 //! Devices come from `virtio_mmio.device=` words. The first disk holds a
 //! key-value log, the first NIC serves echo, HTTP and ping (see `net`).
@@ -206,10 +207,11 @@ extern "C" fn kernel_main(zero_page: u64) -> ! {
 
 /// Opens the devices the VMM declared: the first disk holds the key-value
 /// store, the first NIC the network.
-fn open_devices(cmdline: &Cmdline<'_>) -> (Option<Mmio>, Option<store::Store>) {
+fn open_devices(cmdline: &Cmdline<'_>) -> (Option<Mmio>, Option<store::Store>, Option<Mmio>) {
     use virtio_drivers::transport::DeviceType;
     let mut nic = None;
     let mut store = None;
+    let mut second_disk = None;
     for dev in netconf::mmio_devices(cmdline) {
         match virtio::open(dev) {
             Some((DeviceType::Network, t)) if nic.is_none() => nic = Some(t),
@@ -217,11 +219,35 @@ fn open_devices(cmdline: &Cmdline<'_>) -> (Option<Mmio>, Option<store::Store>) {
                 Ok(s) => store = Some(s),
                 Err(e) => say!("disk at {:#x}: {e:?}", dev.base),
             },
+            Some((DeviceType::Block, t)) if second_disk.is_none() => second_disk = Some(t),
             Some((kind, _)) => say!("virtio device {kind:?} at {:#x} unused", dev.base),
             None => {}
         }
     }
-    (nic, store)
+    (nic, store, second_disk)
+}
+
+/// `stall_probe`: one read submitted to the second disk, never waited for
+/// (its buffers are leaked, so they outlive the request).
+fn stall_probe(transport: Mmio) {
+    use virtio_drivers::device::blk::{BlkReq, BlkResp, VirtIOBlk};
+    let mut blk = match VirtIOBlk::<virtio::GuestHal, Mmio>::new(transport) {
+        Ok(blk) => blk,
+        Err(e) => {
+            say!("stall probe: {e:?}");
+            return;
+        }
+    };
+    let req = alloc::boxed::Box::leak(alloc::boxed::Box::new(BlkReq::default()));
+    let resp = alloc::boxed::Box::leak(alloc::boxed::Box::new(BlkResp::default()));
+    let buf = alloc::boxed::Box::leak(alloc::vec![0u8; 512].into_boxed_slice());
+    // SAFETY: the request's buffers are leaked: nothing else ever touches
+    // them, whenever (if ever) the device completes the read.
+    match unsafe { blk.read_blocks_nb(0, req, buf, resp) } {
+        Ok(_) => say!("stall probe: a read on the second disk submitted"),
+        Err(e) => say!("stall probe: {e:?}"),
+    }
+    core::mem::forget(blk);
 }
 
 /// Ring 3: the services and the workload, until power-off.
@@ -231,7 +257,7 @@ extern "C" fn user_main() -> ! {
         arch::halt_forever()
     };
     let cmdline = boot.cmdline;
-    let (nic, mut store) = open_devices(&cmdline);
+    let (nic, mut store, second_disk) = open_devices(&cmdline);
     if let (Some(ops), Some(s)) = (number(&cmdline, "blk_bench_ops"), store.as_mut()) {
         s.bench(ops, time::now_ns);
     }
@@ -274,6 +300,9 @@ extern "C" fn user_main() -> ! {
     }
     let ready_ns = time::now_ns();
     say!("ready");
+    if let Some(t) = second_disk.filter(|_| cmdline.words().any(|(w, _)| w == "stall_probe")) {
+        stall_probe(t);
+    }
 
     let halt_at = halt_at.map(|ms| ready_ns + ms * NS_PER_MS);
     let mut next_check = ready_ns + CHECK_PERIOD_NS;
