@@ -337,7 +337,7 @@ impl Vm {
             }
         }
         let (instance, follows) = (last.lineage.instance, last.lineage.id);
-        let mut state = None;
+        let state = last.state.clone();
         for mut snap in chain {
             match snap.kind {
                 snapshot::Kind::Full => {
@@ -363,16 +363,12 @@ impl Vm {
                     snap.read_memory(|addr, page| write_guest(mem, addr, page, source))?;
                 }
             }
-            state = Some(snap.state.clone());
             snap.finish()?;
         }
         // Writing the image is not a change the next diff should carry.
         for region in self.mem.iter() {
             vm_memory::MmapRegion::bitmap(region).reset();
         }
-        let Some(state) = state else {
-            return Err(VmError::Refused("an empty restore chain".into()));
-        };
         target.apply(&state, |states| {
             for (vcpu, vs) in self.vcpus.iter().zip(states) {
                 state::restore_vcpu(vcpu.fd(), vs, &self.vcpu_ctx)?;
