@@ -29,7 +29,7 @@ pub(super) enum Request {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RequestError {
     /// It needs a paused VM.
-    #[error("{0} needs a paused VM")]
+    #[error("{0} needs a paused VM: PUT /vm {{\"state\":\"paused\"}} first")]
     NotPaused(&'static str),
     /// The VM is ending (or has ended); nothing more is carried out.
     #[error("the VM is shutting down")]

@@ -8,6 +8,7 @@ use kvm_ioctls::VmFd;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::checkpoint::CheckpointError;
 use super::device_loop::{DeviceLoopError, DeviceThreads};
 use super::handle::{error_chain, Request, RequestError, RunState, VmHandle};
 use super::memory::GuestMemory;
@@ -115,6 +116,9 @@ impl RunningVm {
             let state = self.handle.state();
             let failed = |e: VmError| match e {
                 VmError::Refused(why) => RequestError::Refused(why),
+                VmError::Checkpoint(CheckpointError::NotPaused(what)) => {
+                    RequestError::NotPaused(what)
+                }
                 e => RequestError::Failed(error_chain(&e)),
             };
             let result = match (&request, state) {
@@ -123,12 +127,6 @@ impl RunningVm {
                 }
                 (Request::Pause, _) => self.pause().map(|()| String::new()).map_err(failed),
                 (Request::Resume, _) => self.resume().map(|()| String::new()).map_err(failed),
-                (Request::Snapshot(..), RunState::Running) => {
-                    Err(RequestError::NotPaused("a snapshot"))
-                }
-                (Request::StateHash, RunState::Running) => {
-                    Err(RequestError::NotPaused("a state hash"))
-                }
                 (Request::Snapshot(kind, path), _) => {
                     let started = Instant::now();
                     let r = self
