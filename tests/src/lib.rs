@@ -5,6 +5,7 @@
 //! hanging it; nothing here sleeps to synchronise. A [`Vmm`] kills its
 //! process when dropped, so a failing test leaves nothing running.
 
+pub mod disk;
 pub mod http;
 pub mod net;
 

@@ -3,11 +3,12 @@
 //! its own thread only, and the NIC's thread keeps serving the network
 //! (with one shared device thread, the stuck read stopped every device).
 
-use std::io::{self, Read, Write};
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use colo_tests::disk::HookedDisk;
 use colo_tests::net::{guest_ip, Host, Topology};
 use colo_tests::{guest_artifact, wait_for_file};
 use devices::virtio::{Block, BlockBackend, FileBackend, Net, Tap};
@@ -47,32 +48,6 @@ impl Drop for OpenOnDrop {
     }
 }
 
-/// A disk whose every read waits for the gate: a backend stuck in I/O.
-struct StuckDisk(Gate);
-
-impl BlockBackend for StuckDisk {
-    fn capacity(&self) -> u64 {
-        1 << 20
-    }
-    fn read_only(&self) -> bool {
-        false
-    }
-    fn read_at(&mut self, _offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.0.wait();
-        buf.fill(0);
-        Ok(())
-    }
-    fn write_at(&mut self, _offset: u64, _buf: &[u8]) -> io::Result<()> {
-        Ok(())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-    fn id(&self) -> &[u8] {
-        b"stuck"
-    }
-}
-
 #[test]
 fn a_disk_that_never_answers_does_not_stop_the_network() {
     let topo = Topology::builder().host_b(false).build();
@@ -94,6 +69,7 @@ fn a_disk_that_never_answers_does_not_stop_the_network() {
     };
     config.validate().unwrap();
     let gate = Gate::default();
+    let stuck = gate.clone();
     let _vm = topo.host(Host::A).enter(|| {
         let block = |backend: Box<dyn BlockBackend>, name: &str| VirtioBackend {
             name: name.into(),
@@ -105,7 +81,8 @@ fn a_disk_that_never_answers_does_not_stop_the_network() {
             console: Box::new(std::fs::File::create(&console).unwrap()),
             virtio: vec![
                 block(Box::new(FileBackend::open(&store, false).unwrap()), "blk0"),
-                block(Box::new(StuckDisk(gate.clone())), "blk1"),
+                // Every read waits for the gate: a backend stuck in I/O.
+                block(Box::new(HookedDisk::new(move || stuck.wait())), "blk1"),
                 VirtioBackend {
                     name: "net0".into(),
                     kind: "virtio-net",

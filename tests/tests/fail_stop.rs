@@ -3,37 +3,13 @@
 //! with an error naming why, instead of leaving the guest running without
 //! that device; when the VM ends, every caller is answered at once.
 
-use std::io;
 use std::time::Duration;
 
+use colo_tests::disk::HookedDisk;
 use colo_tests::guest_artifact;
-use devices::virtio::{Block, BlockBackend};
+use devices::virtio::Block;
 use vmm::config::{SerialOutput, VmConfig};
 use vmm::vm::{error_chain, Backends, RequestError, RunState, VirtioBackend, Vm, VmExit};
-
-/// A disk whose first read panics, like a device model bug.
-struct PanickingDisk;
-
-impl BlockBackend for PanickingDisk {
-    fn capacity(&self) -> u64 {
-        1 << 20
-    }
-    fn read_only(&self) -> bool {
-        false
-    }
-    fn read_at(&mut self, _offset: u64, _buf: &mut [u8]) -> io::Result<()> {
-        panic!("disk model bug");
-    }
-    fn write_at(&mut self, _offset: u64, _buf: &[u8]) -> io::Result<()> {
-        Ok(())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-    fn id(&self) -> &[u8] {
-        b"panicking"
-    }
-}
 
 #[test]
 fn a_device_thread_that_panics_ends_the_vm_with_an_error() {
@@ -50,7 +26,10 @@ fn a_device_thread_that_panics_ends_the_vm_with_an_error() {
         virtio: vec![VirtioBackend {
             name: "blk0".into(),
             kind: "virtio-blk",
-            device: Box::new(Block::new(Box::new(PanickingDisk))),
+            // A disk whose first read panics, like a device model bug.
+            device: Box::new(Block::new(Box::new(HookedDisk::new(|| {
+                panic!("disk model bug")
+            })))),
         }],
     };
     // The guest reads its disk right after boot; the VM must then end.
