@@ -1,0 +1,225 @@
+//! What the engines drive: the guest (primary or replica), its disks and,
+//! on the primary, its held output. `vmm` implements these over KVM, tests
+//! over plain memory.
+//!
+//! This module is the contract between `colo` and `vmm`: change it only
+//! together with both sides.
+
+use std::io;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::PAGE_SIZE;
+
+/// What must be equal on both sides before anything is replicated.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    /// Guest RAM in bytes.
+    pub mem_size: u64,
+    pub vcpus: u8,
+    /// Virtio devices in guest order: (name, kind), e.g. ("blk0", "virtio-blk").
+    pub devices: Vec<(String, String)>,
+    /// Capacity in bytes of each disk, in guest order.
+    pub disks: Vec<u64>,
+    pub cpu_template: String,
+    pub cpuid_hash: u64,
+    pub tsc_khz: u32,
+}
+
+/// Guest pages: `data` holds `addrs.len()` pages of [`PAGE_SIZE`] bytes,
+/// in the order of `addrs` (guest-physical, page-aligned).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PageBatch {
+    pub addrs: Vec<u64>,
+    pub data: Vec<u8>,
+}
+
+impl PageBatch {
+    /// Number of pages.
+    pub fn len(&self) -> usize {
+        self.addrs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.addrs.is_empty()
+    }
+
+    /// Whether `data` holds exactly one page per address.
+    pub fn is_well_formed(&self) -> bool {
+        self.data.len() as u64 == self.addrs.len() as u64 * PAGE_SIZE
+    }
+}
+
+/// A state hash as `GET /state-hash` computes it: the total and its parts
+/// (memory, vcpuN, vm, serial, i8042, each virtio device).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateDigest {
+    pub hash: u64,
+    pub parts: Vec<(String, u64)>,
+}
+
+impl StateDigest {
+    /// The names of the parts that differ between `self` and `other`.
+    pub fn differing_parts(&self, other: &StateDigest) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .parts
+            .iter()
+            .filter(|(name, h)| {
+                other.parts.iter().find(|(n, _)| n == name).map(|(_, o)| o) != Some(h)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for (name, _) in &other.parts {
+            if !self.parts.iter().any(|(n, _)| n == name) {
+                names.push(name.clone());
+            }
+        }
+        names
+    }
+}
+
+/// One checkpoint as the primary captured it while the guest was paused.
+#[derive(Clone, Debug, Default)]
+pub struct Capture {
+    /// The pages dirtied since the previous capture (or since tracking began).
+    pub pages: PageBatch,
+    /// vCPU, VM-wide and device state, opaque to `colo` (vmm's encoding).
+    pub state: Vec<u8>,
+    /// The state hash at the capture, when asked for (verified checkpoints).
+    pub digest: Option<StateDigest>,
+    /// How long the guest was paused.
+    pub paused_for: Duration,
+}
+
+/// An operation on the VM failed; the text has the causes.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct VmOpError(pub String);
+
+impl VmOpError {
+    pub fn new(e: impl std::fmt::Display) -> Self {
+        Self(e.to_string())
+    }
+}
+
+/// The primary's guest, running.
+pub trait PrimaryVm: Send {
+    fn identity(&self) -> Identity;
+
+    /// Switches dirty tracking on (and clears it): later calls to
+    /// [`PrimaryVm::copy_live`] with `all = false` and [`PrimaryVm::checkpoint`]
+    /// see the pages written from now on.
+    fn start_tracking(&mut self) -> Result<(), VmOpError>;
+
+    /// Live pre-copy, the guest running: all of guest memory (`all`) or the
+    /// pages dirtied since the previous copy, handed to `out` in batches.
+    /// A page the guest writes meanwhile may be torn: it is dirty again and
+    /// goes again. Returns the number of pages copied.
+    fn copy_live(
+        &mut self,
+        all: bool,
+        out: &mut dyn FnMut(PageBatch) -> Result<(), VmOpError>,
+    ) -> Result<u64, VmOpError>;
+
+    /// One checkpoint: pauses the guest (vCPUs and device threads); while
+    /// paused closes epoch `epoch` of the output buffer and of the disk
+    /// forwarders (what the guest did before the pause belongs to `epoch`,
+    /// what it does after to `epoch + 1`); takes the dirty pages and the
+    /// whole state (and the digest when `verify`); resumes the guest at
+    /// once and returns what it took. On error the guest runs on.
+    fn checkpoint(&mut self, epoch: u64, verify: bool) -> Result<Capture, VmOpError>;
+
+    /// Stop-and-copy of the initial sync: like [`PrimaryVm::checkpoint`]
+    /// but leaves the guest paused (the engine sends the disks' last
+    /// blocks, then calls [`PrimaryVm::resume`]).
+    fn checkpoint_paused(&mut self, epoch: u64, verify: bool) -> Result<Capture, VmOpError>;
+
+    /// Resumes after [`PrimaryVm::checkpoint_paused`].
+    fn resume(&mut self) -> Result<(), VmOpError>;
+}
+
+/// The primary's held output (Remus: every frame the guest sends waits for
+/// the checkpoint of its epoch).
+pub trait OutputControl: Send {
+    /// Checkpoint `epoch` is safe on the secondary: release every frame
+    /// of epochs ≤ `epoch`.
+    fn release(&mut self, epoch: u64);
+    /// Replication ended: release everything held and stop holding.
+    fn release_all(&mut self);
+    /// Frames and bytes held now.
+    fn held(&self) -> (u64, u64);
+}
+
+/// One write the primary's guest made, forwarded to the secondary.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskWrite {
+    pub epoch: u64,
+    pub disk: u16,
+    pub offset: u64,
+    pub data: Vec<u8>,
+}
+
+/// Where the primary's disk forwarders put writes (the engine's outgoing
+/// stream). Cloneable, callable from the device threads.
+pub type DiskWriteSink = std::sync::Arc<dyn Fn(DiskWrite) -> io::Result<()> + Send + Sync>;
+
+/// The primary's disks.
+pub trait PrimaryDisks: Send {
+    /// Capacity in bytes of each disk, guest order.
+    fn capacities(&self) -> Vec<u64>;
+    /// From now on remember which blocks of `block` bytes the guest writes
+    /// (initial sync: those are sent again during the stop-and-copy).
+    fn track(&mut self, block: u32);
+    /// Hashes of every `block`-byte block of disk `disk` (the last block
+    /// may be short), read now.
+    fn hashes(&mut self, disk: usize, block: u32) -> io::Result<Vec<u64>>;
+    /// Reads `buf.len()` bytes of disk `disk` at `offset`.
+    fn read(&mut self, disk: usize, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// (disk, block index) of every block written since [`PrimaryDisks::track`]
+    /// or the previous call.
+    fn take_tracked(&mut self) -> Vec<(usize, u64)>;
+    /// From now on forward every write to `sink`, tagged with the epoch it
+    /// belongs to, starting with `epoch` (the VM side closes epochs at
+    /// checkpoints, see [`PrimaryVm::checkpoint`]). Called with the guest
+    /// paused.
+    fn forward(&mut self, epoch: u64, sink: DiskWriteSink);
+    /// Stop forwarding (the peer is gone).
+    fn stop(&mut self);
+}
+
+/// The secondary's guest: a paused replica.
+pub trait ReplicaVm: Send {
+    fn identity(&self) -> Identity;
+    /// Initial sync: writes pages straight into the replica's memory (it
+    /// has never run, and nothing is claimed until the first checkpoint is
+    /// loaded).
+    fn write_pages(&mut self, pages: &PageBatch) -> Result<(), VmOpError>;
+    /// Validates, then loads `pages` and `state` into the paused replica.
+    /// A refusal leaves it untouched.
+    fn load(&mut self, pages: &PageBatch, state: &[u8]) -> Result<(), VmOpError>;
+    /// The paused replica's state hash.
+    fn digest(&mut self) -> Result<StateDigest, VmOpError>;
+    /// Failover: attach every NIC to its tap, announce the guest's MACs,
+    /// resume the replica from the last loaded checkpoint.
+    fn take_over(&mut self) -> Result<(), VmOpError>;
+}
+
+/// The secondary's disks.
+pub trait ReplicaDisks: Send {
+    /// Capacity in bytes of each disk, guest order.
+    fn capacities(&self) -> Vec<u64>;
+    /// Hashes of every `block`-byte block of disk `disk`.
+    fn hashes(&mut self, disk: usize, block: u32) -> io::Result<Vec<u64>>;
+    /// Initial sync: writes straight to the image.
+    fn write_direct(&mut self, disk: usize, offset: u64, data: &[u8]) -> io::Result<()>;
+    /// Makes the initial sync's writes durable.
+    fn flush(&mut self) -> io::Result<()>;
+    /// Holds a forwarded write until its epoch commits.
+    fn stage(&mut self, write: DiskWrite) -> io::Result<()>;
+    /// Applies every held write of epochs ≤ `epoch`, in the order they
+    /// came, and makes them durable.
+    fn commit(&mut self, epoch: u64) -> io::Result<()>;
+    /// Failover: drops the held writes of epochs not committed.
+    fn discard_uncommitted(&mut self);
+}

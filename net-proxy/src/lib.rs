@@ -1,0 +1,4 @@
+//! The network proxy of a COLO pair. Here: the primary's output buffer,
+//! which holds the guest's frames per epoch until the checkpoint that
+//! covers them is safe on the secondary (Remus mode), and the frames that
+//! announce a guest's MAC after a failover.
