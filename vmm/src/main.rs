@@ -7,9 +7,9 @@ use anyhow::Context;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-use vmm::config::{Cli, VmConfig};
+use vmm::config::{Cli, Role, VmConfig};
 use vmm::control::VmmControl;
 use vmm::vm::{Vm, VmExit};
 
@@ -86,22 +86,76 @@ fn run(cli: &Cli) -> anyhow::Result<VmExit> {
         }
         chain
     };
-    // The backends (console, disk images, taps) open before the VM exists.
-    let backends = vmm::role::standalone::backends(&config).context("invalid configuration")?;
+    // The backends (console, disk images, taps) open before the VM
+    // exists, and a secondary's listening socket too.
+    let (backends, role) = match config.role {
+        Role::Standalone => (
+            vmm::role::standalone::backends(&config).context("invalid configuration")?,
+            RoleParts::Standalone,
+        ),
+        Role::Primary => {
+            let (backends, parts) =
+                vmm::role::primary::backends(&config).context("invalid configuration")?;
+            (backends, RoleParts::Primary(parts))
+        }
+        Role::Secondary => {
+            let listen = config
+                .replication
+                .as_ref()
+                .and_then(|r| r.listen.clone())
+                .context("a secondary needs --listen")?;
+            let listener = std::net::TcpListener::bind(&listen)
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            let (backends, parts) =
+                vmm::role::secondary::backends(&config).context("invalid configuration")?;
+            (backends, RoleParts::Secondary(parts, listener))
+        }
+    };
     let mut vm = Vm::create(&config, backends).context("cannot create the VM")?;
     if let Some(last) = config.restore.last() {
         vm.restore(chain, last).context("cannot restore")?;
     }
-    let running = vm
-        .start_with(config.start_paused)
-        .context("cannot start the VM")?;
+    // A secondary's replica runs only after a failover.
+    let paused = config.start_paused || config.role == Role::Secondary;
+    let running = vm.start_with(paused).context("cannot start the VM")?;
+    // Why replication could not start, when it could not: the VM is
+    // stopped and `vmm` fails with this.
+    let fatal_error: Arc<OnceLock<String>> = Arc::default();
+    let colo = match role {
+        RoleParts::Standalone => None,
+        RoleParts::Primary(parts) => Some(vmm::role::primary::start(&config, &running, parts)?),
+        RoleParts::Secondary(parts, listener) => {
+            let (handle, slot) = (running.handle(), fatal_error.clone());
+            let fatal = Box::new(move |why: String| {
+                let _ = slot.set(why);
+                let _ = handle.shutdown();
+            });
+            Some(vmm::role::secondary::start(
+                &config, &running, parts, listener, fatal,
+            )?)
+        }
+    };
     // Dropped after `wait` returns: the socket goes away with the VM.
     let _api = match &config.api_sock {
         Some(path) => Some(
-            vmm::api::spawn_server(path, Arc::new(VmmControl::new(&config, &running)))
-                .context("cannot start the API")?,
+            vmm::api::spawn_server(
+                path,
+                Arc::new(VmmControl::new(&config, &running).with_colo(colo)),
+            )
+            .context("cannot start the API")?,
         ),
         None => None,
     };
-    running.wait().context("the VM failed")
+    let exit = running.wait().context("the VM failed")?;
+    if let Some(why) = fatal_error.get() {
+        anyhow::bail!("replication cannot start: {why}");
+    }
+    Ok(exit)
+}
+
+/// What a role keeps of its backends for its engine.
+enum RoleParts {
+    Standalone,
+    Primary(vmm::role::primary::Parts),
+    Secondary(vmm::role::secondary::Parts, std::net::TcpListener),
 }

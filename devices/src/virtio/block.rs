@@ -106,6 +106,13 @@ impl FileBackend {
             id,
         })
     }
+
+    /// A second descriptor on the same open image (it shares the lock):
+    /// for positional reads and writes beside the device, e.g. the
+    /// replication's block hashes and commits.
+    pub fn try_clone_file(&self) -> io::Result<File> {
+        self.file.try_clone()
+    }
 }
 
 impl BlockBackend for FileBackend {

@@ -76,6 +76,26 @@ impl Tap {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// A second handle on the same tap (a duplicated descriptor): frames
+    /// sent through either go out of the same interface, so one thread
+    /// can send while the device thread receives.
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self {
+            file: self.file.try_clone()?,
+            name: self.name.clone(),
+        })
+    }
+
+    /// Drops every frame waiting to be read; returns how many there were.
+    pub fn drain(&mut self) -> usize {
+        let mut buf = [0u8; 65536];
+        let mut n = 0;
+        while matches!(self.file.read(&mut buf), Ok(len) if len > 0) {
+            n += 1;
+        }
+        n
+    }
 }
 
 impl NetBackend for Tap {

@@ -315,6 +315,11 @@ impl PageBuffer {
         self.addrs.is_empty()
     }
 
+    /// The addresses and the bytes, taken apart.
+    pub fn into_parts(self) -> (Vec<u64>, Vec<u8>) {
+        (self.addrs, self.data)
+    }
+
     /// Forgets the pages, keeping the allocation.
     pub fn clear(&mut self) {
         self.addrs.clear();
@@ -574,6 +579,15 @@ impl RunningVm {
     /// are no longer the snapshot file's to record.
     pub fn take_dirty(&mut self) -> Result<DirtySet, CheckpointError> {
         self.require_paused("taking the dirty pages")?;
+        let set = self.dirty.take(&self.vm_fd, &self.mem)?;
+        self.lineage.follows = None;
+        Ok(set)
+    }
+
+    /// Like [`RunningVm::take_dirty`], on a running VM: for live pre-copy,
+    /// where a page the guest writes while it is being copied is dirty
+    /// again and goes again in the next round.
+    pub fn take_dirty_running(&mut self) -> Result<DirtySet, CheckpointError> {
         let set = self.dirty.take(&self.vm_fd, &self.mem)?;
         self.lineage.follows = None;
         Ok(set)

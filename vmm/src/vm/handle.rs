@@ -15,14 +15,31 @@ pub enum RunState {
     ShuttingDown,
 }
 
-/// What another thread (the API) may ask of the thread that runs the VM.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Work run on the VM thread with the VM in hand (see [`VmHandle::run`]).
+pub(super) type Job = Box<dyn FnOnce(&mut super::RunningVm) + Send>;
+
+/// What another thread (the API, replication) may ask of the thread that
+/// runs the VM.
 pub(super) enum Request {
     Pause,
     Resume,
     Shutdown,
     Snapshot(crate::snapshot::Kind, std::path::PathBuf),
     StateHash,
+    Run(Job),
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Request::Pause => f.write_str("Pause"),
+            Request::Resume => f.write_str("Resume"),
+            Request::Shutdown => f.write_str("Shutdown"),
+            Request::Snapshot(kind, path) => write!(f, "Snapshot({kind:?}, {})", path.display()),
+            Request::StateHash => f.write_str("StateHash"),
+            Request::Run(_) => f.write_str("Run"),
+        }
+    }
 }
 
 /// Why a request was not carried out.
@@ -145,6 +162,21 @@ impl VmHandle {
     /// Resumes after [`VmHandle::pause`]; a no-op when running.
     pub fn resume(&self) -> Result<(), RequestError> {
         self.call(Request::Resume).map(drop)
+    }
+
+    /// Runs `job` on the VM thread, between two requests, with the VM in
+    /// hand, and returns its result: how replication pauses, captures and
+    /// resumes the guest in one step. [`RequestError::ShuttingDown`] when
+    /// the VM ends first.
+    pub fn run<R: Send + 'static>(
+        &self,
+        job: impl FnOnce(&mut super::RunningVm) -> R + Send + 'static,
+    ) -> Result<R, RequestError> {
+        let (tx, rx) = mpsc::channel();
+        self.call(Request::Run(Box::new(move |vm| {
+            let _ = tx.send(job(vm));
+        })))?;
+        rx.recv().map_err(|_| RequestError::ShuttingDown)
     }
 
     /// Stops the VM; [`super::RunningVm::wait`] then returns

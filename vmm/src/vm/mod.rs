@@ -210,8 +210,9 @@ impl Vm {
         memory::register(&vm_fd, &mem, config.track_dirty_pages)?;
         let mut mmio_bus = Bus::new();
         let (virtio, extra_cmdline) = virtio::attach(&vm_fd, &mem, backends.virtio, &mut mmio_bus)?;
-        // A restored VM gets its memory and registers from the snapshot.
-        let entry = if config.restore.is_empty() {
+        // A restored VM gets its memory and registers from the snapshot,
+        // a secondary from the primary.
+        let entry = if config.boots() {
             let mut boot_config = config.clone();
             boot_config.cmdline.push_str(&extra_cmdline);
             Some(boot::load(&mem, &boot_config)?)

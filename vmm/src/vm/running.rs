@@ -61,6 +61,12 @@ impl RunningVm {
         self.created.elapsed()
     }
 
+    /// Guest memory (a handle on the same mapping): replication's live
+    /// pre-copy reads it while the guest runs.
+    pub fn memory(&self) -> &GuestMemory {
+        &self.mem
+    }
+
     /// A handle for other threads.
     pub fn handle(&self) -> VmHandle {
         self.handle.clone()
@@ -113,6 +119,15 @@ impl RunningVm {
     /// Carries out requests from [`VmHandle`]s; returns true on shutdown.
     fn serve_requests(&mut self) -> bool {
         for (request, reply) in self.handle.take_requests() {
+            // A job answers through its own channel and logs what it does.
+            let request = match request {
+                Request::Run(job) => {
+                    job(self);
+                    let _ = reply.send(Ok(String::new()));
+                    continue;
+                }
+                other => other,
+            };
             let state = self.handle.state();
             let failed = |e: VmError| match e {
                 VmError::Refused(why) => RequestError::Refused(why),
@@ -141,6 +156,8 @@ impl RunningVm {
                     r
                 }
                 (Request::StateHash, _) => self.state_hash().map(|h| h.to_json()).map_err(failed),
+                // Taken out above.
+                (Request::Run(_), _) => Ok(String::new()),
                 (Request::Shutdown, _) => {
                     self.handle.close();
                     let _ = reply.send(Ok(String::new()));

@@ -1,0 +1,312 @@
+//! The secondary role: an empty VM (no kernel) that the primary fills:
+//! its disks are made equal by block hashes, its memory is copied live,
+//! then each checkpoint is staged whole by the `colo` secondary engine and
+//! loaded into this paused replica through [`Replica`]; the primary's disk
+//! writes wait in an epoch buffer ([`Disks`]) and reach the images when
+//! their checkpoint commits. The NICs stay off their taps (a replica that
+//! never runs sends nothing, and nothing reaches it) until failover
+//! attaches them and announces the guest's MACs.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use block_replication::secondary::{EpochBuffer, Image};
+use colo::control::Role;
+use colo::fault::{self, Point};
+use colo::vm::{DiskWrite, Identity, PageBatch, StateDigest, VmOpError};
+use devices::virtio::{BackendSwap, Block, BlockBackend, NetBackend, Tap};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::config::VmConfig;
+use crate::vm::checkpoint::{PageBuffer, PAGE_SIZE};
+use crate::vm::machine::{Layout, MachineState};
+use crate::vm::memory::GuestMemory;
+use crate::vm::{Backends, RunningVm, VmError, VmHandle};
+
+use super::{op_err, open_console, open_disk, open_tap, virtio_block, virtio_net};
+
+/// Most bytes of forwarded disk writes held for uncommitted epochs.
+pub const HELD_DISK_BYTES_MAX: u64 = 512 << 20;
+
+/// A NIC backend that receives nothing and drops what it is given: the
+/// replica's NICs until failover.
+struct Detached;
+
+impl NetBackend for Detached {
+    fn fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+
+    fn recv(&mut self, _buf: &mut [u8]) -> io::Result<usize> {
+        Ok(0)
+    }
+
+    fn send(&mut self, _frame: &[u8]) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A NIC of the replica: its tap, opened (and so checked) at start-up,
+/// attached at failover.
+struct Nic {
+    tap: Option<Tap>,
+    swap: BackendSwap,
+    mac: [u8; 6],
+}
+
+/// What the secondary keeps of its backends for the engine.
+pub struct Parts {
+    nics: Vec<Nic>,
+    files: Vec<(File, u64)>,
+}
+
+/// Opens the secondary's backends: the disks (their images are written by
+/// the replication until failover), the taps (kept aside) and NICs that
+/// are detached until failover.
+pub fn backends(config: &VmConfig) -> Result<(Backends, Parts), VmError> {
+    let mut virtio = Vec::new();
+    let mut files = Vec::new();
+    for (i, disk) in config.disks.iter().enumerate() {
+        let backend = open_disk(i, disk)?;
+        let file = backend.try_clone_file().map_err(|source| VmError::Io {
+            what: "a disk image descriptor",
+            source,
+        })?;
+        files.push((file, backend.capacity()));
+        virtio.push(virtio_block(i, Block::new(Box::new(backend))));
+    }
+    let mut nics = Vec::new();
+    for (i, net) in config.nets.iter().enumerate() {
+        let tap = open_tap(i, net)?;
+        let mac = net.mac_or_default(i);
+        let (device, swap) = virtio_net(i, mac, Box::new(Detached))?;
+        virtio.push(device);
+        nics.push(Nic {
+            tap: Some(tap),
+            swap,
+            mac,
+        });
+    }
+    let backends = Backends {
+        console: open_console(config)?,
+        virtio,
+    };
+    Ok((backends, Parts { nics, files }))
+}
+
+/// Starts the secondary engine on the (paused, empty) VM, listening on
+/// `listener`. `fatal` is called when replication cannot even start.
+pub fn start(
+    config: &VmConfig,
+    vm: &RunningVm,
+    parts: Parts,
+    listener: std::net::TcpListener,
+    fatal: Box<dyn Fn(String) + Send + Sync>,
+) -> anyhow::Result<Arc<dyn colo::control::Control>> {
+    use anyhow::Context;
+    let replication = config
+        .replication
+        .as_ref()
+        .context("a secondary without replication settings")?;
+    let identity = super::identity(vm.layout(), parts.files.iter().map(|f| f.1).collect());
+    let replica = Replica {
+        handle: vm.handle(),
+        mem: vm.memory().clone(),
+        layout: vm.layout().clone(),
+        identity,
+        nics: parts.nics,
+    };
+    let disks = Disks {
+        files: parts.files,
+        held: EpochBuffer::new(HELD_DISK_BYTES_MAX),
+    };
+    let engine_config = colo::secondary::SecondaryConfig {
+        mode: replication.mode,
+        failover_auto: replication.failover_auto,
+        heartbeat_timeout_ms: replication.heartbeat_timeout_ms,
+        fatal,
+    };
+    let handle = colo::secondary::start(engine_config, listener, Box::new(replica), Box::new(disks))
+        .context("cannot start replication")?;
+    Ok(handle)
+}
+
+/// The replica, as the secondary engine drives it.
+struct Replica {
+    handle: VmHandle,
+    mem: GuestMemory,
+    layout: Layout,
+    identity: Identity,
+    nics: Vec<Nic>,
+}
+
+impl colo::vm::ReplicaVm for Replica {
+    fn identity(&self) -> Identity {
+        self.identity.clone()
+    }
+
+    fn write_pages(&mut self, pages: &PageBatch) -> Result<(), VmOpError> {
+        if !pages.is_well_formed() {
+            return Err(VmOpError::new("a page batch whose bytes do not match its pages"));
+        }
+        for (&addr, page) in pages.addrs.iter().zip(pages.data.chunks_exact(PAGE_SIZE as usize)) {
+            if addr % PAGE_SIZE != 0 || addr.checked_add(PAGE_SIZE).is_none_or(|end| end > self.layout.mem_size) {
+                return Err(VmOpError(format!("page {addr:#x} is outside guest memory")));
+            }
+            self.mem
+                .write_slice(page, GuestAddress(addr))
+                .map_err(op_err)?;
+        }
+        Ok(())
+    }
+
+    fn load(&mut self, pages: &PageBatch, state: &[u8]) -> Result<(), VmOpError> {
+        let state: MachineState = postcard::from_bytes(state)
+            .map_err(|e| VmOpError(format!("the checkpoint's state does not decode: {e}")))?;
+        let pages = PageBuffer::from_parts(pages.addrs.clone(), pages.data.clone()).map_err(op_err)?;
+        let layout = self.layout.clone();
+        self.handle
+            .run(move |vm: &mut RunningVm| vm.load(&layout, &state, &pages))
+            .map_err(op_err)?
+            .map_err(op_err)
+    }
+
+    fn digest(&mut self) -> Result<StateDigest, VmOpError> {
+        let hash = self
+            .handle
+            .run(|vm: &mut RunningVm| vm.state_hash())
+            .map_err(op_err)?
+            .map_err(op_err)?;
+        Ok(super::digest(hash))
+    }
+
+    fn take_over(&mut self) -> Result<(), VmOpError> {
+        let mut announce = Vec::new();
+        for nic in &mut self.nics {
+            let Some(mut tap) = nic.tap.take() else {
+                continue; // attached by an earlier take-over
+            };
+            // Frames that reached the tap while the replica was a replica
+            // were for the primary: its clients resend what it never
+            // answered.
+            let stale = tap.drain();
+            tracing::info!(tap = tap.name(), stale, "attaching the NIC to its tap");
+            announce.push((tap.try_clone().map_err(op_err)?, nic.mac));
+            nic.swap.swap(Box::new(tap)).map_err(op_err)?;
+        }
+        self.handle
+            .run(|vm: &mut RunningVm| vm.resume())
+            .map_err(op_err)?
+            .map_err(op_err)?;
+        std::thread::Builder::new()
+            .name("announce".into())
+            .spawn(move || announce_macs(announce))
+            .map_err(op_err)?;
+        Ok(())
+    }
+}
+
+/// Sends RARP announcements of each MAC through its tap, in rounds, so
+/// every switch on the segment learns the guest's new port.
+fn announce_macs(mut nics: Vec<(Tap, [u8; 6])>) {
+    let started = Instant::now();
+    for round_ms in net_proxy::announce::ROUNDS_MS {
+        // The rounds' schedule, not a synchronisation.
+        std::thread::sleep(
+            Duration::from_millis(round_ms).saturating_sub(started.elapsed()),
+        );
+        for (tap, mac) in &mut nics {
+            if let Err(e) = tap.send(&net_proxy::announce::rarp(*mac)) {
+                tracing::warn!("cannot announce {mac:02x?} on {}: {e}", tap.name());
+            }
+        }
+    }
+    tracing::info!("announced the guest's MACs");
+}
+
+/// An image file as the epoch buffer writes it.
+struct ImageFile<'a>(&'a File);
+
+impl Image for ImageFile<'_> {
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.0.write_all_at(data, offset)
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+}
+
+/// The secondary's disks: the images and the held writes.
+struct Disks {
+    files: Vec<(File, u64)>,
+    held: EpochBuffer,
+}
+
+impl Disks {
+    fn file(&self, disk: usize) -> io::Result<&(File, u64)> {
+        self.files.get(disk).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, format!("no disk {disk}"))
+        })
+    }
+}
+
+impl colo::vm::ReplicaDisks for Disks {
+    fn capacities(&self) -> Vec<u64> {
+        self.files.iter().map(|f| f.1).collect()
+    }
+
+    fn hashes(&mut self, disk: usize, block: u32) -> io::Result<Vec<u64>> {
+        let (file, capacity) = self.file(disk)?;
+        block_replication::sync::block_hashes(file, *capacity, block)
+    }
+
+    fn write_direct(&mut self, disk: usize, offset: u64, data: &[u8]) -> io::Result<()> {
+        let (file, capacity) = self.file(disk)?;
+        if offset.checked_add(data.len() as u64).is_none_or(|end| end > *capacity) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("a block at {offset} beyond disk {disk}'s {capacity} bytes"),
+            ));
+        }
+        file.write_all_at(data, offset)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.files.iter().try_for_each(|(f, _)| f.sync_data())
+    }
+
+    fn stage(&mut self, write: DiskWrite) -> io::Result<()> {
+        let (_, capacity) = self.file(usize::from(write.disk))?;
+        if write.offset.checked_add(write.data.len() as u64).is_none_or(|end| end > *capacity) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("a write at {} beyond disk {}'s {capacity} bytes", write.offset, write.disk),
+            ));
+        }
+        self.held
+            .stage(write.epoch, usize::from(write.disk), write.offset, write.data)
+            .map_err(io::Error::other)
+    }
+
+    fn commit(&mut self, epoch: u64) -> io::Result<()> {
+        let mut images: Vec<ImageFile> = self.files.iter().map(|(f, _)| ImageFile(f)).collect();
+        let mut images: Vec<&mut dyn Image> = images.iter_mut().map(|i| i as &mut dyn Image).collect();
+        self.held
+            .commit(epoch, &mut images, &mut |done, total| {
+                if total > 0 && done == total.div_ceil(2) {
+                    fault::point(Role::Secondary, Point::MidDiskApply);
+                }
+            })
+            .map(drop)
+            .map_err(io::Error::other)
+    }
+
+    fn discard_uncommitted(&mut self) {
+        let dropped = self.held.discard_uncommitted();
+        tracing::info!(dropped, "dropped the disk writes of uncommitted epochs");
+    }
+}
