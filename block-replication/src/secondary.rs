@@ -52,8 +52,15 @@ pub enum StageError {
     OutOfOrder { epoch: u64, last: u64 },
     #[error("write of {len} bytes over the bound: {held} of {max} bytes held")]
     Full { len: u64, held: u64, max: u64 },
-    #[error("write of {len} bytes at offset {offset} ends beyond 2^64")]
-    Range { offset: u64, len: u64 },
+    #[error("write of {len} bytes at offset {offset} ends beyond disk {disk}'s {capacity} bytes")]
+    Range {
+        disk: usize,
+        offset: u64,
+        len: u64,
+        capacity: u64,
+    },
+    #[error("write for disk {disk}, there are {disks} disks")]
+    NoSuchDisk { disk: usize, disks: usize },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +96,8 @@ struct Held {
 #[derive(Debug)]
 pub struct EpochBuffer {
     max_bytes: u64,
+    /// Capacity of each disk, when known: writes are checked against them.
+    capacities: Option<Vec<u64>>,
     /// In arrival order, epochs non-decreasing.
     held: VecDeque<Held>,
     held_bytes: u64,
@@ -100,16 +109,28 @@ impl EpochBuffer {
     pub fn new(max_bytes: u64) -> Self {
         Self {
             max_bytes,
+            capacities: None,
             held: VecDeque::new(),
             held_bytes: 0,
             committed: None,
         }
     }
 
+    /// Like [`EpochBuffer::new`], and refuses at [`EpochBuffer::stage`] a
+    /// write for a disk not in `capacities` (bytes, per disk) or beyond its
+    /// end: the peer's mistake is caught when it arrives, not at the commit.
+    pub fn with_capacities(max_bytes: u64, capacities: Vec<u64>) -> Self {
+        Self {
+            capacities: Some(capacities),
+            ..Self::new(max_bytes)
+        }
+    }
+
     /// Holds a write of `data` at `offset` of disk `disk` until `epoch`
     /// commits. Refuses a write for an epoch already committed, for an
-    /// epoch before the last write's, one whose end overflows, and one
-    /// that would take the held bytes over the bound.
+    /// epoch before the last write's, one beyond its disk's end (or 2^64,
+    /// when the capacities are not known), and one that would take the held
+    /// bytes over the bound.
     pub fn stage(
         &mut self,
         epoch: u64,
@@ -124,8 +145,20 @@ impl EpochBuffer {
         if let Some(last) = self.held.back().map(|h| h.epoch).filter(|&l| epoch < l) {
             return Err(StageError::OutOfOrder { epoch, last });
         }
-        if offset.checked_add(len).is_none() {
-            return Err(StageError::Range { offset, len });
+        let capacity = match &self.capacities {
+            None => u64::MAX,
+            Some(caps) => *caps.get(disk).ok_or(StageError::NoSuchDisk {
+                disk,
+                disks: caps.len(),
+            })?,
+        };
+        if offset.checked_add(len).is_none_or(|end| end > capacity) {
+            return Err(StageError::Range {
+                disk,
+                offset,
+                len,
+                capacity,
+            });
         }
         if self.held_bytes.saturating_add(len) > self.max_bytes {
             return Err(StageError::Full {
@@ -331,6 +364,7 @@ mod tests {
         );
         let e = b.stage(5, 0, u64::MAX, vec![0; 2]).unwrap_err();
         assert!(matches!(e, StageError::Range { .. }), "{e:?}");
+        assert_eq!(b.held_bytes(), 6);
         commit(&mut b, 5, &mut [MemImage::new(8)]).unwrap();
         let e = b.stage(5, 0, 0, vec![0]).unwrap_err();
         assert!(
@@ -359,6 +393,36 @@ mod tests {
             "{e:?}"
         );
         assert_eq!(b.held_bytes(), 0);
+    }
+
+    #[test]
+    fn refuses_writes_beyond_known_disks() {
+        let mut b = EpochBuffer::with_capacities(100, vec![8, 4]);
+        b.stage(1, 0, 4, vec![0; 4]).unwrap();
+        b.stage(1, 1, 0, vec![0; 4]).unwrap();
+        let e = b.stage(1, 1, 1, vec![0; 4]).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                StageError::Range {
+                    disk: 1,
+                    offset: 1,
+                    len: 4,
+                    capacity: 4
+                }
+            ),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "write of 4 bytes at offset 1 ends beyond disk 1's 4 bytes"
+        );
+        let e = b.stage(1, 2, 0, vec![0]).unwrap_err();
+        assert!(
+            matches!(e, StageError::NoSuchDisk { disk: 2, disks: 2 }),
+            "{e:?}"
+        );
+        assert_eq!((b.held_writes(), b.held_bytes()), (2, 8));
     }
 
     #[test]
@@ -513,7 +577,7 @@ mod tests {
         /// order; refused operations change nothing; discard drops the rest.
         #[test]
         fn matches_a_model(ops in proptest::collection::vec(op(), 0..80)) {
-            let mut b = EpochBuffer::new(256);
+            let mut b = EpochBuffer::with_capacities(256, vec![DISK as u64; 2]);
             let mut imgs = vec![MemImage::new(DISK), MemImage::new(DISK)];
             let mut model = vec![vec![0u8; DISK]; 2];
             let mut pending: Vec<(u64, usize, usize, Vec<u8>)> = Vec::new();

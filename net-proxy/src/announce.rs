@@ -29,6 +29,14 @@ const RARP_REQUEST_REVERSE: u16 = 3;
 /// similar: 5 rounds starting 50 ms after resume, 100 ms further apart each.
 pub const ROUNDS_MS: [u64; 5] = [0, 50, 150, 300, 500];
 
+/// One round of the announcement of `mac`: the RARP frame and, when the
+/// guest's address is known, the gratuitous ARP for it.
+pub fn frames(mac: [u8; 6], ip: Option<Ipv4Addr>) -> Vec<Vec<u8>> {
+    let mut out = vec![rarp(mac)];
+    out.extend(ip.map(|ip| gratuitous_arp(mac, ip)));
+    out
+}
+
 /// A RARP "request reverse" broadcast from `mac` (ethertype 0x8035, 60
 /// bytes padded): sender and target hardware address `mac`, protocol
 /// addresses 0.0.0.0.
@@ -118,6 +126,16 @@ mod tests {
         ]
         .concat();
         assert_eq!(gratuitous_arp(MAC, Ipv4Addr::new(192, 168, 10, 2)), want);
+    }
+
+    #[test]
+    fn a_round_has_rarp_and_arp_when_the_ip_is_known() {
+        assert_eq!(frames(MAC, None), vec![rarp(MAC)]);
+        let ip = Ipv4Addr::new(10, 0, 0, 1);
+        assert_eq!(
+            frames(MAC, Some(ip)),
+            vec![rarp(MAC), gratuitous_arp(MAC, ip)]
+        );
     }
 
     #[test]
