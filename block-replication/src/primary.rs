@@ -203,7 +203,74 @@ mod tests {
         assert_eq!(f.take_tracked(), Vec::<u64>::new());
     }
 
+    #[derive(Clone, Debug)]
+    enum Op {
+        Track,
+        Forward(u64),
+        Close(u64),
+        CloseOpen,
+        Stop,
+        Write,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            1 => Just(Op::Track),
+            1 => (0u64..10).prop_map(Op::Forward),
+            1 => (0u64..12).prop_map(Op::Close),
+            3 => Just(Op::CloseOpen),
+            1 => Just(Op::Stop),
+            4 => Just(Op::Write),
+        ]
+    }
+
     proptest! {
+        /// In any sequence of transitions a write is tagged with the open
+        /// epoch exactly when forwarding, and a refused close changes
+        /// nothing.
+        #[test]
+        fn tags_follow_the_open_epoch(ops in proptest::collection::vec(op(), 0..100)) {
+            let mut f = Forwarder::new(1 << 16);
+            let mut model = Mode::Off;
+            for op in ops {
+                match op {
+                    Op::Track => {
+                        f.track(512);
+                        model = Mode::Tracking;
+                    }
+                    Op::Forward(e) => {
+                        f.forward_from(e);
+                        model = Mode::Forwarding(e);
+                    }
+                    Op::Close(e) => {
+                        let ok = model == Mode::Forwarding(e);
+                        prop_assert_eq!(f.close_epoch(e).is_ok(), ok);
+                        if ok {
+                            model = Mode::Forwarding(e + 1);
+                        }
+                    }
+                    Op::CloseOpen => {
+                        if let Mode::Forwarding(e) = model {
+                            f.close_epoch(e).unwrap();
+                            model = Mode::Forwarding(e + 1);
+                        }
+                    }
+                    Op::Stop => {
+                        f.stop();
+                        model = Mode::Off;
+                    }
+                    Op::Write => {
+                        let want = match model {
+                            Mode::Forwarding(e) => Some(e),
+                            Mode::Off | Mode::Tracking => None,
+                        };
+                        prop_assert_eq!(f.on_write(4096, 512), want);
+                    }
+                }
+                prop_assert_eq!(f.mode(), model);
+            }
+        }
+
         /// The tracked blocks are exactly those some write touched within
         /// the capacity, in any block size.
         #[test]
