@@ -2,3 +2,6 @@
 //! which holds the guest's frames per epoch until the checkpoint that
 //! covers them is safe on the secondary (Remus mode), and the frames that
 //! announce a guest's MAC after a failover.
+
+pub mod announce;
+pub mod output;
