@@ -23,7 +23,7 @@ use devices::lock;
 use devices::ratelimit::LogLimit;
 use devices::virtio::{Block, BlockBackend, FileBackend, NetBackend, Tap};
 use net_proxy::output::{OutputBuffer, Push};
-use vm_memory::{Bytes, GuestAddress, GuestMemory as _, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion};
 
 use crate::config::VmConfig;
 use crate::vm::checkpoint::{PageBuffer, PAGE_SIZE};
@@ -287,8 +287,8 @@ impl Guest {
                     vm.pause().map_err(op_err)?;
                 }
                 fault::point(Role::Primary, Point::AfterPause);
-                close_epoch(&nics, &disks, epoch)?;
                 let taken = (|| {
+                    close_epoch(&nics, &disks, epoch)?;
                     let dirty = vm.take_dirty().map_err(op_err)?;
                     let mut pages = PageBuffer::new();
                     if let Err(e) = vm.copy_pages(&dirty.pages(), &mut pages) {
@@ -334,7 +334,7 @@ fn close_epoch(nics: &[Arc<NicOutput>], disks: &[Arc<DiskFwd>], epoch: u64) -> R
     }
     for disk in disks {
         let mut forwarder = lock(&disk.forwarder);
-        if forwarder.forwarding() {
+        if matches!(forwarder.mode(), block_replication::primary::Mode::Forwarding(_)) {
             forwarder.close_epoch(epoch).map_err(op_err)?;
         }
     }

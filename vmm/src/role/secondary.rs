@@ -119,9 +119,10 @@ pub fn start(
         identity,
         nics: parts.nics,
     };
+    let capacities = parts.files.iter().map(|f| f.1).collect();
     let disks = Disks {
         files: parts.files,
-        held: EpochBuffer::new(HELD_DISK_BYTES_MAX),
+        held: EpochBuffer::with_capacities(HELD_DISK_BYTES_MAX, capacities),
     };
     let engine_config = colo::secondary::SecondaryConfig {
         mode: replication.mode,
@@ -280,13 +281,8 @@ impl colo::vm::ReplicaDisks for Disks {
     }
 
     fn stage(&mut self, write: DiskWrite) -> io::Result<()> {
-        let (_, capacity) = self.file(usize::from(write.disk))?;
-        if write.offset.checked_add(write.data.len() as u64).is_none_or(|end| end > *capacity) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("a write at {} beyond disk {}'s {capacity} bytes", write.offset, write.disk),
-            ));
-        }
+        // The buffer knows the disks' sizes: a write for no disk, or past
+        // a disk's end, is refused as it arrives.
         self.held
             .stage(write.epoch, usize::from(write.disk), write.offset, write.data)
             .map_err(io::Error::other)
