@@ -68,6 +68,7 @@ impl VmControl for FakeVm {
             uptime_secs: 12.25,
             vcpus: 2,
             memory_mib: 256,
+            colo: None,
         }
     }
 
@@ -112,6 +113,7 @@ impl VmControl for FakeVm {
                     errors: 1,
                 },
             ],
+            colo: None,
         }
     }
 
@@ -281,6 +283,7 @@ fn status_is_json() {
             uptime_secs: 12.25,
             vcpus: 2,
             memory_mib: 256,
+            colo: None,
         }
     );
     assert_eq!(json(&r.body)["state"], "running");
