@@ -866,11 +866,19 @@ fn openapi_file_describes_every_endpoint() {
         ("/metrics", "get"),
         ("/snapshot", "put"),
         ("/state-hash", "get"),
+        ("/colo", "patch"),
     ] {
-        let at = yaml
-            .find(&format!("\n  {uri}:\n    {method}:\n"))
-            .unwrap_or_else(|| panic!("{method} {uri} not in {}", path.display()));
-        assert!(at > 0);
+        assert!(
+            yaml.contains(&format!("\n  {uri}:\n    {method}:\n")),
+            "{method} {uri} not in {}",
+            path.display()
+        );
+    }
+    for schema in ["ColoStatus", "ColoRequest"] {
+        assert!(yaml.contains(&format!("\n    {schema}:\n")), "{schema}");
+    }
+    for state in colo::control::State::ALL {
+        assert!(yaml.contains(state.name()), "{}", state.name());
     }
     for response in [
         "BadRequest",
