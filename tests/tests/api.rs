@@ -299,6 +299,28 @@ fn vmmctl_calls_every_endpoint() {
         String::from_utf8_lossy(&out.stderr).contains("HTTP 404"),
         "{out:?}"
     );
+    // The replication commands reach the API; a standalone VM refuses
+    // them with the API's message, and keeps running.
+    for args in [
+        &["failover"][..],
+        &["checkpoint"],
+        &["set-checkpoint-ms", "50"],
+        &["colo-status"],
+    ] {
+        let out = vmmctl(&vm.sock, args);
+        assert!(!out.status.success(), "{args:?}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("not replicating"), "{args:?}: {err}");
+    }
+    let out = vmmctl(&vm.sock, &["set-checkpoint-ms", "0"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("HTTP 400: checkpoint_ms 0 is out of range"),
+        "{out:?}"
+    );
+    let out = vmmctl(&vm.sock, &["status"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["state"], "running");
+    assert!(status.get("colo").is_none(), "{status}");
     assert!(vmmctl(&vm.sock, &["shutdown"]).status.success());
     assert!(vm.vmm.wait_exit(BOOT).success());
     let out = vmmctl(&vm.sock, &["status"]);

@@ -57,6 +57,7 @@ fn config(console: &Path, devices: Option<(&Path, &str)>) -> VmConfig {
         api_sock: None,
         restore: Vec::new(),
         start_paused: false,
+        replication: None,
     }
 }
 

@@ -74,14 +74,57 @@ fn too_many_vcpus() {
 }
 
 #[test]
-fn colo_roles_are_not_built_yet() {
+fn replication_settings_are_checked_before_any_vm_exists() {
     let kernel = guest_artifact("test-guest");
-    for role in ["primary", "secondary"] {
-        let log = refused(&["--role", role, "--kernel", kernel.to_str().unwrap()]);
-        assert!(
-            log.contains(&format!("--role {role} is not built yet")),
-            "{log}"
-        );
+    let k = kernel.to_str().unwrap();
+    for (args, message) in [
+        (
+            &["--role", "primary", "--kernel", k][..],
+            "a primary needs --peer HOST:PORT",
+        ),
+        (
+            &["--role", "secondary", "--mem-mib", "64", "--vcpus", "1"],
+            "a secondary needs --listen HOST:PORT",
+        ),
+        (
+            &["--role", "secondary", "--listen", "127.0.0.1:7000"],
+            "a secondary needs --mem-mib and --vcpus",
+        ),
+        (
+            &[
+                "--role",
+                "secondary",
+                "--listen",
+                "127.0.0.1:7000",
+                "--mem-mib",
+                "64",
+                "--vcpus",
+                "1",
+                "--kernel",
+                k,
+            ],
+            "--kernel is not for --role secondary: the secondary gets its guest from the primary",
+        ),
+        (
+            &[
+                "--role",
+                "primary",
+                "--peer",
+                "127.0.0.1:7000",
+                "--kernel",
+                k,
+                "--mode",
+                "colo",
+            ],
+            "COLO mode is not built yet (issue 10); use --mode remus",
+        ),
+        (
+            &["--kernel", k, "--peer", "127.0.0.1:7000"],
+            "--peer is a replication setting: it needs --role primary or --role secondary",
+        ),
+    ] {
+        let log = refused(args);
+        assert!(log.contains(message), "{args:?}: {log}");
     }
 }
 

@@ -9,6 +9,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use clap::{Parser, ValueEnum};
+use colo::control::Mode;
 use serde::Deserialize;
 
 use crate::vm::cpuid::CpuTemplate;
@@ -23,6 +24,24 @@ pub const MAX_VCPUS: u8 = 32;
 pub const MAX_MEM_MIB: u64 = 1 << 20;
 /// Default kernel command line.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+
+/// Default checkpoint interval of a replicated VM, in milliseconds.
+///
+/// In Remus mode a reply the guest sends waits on the primary until the
+/// checkpoint that covers it is safe on the secondary: up to one interval
+/// plus the checkpoint itself. A checkpoint pauses the guest for about
+/// 1 ms plus the time to copy its dirty pages. 20 ms keeps the added
+/// latency near the 25 ms interval of the Remus paper while the pauses
+/// cost the guest a few percent of its time.
+pub const DEFAULT_CHECKPOINT_MS: u64 = 20;
+/// Checkpoint intervals accepted (by `--checkpoint-ms` and `PATCH /colo`).
+pub const CHECKPOINT_MS_RANGE: std::ops::RangeInclusive<u64> = 1..=60_000;
+/// Default interval between heartbeats to the peer, in milliseconds.
+pub const DEFAULT_HEARTBEAT_MS: u64 = 100;
+/// Default time without a heartbeat after which the peer counts as gone.
+pub const DEFAULT_HEARTBEAT_TIMEOUT_MS: u64 = 1000;
+/// Heartbeat intervals and timeouts accepted.
+pub const HEARTBEAT_MS_RANGE: std::ops::RangeInclusive<u64> = 1..=60_000;
 
 /// What this `vmm` is in a COLO pair.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -43,6 +62,28 @@ impl std::fmt::Display for Role {
             Role::Primary => "primary",
             Role::Secondary => "secondary",
         })
+    }
+}
+
+/// What a secondary does when the primary's heartbeat stops.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Failover {
+    /// Wait for `PUT /actions {"action":"failover"}` (as QEMU does).
+    #[default]
+    Manual,
+    /// Take over when the heartbeat times out. Until a witness exists this
+    /// risks split brain: a network partition between the two hosts looks
+    /// like a dead primary, so both sides run the guest.
+    Auto,
+}
+
+/// `--mode`: `remus` or `colo`.
+fn parse_mode(s: &str) -> Result<Mode, String> {
+    match s {
+        "remus" => Ok(Mode::Remus),
+        "colo" => Ok(Mode::Colo),
+        other => Err(format!("unknown mode {other:?} (expected remus or colo)")),
     }
 }
 
@@ -127,6 +168,35 @@ pub struct Cli {
     /// Start paused: nothing runs until `PUT /vm {"state":"running"}`.
     #[arg(long)]
     pub start_paused: bool,
+    /// Primary: the secondary's address (its --listen).
+    #[arg(long, value_name = "HOST:PORT", help_heading = "Replication")]
+    pub peer: Option<String>,
+    /// Secondary: the address to wait on for the primary.
+    #[arg(long, value_name = "HOST:PORT", help_heading = "Replication")]
+    pub listen: Option<String>,
+    /// How the pair replicates [default: remus]; `colo` is not built yet.
+    #[arg(long, value_name = "remus|colo", value_parser = parse_mode, help_heading = "Replication")]
+    pub mode: Option<Mode>,
+    /// Milliseconds between checkpoints, 1..=60000 [default: 20]: Remus
+    /// holds the guest's replies up to one interval.
+    #[arg(long, value_name = "N", help_heading = "Replication")]
+    pub checkpoint_ms: Option<u64>,
+    /// Send the state hash with each checkpoint; the secondary compares it
+    /// after applying and stops replication on a mismatch.
+    #[arg(long, help_heading = "Replication")]
+    pub verify_checkpoints: bool,
+    /// On heartbeat loss: wait for a `failover` action (manual), or take
+    /// over (auto: a network partition makes both sides run the guest)
+    /// [default: manual].
+    #[arg(long, value_enum, value_name = "POLICY", help_heading = "Replication")]
+    pub failover: Option<Failover>,
+    /// Milliseconds between heartbeats [default: 100].
+    #[arg(long, value_name = "N", help_heading = "Replication")]
+    pub heartbeat_ms: Option<u64>,
+    /// Milliseconds without a heartbeat before the peer counts as gone;
+    /// more than --heartbeat-ms [default: 1000].
+    #[arg(long, value_name = "N", help_heading = "Replication")]
+    pub heartbeat_timeout_ms: Option<u64>,
 }
 
 /// Most virtio devices a VM may have (one IRQ line each, 5..=15 minus the
@@ -245,6 +315,133 @@ pub struct FileConfig {
     /// Same as `--restore`: a full snapshot, then diffs.
     pub restore: Option<Vec<PathBuf>>,
     pub start_paused: Option<bool>,
+    pub peer: Option<String>,
+    pub listen: Option<String>,
+    pub mode: Option<Mode>,
+    pub checkpoint_ms: Option<u64>,
+    pub verify_checkpoints: Option<bool>,
+    pub failover: Option<Failover>,
+    pub heartbeat_ms: Option<u64>,
+    pub heartbeat_timeout_ms: Option<u64>,
+}
+
+/// The replication settings of a primary or a secondary.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicationConfig {
+    pub role: colo::control::Role,
+    /// Primary: the secondary's `HOST:PORT` (not resolved here).
+    pub peer: Option<String>,
+    /// Secondary: the `HOST:PORT` it waits on.
+    pub listen: Option<String>,
+    pub mode: Mode,
+    /// Milliseconds between checkpoints ([`CHECKPOINT_MS_RANGE`]).
+    pub checkpoint_ms: u64,
+    /// Checkpoints carry the state hash; the secondary compares it.
+    pub verify: bool,
+    /// Take over on heartbeat loss ([`Failover::Auto`]).
+    pub failover_auto: bool,
+    pub heartbeat_ms: u64,
+    pub heartbeat_timeout_ms: u64,
+}
+
+impl ReplicationConfig {
+    /// A primary sending to `peer` with every other setting at its default.
+    pub fn primary(peer: impl Into<String>) -> Self {
+        Self::new(colo::control::Role::Primary, Some(peer.into()), None)
+    }
+
+    /// A secondary waiting on `listen` with every other setting at its
+    /// default.
+    pub fn secondary(listen: impl Into<String>) -> Self {
+        Self::new(colo::control::Role::Secondary, None, Some(listen.into()))
+    }
+
+    fn new(role: colo::control::Role, peer: Option<String>, listen: Option<String>) -> Self {
+        Self {
+            role,
+            peer,
+            listen,
+            mode: Mode::Remus,
+            checkpoint_ms: DEFAULT_CHECKPOINT_MS,
+            verify: false,
+            failover_auto: false,
+            heartbeat_ms: DEFAULT_HEARTBEAT_MS,
+            heartbeat_timeout_ms: DEFAULT_HEARTBEAT_TIMEOUT_MS,
+        }
+    }
+
+    /// Checks the settings on their own (the role's rules are checked by
+    /// [`VmConfig::validate`]).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        use colo::control::Role as Side;
+        match (self.role, &self.peer, &self.listen) {
+            (Side::Primary, None, _) => return Err(ConfigError::MissingPeer),
+            (Side::Primary, _, Some(_)) => {
+                return Err(ConfigError::NotForRole {
+                    flag: "--listen",
+                    role: Role::Primary,
+                    hint: PRIMARY_HINT,
+                })
+            }
+            (Side::Secondary, _, None) => return Err(ConfigError::MissingListen),
+            (Side::Secondary, Some(_), _) => {
+                return Err(ConfigError::NotForRole {
+                    flag: "--peer",
+                    role: Role::Secondary,
+                    hint: SECONDARY_HINT,
+                })
+            }
+            _ => {}
+        }
+        if let Some(peer) = &self.peer {
+            check_address("--peer", peer)?;
+        }
+        if let Some(listen) = &self.listen {
+            check_address("--listen", listen)?;
+        }
+        if self.mode == Mode::Colo {
+            return Err(ConfigError::ColoModeNotBuilt);
+        }
+        if !CHECKPOINT_MS_RANGE.contains(&self.checkpoint_ms) {
+            return Err(ConfigError::CheckpointMs(self.checkpoint_ms));
+        }
+        if !HEARTBEAT_MS_RANGE.contains(&self.heartbeat_ms) {
+            return Err(ConfigError::HeartbeatMs(self.heartbeat_ms));
+        }
+        if !HEARTBEAT_MS_RANGE.contains(&self.heartbeat_timeout_ms)
+            || self.heartbeat_timeout_ms <= self.heartbeat_ms
+        {
+            return Err(ConfigError::HeartbeatTimeout {
+                timeout: self.heartbeat_timeout_ms,
+                interval: self.heartbeat_ms,
+            });
+        }
+        Ok(())
+    }
+}
+
+const PRIMARY_HINT: &str = "a primary connects to its secondary at --peer HOST:PORT";
+const SECONDARY_HINT: &str = "a secondary waits for its primary at --listen HOST:PORT";
+const GUEST_FROM_PRIMARY: &str = "the secondary gets its guest from the primary";
+
+/// Checks that `value` is `HOST:PORT` with a port in 1..=65535 (an IPv6
+/// host in brackets). The host is not resolved here.
+fn check_address(flag: &'static str, value: &str) -> Result<(), ConfigError> {
+    let bad = || ConfigError::BadAddress {
+        flag,
+        value: value.to_string(),
+    };
+    let (host, port) = value.rsplit_once(':').ok_or_else(bad)?;
+    let host_ok = match host.strip_prefix('[') {
+        Some(v6) => v6
+            .strip_suffix(']')
+            .is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok()),
+        None => !host.is_empty() && !host.contains(':') && !host.contains(char::is_whitespace),
+    };
+    match port.parse::<u16>() {
+        Ok(p) if p != 0 && host_ok => Ok(()),
+        _ => Err(bad()),
+    }
 }
 
 /// A complete, validated VM configuration.
@@ -266,6 +463,8 @@ pub struct VmConfig {
     pub restore: Vec<PathBuf>,
     /// Wait for a resume before running.
     pub start_paused: bool,
+    /// `None` for a standalone VM.
+    pub replication: Option<ReplicationConfig>,
 }
 
 impl VmConfig {
@@ -287,7 +486,15 @@ impl VmConfig {
             api_sock: None,
             restore: Vec::new(),
             start_paused: false,
+            replication: None,
         }
+    }
+
+    /// Whether the VM boots its kernel: not when it is restored from
+    /// snapshots, nor on a secondary (which gets its guest from the
+    /// primary; its `kernel` is an empty path that nothing reads).
+    pub fn boots(&self) -> bool {
+        self.restore.is_empty() && self.role != Role::Secondary
     }
 }
 
@@ -365,8 +572,38 @@ pub enum ConfigError {
     DuplicateTap(String),
     #[error("MAC address {0} is used by two net devices")]
     DuplicateMac(String),
-    #[error("--role {0} is not built yet: only --role standalone runs a VM for now")]
-    RoleNotBuilt(Role),
+    #[error("{flag} is a replication setting: it needs --role primary or --role secondary")]
+    ReplicationOnly { flag: &'static str },
+    #[error("{flag} is not for --role {role}: {hint}")]
+    NotForRole {
+        flag: &'static str,
+        role: Role,
+        hint: &'static str,
+    },
+    #[error("a primary needs --peer HOST:PORT: the address its secondary listens on")]
+    MissingPeer,
+    #[error("a secondary needs --listen HOST:PORT: the address its primary connects to")]
+    MissingListen,
+    #[error(
+        "a secondary needs --mem-mib and --vcpus given explicitly, the same as the primary's \
+         (it has no kernel or snapshot to take them from)"
+    )]
+    SecondarySize,
+    #[error("invalid {flag} {value:?}: expected HOST:PORT with a port 1..=65535")]
+    BadAddress { flag: &'static str, value: String },
+    #[error("COLO mode is not built yet (issue 10); use --mode remus")]
+    ColoModeNotBuilt,
+    #[error("--checkpoint-ms {0} is out of range: give 1..=60000")]
+    CheckpointMs(u64),
+    #[error("--heartbeat-ms {0} is out of range: give 1..=60000")]
+    HeartbeatMs(u64),
+    #[error(
+        "--heartbeat-timeout-ms {timeout} must be more than --heartbeat-ms {interval} \
+         (and at most 60000)"
+    )]
+    HeartbeatTimeout { timeout: u64, interval: u64 },
+    #[error("the replication settings do not match --role {0}")]
+    RoleMismatch(Role),
 }
 
 impl VmConfig {
@@ -386,12 +623,28 @@ impl VmConfig {
         } else {
             cli.restore.clone()
         };
+        let role = cli.role.or(file.role).unwrap_or(Role::Standalone);
+        let replication = merge_replication(role, cli, &file)?;
+        if role == Role::Secondary {
+            if cli.cmdline.is_some() || file.cmdline.is_some() {
+                return Err(ConfigError::NotForRole {
+                    flag: "--cmdline",
+                    role,
+                    hint: GUEST_FROM_PRIMARY,
+                });
+            }
+            let mem_given = cli.mem_mib.is_some() || file.mem_mib.is_some();
+            let vcpus_given = cli.vcpus.is_some() || file.vcpus.is_some();
+            if !mem_given || !vcpus_given {
+                return Err(ConfigError::SecondarySize);
+            }
+        }
         let config = VmConfig {
-            role: cli.role.or(file.role).unwrap_or(Role::Standalone),
+            role,
             kernel: match cli.kernel.clone().or(file.kernel) {
                 Some(kernel) => kernel,
-                // A restored VM needs no kernel.
-                None if !restore.is_empty() => PathBuf::new(),
+                // A restored VM and a secondary need no kernel.
+                None if !restore.is_empty() || role == Role::Secondary => PathBuf::new(),
                 None => return Err(ConfigError::MissingKernel),
             },
             initrd: cli.initrd.clone().or(file.initrd),
@@ -422,6 +675,7 @@ impl VmConfig {
             api_sock: cli.api_sock.clone().or(file.api_sock),
             restore,
             start_paused: cli.start_paused || file.start_paused.unwrap_or(false),
+            replication,
         };
         config.validate()?;
         Ok(config)
@@ -430,9 +684,7 @@ impl VmConfig {
     /// Checks everything that can be checked without KVM, so that a bad
     /// setting is reported before any VM is created.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.role != Role::Standalone {
-            return Err(ConfigError::RoleNotBuilt(self.role));
-        }
+        self.validate_role()?;
         match self.mem_mib {
             0 => return Err(ConfigError::ZeroMemory),
             n if n > MAX_MEM_MIB => return Err(ConfigError::TooMuchMemory(n)),
@@ -449,7 +701,7 @@ impl VmConfig {
         if self.cmdline.contains('\0') {
             return Err(ConfigError::CmdlineNul);
         }
-        if self.restore.is_empty() {
+        if self.boots() {
             kernel_format(&self.kernel)?;
         }
         let devices = self.disks.len() + self.nets.len();
@@ -486,10 +738,102 @@ impl VmConfig {
         Ok(())
     }
 
+    /// The replication settings agree with the role; a secondary has no
+    /// guest of its own to start.
+    fn validate_role(&self) -> Result<(), ConfigError> {
+        use colo::control::Role as Side;
+        match (self.role, &self.replication) {
+            (Role::Standalone, None) => return Ok(()),
+            (Role::Primary, Some(r)) if r.role == Side::Primary => r.validate()?,
+            (Role::Secondary, Some(r)) if r.role == Side::Secondary => r.validate()?,
+            (role, _) => return Err(ConfigError::RoleMismatch(role)),
+        }
+        if self.role == Role::Secondary {
+            let refused = [
+                ("--kernel", !self.kernel.as_os_str().is_empty()),
+                ("--initrd", self.initrd.is_some()),
+                ("--restore", !self.restore.is_empty()),
+                ("--start-paused", self.start_paused),
+            ];
+            if let Some((flag, _)) = refused.into_iter().find(|(_, given)| *given) {
+                return Err(ConfigError::NotForRole {
+                    flag,
+                    role: self.role,
+                    hint: GUEST_FROM_PRIMARY,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Guest RAM in bytes.
     pub fn mem_size(&self) -> u64 {
         self.mem_mib << 20
     }
+}
+
+/// The replication settings of `role` from the flags over the file over
+/// the defaults; a standalone VM refuses every one of them.
+fn merge_replication(
+    role: Role,
+    cli: &Cli,
+    file: &FileConfig,
+) -> Result<Option<ReplicationConfig>, ConfigError> {
+    let side = match role {
+        Role::Standalone => {
+            let given = [
+                ("--peer", cli.peer.is_some() || file.peer.is_some()),
+                ("--listen", cli.listen.is_some() || file.listen.is_some()),
+                ("--mode", cli.mode.is_some() || file.mode.is_some()),
+                (
+                    "--checkpoint-ms",
+                    cli.checkpoint_ms.is_some() || file.checkpoint_ms.is_some(),
+                ),
+                (
+                    "--verify-checkpoints",
+                    cli.verify_checkpoints || file.verify_checkpoints.is_some(),
+                ),
+                (
+                    "--failover",
+                    cli.failover.is_some() || file.failover.is_some(),
+                ),
+                (
+                    "--heartbeat-ms",
+                    cli.heartbeat_ms.is_some() || file.heartbeat_ms.is_some(),
+                ),
+                (
+                    "--heartbeat-timeout-ms",
+                    cli.heartbeat_timeout_ms.is_some() || file.heartbeat_timeout_ms.is_some(),
+                ),
+            ];
+            return match given.into_iter().find(|(_, given)| *given) {
+                Some((flag, _)) => Err(ConfigError::ReplicationOnly { flag }),
+                None => Ok(None),
+            };
+        }
+        Role::Primary => colo::control::Role::Primary,
+        Role::Secondary => colo::control::Role::Secondary,
+    };
+    Ok(Some(ReplicationConfig {
+        role: side,
+        peer: cli.peer.clone().or_else(|| file.peer.clone()),
+        listen: cli.listen.clone().or_else(|| file.listen.clone()),
+        mode: cli.mode.or(file.mode).unwrap_or(Mode::Remus),
+        checkpoint_ms: cli
+            .checkpoint_ms
+            .or(file.checkpoint_ms)
+            .unwrap_or(DEFAULT_CHECKPOINT_MS),
+        verify: cli.verify_checkpoints || file.verify_checkpoints.unwrap_or(false),
+        failover_auto: cli.failover.or(file.failover).unwrap_or_default() == Failover::Auto,
+        heartbeat_ms: cli
+            .heartbeat_ms
+            .or(file.heartbeat_ms)
+            .unwrap_or(DEFAULT_HEARTBEAT_MS),
+        heartbeat_timeout_ms: cli
+            .heartbeat_timeout_ms
+            .or(file.heartbeat_timeout_ms)
+            .unwrap_or(DEFAULT_HEARTBEAT_TIMEOUT_MS),
+    }))
 }
 
 /// Parses list entries of a config file with the flags' syntax.
@@ -623,9 +967,321 @@ mod tests {
             err(&["--kernel", k, "--cmdline", &long]),
             ConfigError::CmdlineTooLong(4096)
         ));
+    }
+
+    const SECONDARY: &[&str] = &[
+        "--role",
+        "secondary",
+        "--listen",
+        "0.0.0.0:7000",
+        "--mem-mib",
+        "64",
+        "--vcpus",
+        "2",
+    ];
+
+    #[test]
+    fn a_primary_takes_the_replication_flags_with_their_defaults() {
+        let kernel = elf_file();
+        let k = kernel.path().to_str().unwrap();
+        let c = VmConfig::from_cli(&cli(&[
+            "--kernel",
+            k,
+            "--role",
+            "primary",
+            "--peer",
+            "10.0.0.2:7000",
+        ]))
+        .unwrap();
+        assert!(c.boots());
+        assert_eq!(
+            c.replication,
+            Some(ReplicationConfig::primary("10.0.0.2:7000"))
+        );
+        let r = c.replication.unwrap();
+        assert_eq!(
+            (r.mode, r.checkpoint_ms, r.verify),
+            (Mode::Remus, 20, false)
+        );
+        assert_eq!((r.heartbeat_ms, r.heartbeat_timeout_ms), (100, 1000));
+        assert!(!r.failover_auto);
+        let c = VmConfig::from_cli(&cli(&[
+            "--kernel",
+            k,
+            "--role",
+            "primary",
+            "--peer",
+            "[fd00::2]:7000",
+            "--mode",
+            "remus",
+            "--checkpoint-ms",
+            "5",
+            "--verify-checkpoints",
+            "--failover",
+            "auto",
+            "--heartbeat-ms",
+            "50",
+            "--heartbeat-timeout-ms",
+            "51",
+        ]))
+        .unwrap();
+        let r = c.replication.unwrap();
+        assert_eq!(r.peer.as_deref(), Some("[fd00::2]:7000"));
+        assert_eq!(
+            (r.checkpoint_ms, r.verify, r.failover_auto),
+            (5, true, true)
+        );
+        assert_eq!((r.heartbeat_ms, r.heartbeat_timeout_ms), (50, 51));
+    }
+
+    #[test]
+    fn replication_settings_come_from_the_file_and_flags_win() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(
+            f,
+            "role = \"secondary\"\nlisten = \"0.0.0.0:7000\"\nmem-mib = 64\nvcpus = 2\n\
+             mode = \"remus\"\ncheckpoint-ms = 40\nverify-checkpoints = true\n\
+             failover = \"auto\"\nheartbeat-ms = 10\nheartbeat-timeout-ms = 30"
+        )
+        .unwrap();
+        let path = f.path().to_str().unwrap();
+        let c = VmConfig::from_cli(&cli(&["--config", path, "--checkpoint-ms", "7"])).unwrap();
+        assert_eq!(c.role, Role::Secondary);
+        assert!(!c.boots());
+        assert_eq!(c.kernel, PathBuf::new());
+        let r = c.replication.unwrap();
+        assert_eq!(r.role, colo::control::Role::Secondary);
+        assert_eq!(r.listen.as_deref(), Some("0.0.0.0:7000"));
+        assert_eq!(
+            (r.checkpoint_ms, r.verify, r.failover_auto),
+            (7, true, true)
+        );
+        assert_eq!((r.heartbeat_ms, r.heartbeat_timeout_ms), (10, 30));
+        let c = VmConfig::from_cli(&cli(&["--config", path, "--failover", "manual"])).unwrap();
+        assert!(!c.replication.unwrap().failover_auto);
+    }
+
+    #[test]
+    fn a_primary_needs_a_peer_and_a_guest() {
+        let kernel = elf_file();
+        let k = kernel.path().to_str().unwrap();
+        let err = |args: &[&str]| VmConfig::from_cli(&cli(args)).unwrap_err();
+        let e = err(&["--kernel", k, "--role", "primary"]);
+        assert!(matches!(e, ConfigError::MissingPeer), "{e}");
+        assert!(e.to_string().contains("--peer HOST:PORT"), "{e}");
+        let e = err(&["--role", "primary", "--peer", "h:1"]);
+        assert!(matches!(e, ConfigError::MissingKernel), "{e}");
+        let e = err(&[
+            "--kernel", k, "--role", "primary", "--peer", "h:1", "--listen", "h:2",
+        ]);
+        assert!(
+            matches!(
+                e,
+                ConfigError::NotForRole {
+                    flag: "--listen",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        // A restored primary needs no kernel.
+        let c = VmConfig::from_cli(&cli(&[
+            "--role",
+            "primary",
+            "--peer",
+            "h:1",
+            "--restore",
+            "/a",
+        ]))
+        .unwrap();
+        assert!(!c.boots());
+    }
+
+    #[test]
+    fn addresses_must_be_host_and_port() {
+        let kernel = elf_file();
+        let k = kernel.path().to_str().unwrap();
+        for bad in [
+            "h", "h:", ":7000", "h:0", "h:65536", "h:x", "::1:7", "[::1]", "[x]:7", "a b:1",
+        ] {
+            let e = VmConfig::from_cli(&cli(&["--kernel", k, "--role", "primary", "--peer", bad]))
+                .unwrap_err();
+            assert!(matches!(e, ConfigError::BadAddress { .. }), "{bad}: {e}");
+            assert!(e.to_string().contains(bad), "{e}");
+        }
+        for good in ["h:1", "10.0.0.1:65535", "[::1]:7000", "host.example:7000"] {
+            VmConfig::from_cli(&cli(&["--kernel", k, "--role", "primary", "--peer", good]))
+                .unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
+        let mut args = SECONDARY.to_vec();
+        args[3] = "nowhere";
+        let e = VmConfig::from_cli(&cli(&args)).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ConfigError::BadAddress {
+                    flag: "--listen",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_secondary_needs_listen_and_size_and_no_guest() {
+        let c = VmConfig::from_cli(&cli(SECONDARY)).unwrap();
+        assert_eq!((c.mem_mib, c.vcpus), (64, 2));
+        assert!(!c.boots());
+        let err = |extra: &[&str]| {
+            let args: Vec<&str> = SECONDARY.iter().chain(extra).copied().collect();
+            VmConfig::from_cli(&cli(&args)).unwrap_err()
+        };
+        let kernel = elf_file();
+        let k = kernel.path().to_str().unwrap();
+        for (extra, flag) in [
+            (&["--kernel", k][..], "--kernel"),
+            (&["--initrd", k], "--initrd"),
+            (&["--cmdline", "x"], "--cmdline"),
+            (&["--restore", "/a.full"], "--restore"),
+            (&["--start-paused"], "--start-paused"),
+            (&["--peer", "h:1"], "--peer"),
+        ] {
+            let e = err(extra);
+            assert!(
+                matches!(e, ConfigError::NotForRole { flag: f, .. } if f == flag),
+                "{flag}: {e}"
+            );
+            assert!(e.to_string().starts_with(flag), "{e}");
+        }
+        assert!(err(&["--kernel", k])
+            .to_string()
+            .contains("the secondary gets its guest from the primary"));
+        let without = |skip: &str| {
+            let mut args = SECONDARY.to_vec();
+            let at = args.iter().position(|a| *a == skip).unwrap();
+            args.drain(at..at + 2);
+            VmConfig::from_cli(&cli(&args)).unwrap_err()
+        };
+        assert!(matches!(without("--listen"), ConfigError::MissingListen));
+        assert!(matches!(without("--mem-mib"), ConfigError::SecondarySize));
+        assert!(matches!(without("--vcpus"), ConfigError::SecondarySize));
+        // A read-only disk is allowed (it is not forwarded).
+        let disk = tempfile::NamedTempFile::new().unwrap();
+        let spec = format!("{},readonly", disk.path().display());
+        let args: Vec<&str> = SECONDARY.iter().copied().chain(["--disk", &spec]).collect();
+        assert!(VmConfig::from_cli(&cli(&args)).unwrap().disks[0].read_only);
+    }
+
+    #[test]
+    fn a_standalone_vm_refuses_replication_settings() {
+        let kernel = elf_file();
+        let k = kernel.path().to_str().unwrap();
+        for (extra, flag) in [
+            (&["--peer", "h:1"][..], "--peer"),
+            (&["--listen", "h:1"], "--listen"),
+            (&["--mode", "remus"], "--mode"),
+            (&["--checkpoint-ms", "5"], "--checkpoint-ms"),
+            (&["--verify-checkpoints"], "--verify-checkpoints"),
+            (&["--failover", "auto"], "--failover"),
+            (&["--heartbeat-ms", "5"], "--heartbeat-ms"),
+            (
+                &["--heartbeat-timeout-ms", "5000"],
+                "--heartbeat-timeout-ms",
+            ),
+        ] {
+            let args: Vec<&str> = ["--kernel", k].iter().chain(extra).copied().collect();
+            let e = VmConfig::from_cli(&cli(&args)).unwrap_err();
+            assert!(
+                matches!(e, ConfigError::ReplicationOnly { flag: f } if f == flag),
+                "{flag}: {e}"
+            );
+            assert!(e.to_string().contains("needs --role primary"), "{e}");
+        }
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "kernel = {:?}\npeer = \"h:1\"", kernel.path()).unwrap();
+        let e = VmConfig::from_cli(&cli(&["--config", f.path().to_str().unwrap()])).unwrap_err();
+        assert!(
+            matches!(e, ConfigError::ReplicationOnly { flag: "--peer" }),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn replication_values_are_checked() {
+        let err = |extra: &[&str]| {
+            let args: Vec<&str> = SECONDARY.iter().chain(extra).copied().collect();
+            VmConfig::from_cli(&cli(&args)).unwrap_err()
+        };
+        let e = err(&["--mode", "colo"]);
+        assert!(matches!(e, ConfigError::ColoModeNotBuilt), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "COLO mode is not built yet (issue 10); use --mode remus"
+        );
         assert!(matches!(
-            err(&["--kernel", k, "--role", "primary"]),
-            ConfigError::RoleNotBuilt(Role::Primary)
+            err(&["--checkpoint-ms", "0"]),
+            ConfigError::CheckpointMs(0)
+        ));
+        assert!(matches!(
+            err(&["--checkpoint-ms", "60001"]),
+            ConfigError::CheckpointMs(60001)
+        ));
+        assert!(matches!(
+            err(&["--heartbeat-ms", "0"]),
+            ConfigError::HeartbeatMs(0)
+        ));
+        assert!(matches!(
+            err(&["--heartbeat-ms", "100", "--heartbeat-timeout-ms", "100"]),
+            ConfigError::HeartbeatTimeout {
+                timeout: 100,
+                interval: 100
+            }
+        ));
+        assert!(matches!(
+            err(&["--heartbeat-timeout-ms", "50"]),
+            ConfigError::HeartbeatTimeout {
+                timeout: 50,
+                interval: 100
+            }
+        ));
+        let args: Vec<&str> = SECONDARY
+            .iter()
+            .chain(&["--checkpoint-ms", "60000"])
+            .copied()
+            .collect();
+        assert_eq!(
+            VmConfig::from_cli(&cli(&args))
+                .unwrap()
+                .replication
+                .unwrap()
+                .checkpoint_ms,
+            60000
+        );
+        assert!(Cli::try_parse_from(["vmm", "--mode", "fast"]).is_err());
+        assert!(Cli::try_parse_from(["vmm", "--failover", "sometimes"]).is_err());
+    }
+
+    #[test]
+    fn role_and_replication_settings_must_agree() {
+        let kernel = elf_file();
+        let mut c = VmConfig::new(kernel.path().to_path_buf());
+        c.replication = Some(ReplicationConfig::primary("h:1"));
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::RoleMismatch(Role::Standalone))
+        ));
+        c.role = Role::Secondary;
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::RoleMismatch(Role::Secondary))
+        ));
+        c.role = Role::Primary;
+        c.validate().unwrap();
+        c.replication = None;
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::RoleMismatch(Role::Primary))
         ));
     }
 

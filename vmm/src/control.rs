@@ -1,8 +1,10 @@
 //! The API's view of a running VM: [`VmControl`] over a [`VmHandle`] and
-//! the VM's shared counters.
+//! the VM's shared counters, and over the replication's
+//! [`colo::control::Control`] when the VM is one of a pair.
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::api::{ControlError, DeviceMetrics, Metrics, Status, VmControl, VmState};
@@ -28,9 +30,11 @@ pub struct VmmControl {
     vcpus: u8,
     memory_mib: u64,
     created: Instant,
+    colo: Option<Arc<dyn colo::control::Control>>,
 }
 
 impl VmmControl {
+    /// A standalone VM's control; see [`VmmControl::with_colo`].
     pub fn new(config: &VmConfig, vm: &RunningVm) -> Self {
         Self {
             handle: vm.handle(),
@@ -39,7 +43,16 @@ impl VmmControl {
             vcpus: config.vcpus,
             memory_mib: config.mem_mib,
             created: Instant::now() - vm.uptime(),
+            colo: None,
         }
+    }
+
+    /// Adds the replication of a primary or secondary: `GET /status` and
+    /// `/metrics` then report it, and its commands (failover, checkpoint,
+    /// `PATCH /colo`) reach it.
+    pub fn with_colo(mut self, colo: Arc<dyn colo::control::Control>) -> Self {
+        self.colo = Some(colo);
+        self
     }
 
     fn state(&self) -> VmState {
@@ -66,7 +79,12 @@ impl VmControl for VmmControl {
             uptime_secs: self.created.elapsed().as_secs_f64(),
             vcpus: self.vcpus,
             memory_mib: self.memory_mib,
+            colo: self.colo.as_ref().map(|c| c.status()),
         }
+    }
+
+    fn colo(&self) -> Option<Arc<dyn colo::control::Control>> {
+        self.colo.clone()
     }
 
     fn pause(&self) -> Result<(), ControlError> {
@@ -119,6 +137,13 @@ impl VmControl for VmmControl {
                     errors: c.errors.load(Ordering::Relaxed),
                 })
                 .collect(),
+            colo: self.colo.as_ref().map(|c| {
+                let mut m = c.metrics();
+                // The state gauge shows the state even if the engine's
+                // metrics leave it out.
+                m.state = m.state.or_else(|| Some(c.status().state));
+                m
+            }),
         }
     }
 }

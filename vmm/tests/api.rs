@@ -68,6 +68,7 @@ impl VmControl for FakeVm {
             uptime_secs: 12.25,
             vcpus: 2,
             memory_mib: 256,
+            colo: None,
         }
     }
 
@@ -112,6 +113,7 @@ impl VmControl for FakeVm {
                     errors: 1,
                 },
             ],
+            colo: None,
         }
     }
 
@@ -281,6 +283,7 @@ fn status_is_json() {
             uptime_secs: 12.25,
             vcpus: 2,
             memory_mib: 256,
+            colo: None,
         }
     );
     assert_eq!(json(&r.body)["state"], "running");
@@ -863,11 +866,19 @@ fn openapi_file_describes_every_endpoint() {
         ("/metrics", "get"),
         ("/snapshot", "put"),
         ("/state-hash", "get"),
+        ("/colo", "patch"),
     ] {
-        let at = yaml
-            .find(&format!("\n  {uri}:\n    {method}:\n"))
-            .unwrap_or_else(|| panic!("{method} {uri} not in {}", path.display()));
-        assert!(at > 0);
+        assert!(
+            yaml.contains(&format!("\n  {uri}:\n    {method}:\n")),
+            "{method} {uri} not in {}",
+            path.display()
+        );
+    }
+    for schema in ["ColoStatus", "ColoRequest"] {
+        assert!(yaml.contains(&format!("\n    {schema}:\n")), "{schema}");
+    }
+    for state in colo::control::State::ALL {
+        assert!(yaml.contains(state.name()), "{}", state.name());
     }
     for response in [
         "BadRequest",

@@ -5,6 +5,9 @@
 //! | GET | `/status` | | 200 [`Status`] |
 //! | PUT | `/vm` | `{"state": "paused" \| "running"}` | 204 |
 //! | PUT | `/actions` | `{"action": "shutdown"}` | 202 |
+//! | PUT | `/actions` | `{"action": "failover"}` (replicated VM) | 204 |
+//! | PUT | `/actions` | `{"action": "checkpoint"}` (replicated VM) | 202 |
+//! | PATCH | `/colo` | `{"checkpoint_ms": N}` (replicated VM) | 204 |
 //! | GET | `/metrics` | | 200 Prometheus text |
 //! | PUT | `/snapshot` | `{"type": "full" \| "diff", "path": "..."}` (paused VM) | 200 `{"bytes": N}` |
 //! | GET | `/state-hash` | (paused VM) | 200 `{"hash": "<16 hex digits>", "parts": {...}}` |
@@ -12,9 +15,11 @@
 //! Errors carry `{"error": "..."}`: 404 unknown path, 405 wrong method
 //! (with `Allow`), 400 malformed JSON, a body that is not an object, wrong
 //! types, unknown fields, missing fields or bad values, 413 a body (or a
-//! declared `Content-Length`) over 16 KiB, 415 a PUT whose `Content-Type`
+//! declared `Content-Length`) over 16 KiB, 415 a PUT or PATCH whose `Content-Type`
 //! is not `application/json` (a missing `Content-Type` is taken as JSON),
-//! and from [`ControlError`] 400 / 409 / 500.
+//! and from [`ControlError`] 400 / 409 / 500. The replication routes
+//! answer 409 "not replicating" on a standalone VM, and map
+//! [`colo::control::CommandError`] to 409 / 400 / 500.
 //! `docs/api.yaml` is the OpenAPI description; `vmmctl` the client
 //! ([`client`]).
 //!
@@ -37,7 +42,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 pub use metrics::render as render_metrics;
-pub use server::{check_socket_path, spawn_server, ApiError, ApiServer};
+pub use server::{check_socket_path, spawn_server, ApiError, ApiServer, NOT_REPLICATING};
 
 /// Largest request body the API reads.
 pub const MAX_BODY: usize = 16 * 1024;
@@ -65,6 +70,11 @@ pub trait VmControl: Send + Sync + 'static {
     /// The state hash of the paused VM, as a JSON object
     /// (`{"hash": "<hex>", "parts": {"memory": "<hex>", ...}}`).
     fn state_hash(&self) -> Result<String, ControlError>;
+    /// The replication's commands, `None` for a standalone VM. Its calls
+    /// run off the API's thread.
+    fn colo(&self) -> Option<std::sync::Arc<dyn colo::control::Control>> {
+        None
+    }
 }
 
 /// `PUT /snapshot`.
@@ -94,6 +104,9 @@ pub struct Status {
     pub uptime_secs: f64,
     pub vcpus: u8,
     pub memory_mib: u64,
+    /// Replication status; absent for a standalone VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub colo: Option<colo::control::Status>,
 }
 
 /// Counters of one virtio device.
@@ -117,6 +130,8 @@ pub struct Metrics {
     pub exits: BTreeMap<String, u64>,
     pub serial_tx_bytes: u64,
     pub devices: Vec<DeviceMetrics>,
+    /// Replication counters; `None` for a standalone VM.
+    pub colo: Option<colo::control::Metrics>,
 }
 
 /// Why the VM refused a request.
@@ -158,4 +173,13 @@ struct ActionRequest {
 #[serde(rename_all = "snake_case")]
 enum Action {
     Shutdown,
+    Failover,
+    Checkpoint,
+}
+
+/// `PATCH /colo`: the settings to change; at least one.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ColoRequest {
+    checkpoint_ms: Option<u64>,
 }

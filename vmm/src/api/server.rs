@@ -2,7 +2,7 @@
 //! OS thread, accepting on a Unix socket.
 //!
 //! Calls that wait for the VM (pause, resume, shutdown, snapshot, state
-//! hash) run on tokio's blocking pool, never on the runtime's only thread:
+//! hash) and the replication's commands run on tokio's blocking pool, never on the runtime's only thread:
 //! `GET /status` and `/metrics` answer while a snapshot is being written.
 //! The VM thread carries out its requests one at a time, in order.
 
@@ -23,12 +23,14 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 
+use colo::control::{CommandError, Control};
 use devices::ratelimit::LogLimit;
 
 use super::{
-    metrics, Action, ActionRequest, ControlError, RequestedState, SnapshotRequest, VmControl,
-    VmRequest, MAX_BODY,
+    metrics, Action, ActionRequest, ColoRequest, ControlError, RequestedState, SnapshotRequest,
+    VmControl, VmRequest, MAX_BODY,
 };
+use crate::config::CHECKPOINT_MS_RANGE;
 
 /// Errors starting the server.
 #[derive(Debug, thiserror::Error)]
@@ -554,6 +556,40 @@ async fn off_thread<T: Send + 'static>(
         .unwrap_or_else(|e| Err(ControlError::Internal(format!("control call failed: {e}"))))
 }
 
+/// What a replication command on a standalone VM is told (409).
+pub const NOT_REPLICATING: &str =
+    "not replicating: this VM is standalone (start it with --role primary or secondary)";
+
+/// The replication's commands; 409 on a standalone VM.
+fn replication(control: &dyn VmControl) -> Result<Arc<dyn Control>, ControlError> {
+    control
+        .colo()
+        .ok_or_else(|| ControlError::Conflict(NOT_REPLICATING.into()))
+}
+
+/// 409 / 400 / 500 as the replication says.
+fn from_command(e: CommandError) -> ControlError {
+    match e {
+        CommandError::Conflict(text) => ControlError::Conflict(text),
+        CommandError::Invalid(text) => ControlError::Invalid(text),
+        CommandError::Failed(text) => ControlError::Internal(text),
+    }
+}
+
+/// Runs a replication command off the API's thread (a failover is
+/// answered while a checkpoint or a snapshot runs); `done` on success.
+async fn colo_command(
+    control: &Arc<dyn VmControl>,
+    done: StatusCode,
+    call: impl FnOnce(&dyn Control) -> Result<(), CommandError> + Send + 'static,
+) -> Reply {
+    off_thread(control, move |c| {
+        call(replication(c)?.as_ref()).map_err(from_command)
+    })
+    .await
+    .map_or_else(control_error, |()| empty(done))
+}
+
 /// Routes one request to `control` and builds its reply.
 pub(super) async fn handle<B>(req: Request<B>, control: Arc<dyn VmControl>) -> Reply
 where
@@ -595,9 +631,43 @@ where
             }) => off_thread(&control, |c| c.shutdown())
                 .await
                 .map_or_else(control_error, |()| empty(StatusCode::ACCEPTED)),
+            Ok(ActionRequest {
+                action: Action::Failover,
+            }) => colo_command(&control, StatusCode::NO_CONTENT, |c| c.failover()).await,
+            Ok(ActionRequest {
+                action: Action::Checkpoint,
+            }) => colo_command(&control, StatusCode::ACCEPTED, |c| c.checkpoint()).await,
             Err(reply) => reply,
         },
         ("/actions", _) => method_not_allowed(&method, &path, "PUT"),
+        ("/colo", &Method::PATCH) => match json_body::<ColoRequest, _>(req).await {
+            Ok(ColoRequest {
+                checkpoint_ms: None,
+            }) => error(
+                StatusCode::BAD_REQUEST,
+                "nothing to change: give checkpoint_ms",
+            ),
+            Ok(ColoRequest {
+                checkpoint_ms: Some(ms),
+            }) if !CHECKPOINT_MS_RANGE.contains(&ms) => error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "checkpoint_ms {ms} is out of range: give {}..={}",
+                    CHECKPOINT_MS_RANGE.start(),
+                    CHECKPOINT_MS_RANGE.end()
+                ),
+            ),
+            Ok(ColoRequest {
+                checkpoint_ms: Some(ms),
+            }) => {
+                colo_command(&control, StatusCode::NO_CONTENT, move |c| {
+                    c.set_checkpoint_ms(ms)
+                })
+                .await
+            }
+            Err(reply) => reply,
+        },
+        ("/colo", _) => method_not_allowed(&method, &path, "PATCH"),
         ("/snapshot", &Method::PUT) => match json_body::<SnapshotRequest, _>(req).await {
             Ok(body) if body.path.as_os_str().is_empty() => {
                 error(StatusCode::BAD_REQUEST, "an empty snapshot path")
@@ -637,20 +707,37 @@ mod tests {
     use crate::api::{DeviceMetrics, Metrics, Status, VmState};
     use crate::snapshot::Kind;
 
-    /// Records the calls; answers from `state`; fails with `fail` if set.
+    /// Records the calls; answers from `state`; fails with `fail` if set;
+    /// replicates when `colo` is set.
     struct Fake {
         state: Mutex<VmState>,
         calls: Mutex<Vec<String>>,
         fail: Mutex<Option<ControlError>>,
+        colo: Option<Arc<FakeColo>>,
     }
 
     impl Fake {
         fn new() -> Arc<Self> {
-            Arc::new(Self {
+            Arc::new(Self::standalone())
+        }
+
+        fn standalone() -> Self {
+            Self {
                 state: Mutex::new(VmState::Running),
                 calls: Mutex::new(Vec::new()),
                 fail: Mutex::new(None),
-            })
+                colo: None,
+            }
+        }
+
+        /// A primary whose replication is `colo`.
+        fn replicated() -> (Arc<Self>, Arc<FakeColo>) {
+            let colo = Arc::new(FakeColo::default());
+            let fake = Self {
+                colo: Some(colo.clone()),
+                ..Self::standalone()
+            };
+            (Arc::new(fake), colo)
         }
 
         fn call(&self, name: &str) -> Result<(), ControlError> {
@@ -666,6 +753,80 @@ mod tests {
         }
     }
 
+    /// The replication: records its commands; fails with `fail` if set;
+    /// `checkpoint` waits for `hold` (when set) after saying it started.
+    #[derive(Default)]
+    struct FakeColo {
+        calls: Mutex<Vec<String>>,
+        fail: Mutex<Option<CommandError>>,
+        hold: Mutex<Option<Hold>>,
+    }
+
+    /// (tells the test the call started, the test's go-ahead).
+    type Hold = (std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>);
+
+    impl FakeColo {
+        fn call(&self, name: String) -> Result<(), CommandError> {
+            self.calls.lock().unwrap().push(name);
+            match self.fail.lock().unwrap().take() {
+                Some(e) => Err(e),
+                None => Ok(()),
+            }
+        }
+
+        fn calls(&self) -> Vec<String> {
+            self.calls.lock().unwrap().clone()
+        }
+    }
+
+    fn colo_status() -> colo::control::Status {
+        colo::control::Status {
+            role: colo::control::Role::Primary,
+            mode: colo::control::Mode::Remus,
+            state: colo::control::State::Protected,
+            peer: Some("10.0.0.2:7000".into()),
+            epoch: 41,
+            checkpoints: 40,
+            last_checkpoint_ms: Some(1.25),
+            checkpoint_ms: 20,
+            sync_pages: 32768,
+            sync_disk_bytes: 1 << 20,
+            error: None,
+        }
+    }
+
+    impl Control for FakeColo {
+        fn status(&self) -> colo::control::Status {
+            colo_status()
+        }
+        fn metrics(&self) -> colo::control::Metrics {
+            colo::control::Metrics {
+                checkpoints: vec![(colo::control::Cause::Periodic, 40)],
+                pause: colo::control::Histogram::new(),
+                transfer: colo::control::Histogram::new(),
+                checkpoint_bytes: 4096,
+                held_frames: 2,
+                held_bytes: 120,
+                failovers: 0,
+                state: Some(colo::control::State::Protected),
+            }
+        }
+        fn failover(&self) -> Result<(), CommandError> {
+            self.call("failover".into())
+        }
+        fn checkpoint(&self) -> Result<(), CommandError> {
+            let hold = self.hold.lock().unwrap().take();
+            if let Some((started, go)) = hold {
+                started.send(()).unwrap();
+                go.recv().unwrap();
+            }
+            self.call("checkpoint".into())
+        }
+        fn set_checkpoint_ms(&self, ms: u64) -> Result<(), CommandError> {
+            self.call(format!("set_checkpoint_ms {ms}"))
+        }
+    }
+
     impl VmControl for Fake {
         fn status(&self) -> Status {
             Status {
@@ -674,7 +835,11 @@ mod tests {
                 uptime_secs: 2.5,
                 vcpus: 2,
                 memory_mib: 128,
+                colo: self.colo.as_ref().map(|c| c.status()),
             }
+        }
+        fn colo(&self) -> Option<Arc<dyn Control>> {
+            self.colo.clone().map(|c| c as Arc<dyn Control>)
         }
         fn pause(&self) -> Result<(), ControlError> {
             self.call("pause")?;
@@ -702,6 +867,7 @@ mod tests {
                     requests: 1,
                     ..Default::default()
                 }],
+                colo: self.colo.as_ref().map(|c| c.metrics()),
             }
         }
         fn snapshot(&self, kind: Kind, path: &Path) -> Result<u64, ControlError> {
@@ -868,6 +1034,9 @@ mod tests {
             ("GET", "/snapshot", "PUT"),
             ("PUT", "/state-hash", "GET"),
             ("HEAD", "/status", "GET"),
+            ("GET", "/colo", "PATCH"),
+            ("PUT", "/colo", "PATCH"),
+            ("PATCH", "/actions", "PUT"),
         ] {
             let a = send(&fake, request(method, path, JSON, "{}")).await;
             assert_eq!(a.status, 405, "{method} {path}");
@@ -1069,6 +1238,175 @@ mod tests {
         *fake.fail.lock().unwrap() = Some(ControlError::Conflict("running".into()));
         let a = send(&fake, request("GET", "/state-hash", &[], "")).await;
         assert_eq!((a.status, a.error()), (409, "running".to_string()));
+    }
+
+    async fn patch(control: &Arc<Fake>, path: &str, body: &str) -> Answer {
+        send(control, request("PATCH", path, JSON, body)).await
+    }
+
+    #[tokio::test]
+    async fn status_has_colo_only_when_replicating() {
+        let a = send(&Fake::new(), request("GET", "/status", &[], "")).await;
+        assert!(a.json().get("colo").is_none(), "{}", a.body);
+        let (fake, _) = Fake::replicated();
+        let a = send(&fake, request("GET", "/status", &[], "")).await;
+        assert_eq!(a.status, 200);
+        let colo = &a.json()["colo"];
+        assert_eq!(
+            colo,
+            &serde_json::json!({
+                "role": "primary", "mode": "remus", "state": "protected",
+                "peer": "10.0.0.2:7000", "epoch": 41, "checkpoints": 40,
+                "last_checkpoint_ms": 1.25, "checkpoint_ms": 20,
+                "sync_pages": 32768, "sync_disk_bytes": 1048576, "error": null
+            })
+        );
+        // What a client reads back is what the engine said.
+        let status: Status = serde_json::from_str(&a.body).unwrap();
+        assert_eq!(status.colo, Some(colo_status()));
+    }
+
+    #[tokio::test]
+    async fn replication_commands_reach_the_engine() {
+        let (fake, colo) = Fake::replicated();
+        let a = put(&fake, "/actions", r#"{"action":"failover"}"#).await;
+        assert_eq!((a.status, a.body.as_str()), (204, ""));
+        let a = put(&fake, "/actions", r#"{"action":"checkpoint"}"#).await;
+        assert_eq!((a.status, a.body.as_str()), (202, ""));
+        let a = patch(&fake, "/colo", r#"{"checkpoint_ms": 50}"#).await;
+        assert_eq!((a.status, a.body.as_str()), (204, ""), "{}", a.body);
+        for ms in [1, 60_000] {
+            let body = format!(r#"{{"checkpoint_ms": {ms}}}"#);
+            assert_eq!(patch(&fake, "/colo", &body).await.status, 204);
+        }
+        assert_eq!(
+            colo.calls(),
+            [
+                "failover",
+                "checkpoint",
+                "set_checkpoint_ms 50",
+                "set_checkpoint_ms 1",
+                "set_checkpoint_ms 60000"
+            ]
+        );
+        assert!(fake.calls().is_empty(), "{:?}", fake.calls());
+    }
+
+    #[tokio::test]
+    async fn replication_commands_on_a_standalone_vm_are_409() {
+        let fake = Fake::new();
+        for (method, path, body) in [
+            ("PUT", "/actions", r#"{"action":"failover"}"#),
+            ("PUT", "/actions", r#"{"action":"checkpoint"}"#),
+            ("PATCH", "/colo", r#"{"checkpoint_ms": 50}"#),
+        ] {
+            let a = send(&fake, request(method, path, JSON, body)).await;
+            assert_eq!(a.status, 409, "{body}");
+            assert_eq!(a.error(), NOT_REPLICATING);
+        }
+        assert!(fake.calls().is_empty(), "{:?}", fake.calls());
+    }
+
+    #[tokio::test]
+    async fn command_errors_map_to_status_codes() {
+        let (fake, colo) = Fake::replicated();
+        for (e, status) in [
+            (CommandError::Conflict("not protected".into()), 409),
+            (CommandError::Invalid("too fast".into()), 400),
+            (CommandError::Failed("peer gone".into()), 500),
+        ] {
+            for (method, path, body) in [
+                ("PUT", "/actions", r#"{"action":"failover"}"#),
+                ("PUT", "/actions", r#"{"action":"checkpoint"}"#),
+                ("PATCH", "/colo", r#"{"checkpoint_ms": 50}"#),
+            ] {
+                *colo.fail.lock().unwrap() = Some(e.clone());
+                let a = send(&fake, request(method, path, JSON, body)).await;
+                assert_eq!(a.status, status, "{e:?} {body}");
+                assert!(a.error().ends_with(&e.to_string()), "{}", a.body);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn bad_colo_bodies_are_400_before_anything_runs() {
+        let (fake, colo) = Fake::replicated();
+        for fake in [fake, Fake::new()] {
+            for (body, reason) in [
+                ("{}", "nothing to change"),
+                (r#"{"checkpoint_ms": 0}"#, "out of range: give 1..=60000"),
+                (r#"{"checkpoint_ms": 60001}"#, "out of range"),
+                (r#"{"checkpoint_ms": -1}"#, "invalid value"),
+                (r#"{"checkpoint_ms": 1.5}"#, "invalid type"),
+                (r#"{"checkpoint_ms": "20"}"#, "invalid type"),
+                (r#"{"checkpoint_ms": 20, "compare_ms": 5}"#, "unknown field"),
+                (r#"[20]"#, "expected an object"),
+                ("{", "EOF"),
+            ] {
+                let a = patch(&fake, "/colo", body).await;
+                assert_eq!(a.status, 400, "{body}: {}", a.body);
+                assert!(a.error().contains(reason), "{body}: {}", a.body);
+            }
+            let a = send(
+                &fake,
+                request(
+                    "PATCH",
+                    "/colo",
+                    &[("content-type", "text/plain")],
+                    r#"{"checkpoint_ms": 20}"#,
+                ),
+            )
+            .await;
+            assert_eq!(a.status, 415);
+        }
+        assert!(colo.calls().is_empty(), "{:?}", colo.calls());
+    }
+
+    #[tokio::test]
+    async fn a_failover_is_answered_while_a_checkpoint_runs() {
+        let (fake, colo) = Fake::replicated();
+        let (started_tx, started) = std::sync::mpsc::channel();
+        let (go, go_rx) = std::sync::mpsc::channel();
+        *colo.hold.lock().unwrap() = Some((started_tx, go_rx));
+        let checkpoint = tokio::spawn({
+            let fake = fake.clone();
+            async move { put(&fake, "/actions", r#"{"action":"checkpoint"}"#).await }
+        });
+        tokio::task::spawn_blocking(move || started.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        // The checkpoint is held inside the engine; the failover gets by.
+        let a = put(&fake, "/actions", r#"{"action":"failover"}"#).await;
+        assert_eq!(a.status, 204);
+        assert_eq!(colo.calls(), ["failover"]);
+        assert!(!checkpoint.is_finished());
+        go.send(()).unwrap();
+        assert_eq!(checkpoint.await.unwrap().status, 202);
+        assert_eq!(colo.calls(), ["failover", "checkpoint"]);
+    }
+
+    #[tokio::test]
+    async fn metrics_have_colo_families_only_when_replicating() {
+        let a = send(&Fake::new(), request("GET", "/metrics", &[], "")).await;
+        assert!(!a.body.contains("colo_state"), "{}", a.body);
+        let (fake, _) = Fake::replicated();
+        let a = send(&fake, request("GET", "/metrics", &[], "")).await;
+        assert_eq!(a.status, 200);
+        let samples = crate::api::metrics::tests::parse(&a.body);
+        assert_eq!(samples["colo_checkpoints_total{cause=\"periodic\"}"], 40.0);
+        assert_eq!(samples["colo_checkpoints_total{cause=\"timeout\"}"], 0.0);
+        assert_eq!(samples["colo_held_frames"], 2.0);
+        assert_eq!(samples["colo_held_bytes"], 120.0);
+        assert_eq!(samples["colo_checkpoint_bytes_total"], 4096.0);
+        assert_eq!(samples["colo_state{state=\"protected\"}"], 1.0);
+        assert_eq!(samples["colo_state{state=\"waiting\"}"], 0.0);
+        assert_eq!(
+            samples["colo_checkpoint_pause_seconds_bucket{le=\"+Inf\"}"],
+            0.0
+        );
+        // The VM's own families are still there.
+        assert_eq!(samples["colo_vmm_exits_total{reason=\"io\"}"], 3.0);
     }
 
     #[test]

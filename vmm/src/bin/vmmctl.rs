@@ -44,6 +44,20 @@ enum Command {
     },
     /// Print the state hash of the paused VM (JSON, with its parts).
     StateHash,
+    /// Replicated VM: take over now (secondary), or drop the secondary and
+    /// run alone (primary).
+    Failover,
+    /// Replicated VM: queue one checkpoint now (needs state `protected`).
+    Checkpoint,
+    /// Replicated VM: print the replication status (the `colo` object of
+    /// the status, JSON).
+    ColoStatus,
+    /// Replicated VM: change the checkpoint interval, in milliseconds
+    /// (1..=60000).
+    SetCheckpointMs {
+        /// The new interval.
+        ms: u64,
+    },
     /// Send any request: METHOD URI [JSON-BODY].
     Raw {
         method: String,
@@ -64,6 +78,7 @@ fn main() -> ExitCode {
 
 fn run(cli: &Cli) -> anyhow::Result<()> {
     let snapshot_body;
+    let patch_body;
     let raw_method;
     let (method, uri, body) = match &cli.command {
         Command::Snapshot { kind, path } => {
@@ -76,6 +91,13 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         Command::Pause => ("PUT", "/vm", Some(r#"{"state":"paused"}"#)),
         Command::Resume => ("PUT", "/vm", Some(r#"{"state":"running"}"#)),
         Command::Shutdown => ("PUT", "/actions", Some(r#"{"action":"shutdown"}"#)),
+        Command::Failover => ("PUT", "/actions", Some(r#"{"action":"failover"}"#)),
+        Command::Checkpoint => ("PUT", "/actions", Some(r#"{"action":"checkpoint"}"#)),
+        Command::ColoStatus => ("GET", "/status", None),
+        Command::SetCheckpointMs { ms } => {
+            patch_body = serde_json::json!({ "checkpoint_ms": ms }).to_string();
+            ("PATCH", "/colo", Some(patch_body.as_str()))
+        }
         Command::Raw { method, uri, body } => {
             raw_method = method.to_ascii_uppercase();
             (raw_method.as_str(), uri.as_str(), body.as_deref())
@@ -84,6 +106,9 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     let (status, reply) = client::call(&cli.api_sock, method, uri, body)
         .with_context(|| format!("{method} {uri}"))?;
     if (200..300).contains(&status) {
+        if let Command::ColoStatus = cli.command {
+            return print_colo(&reply);
+        }
         if !reply.is_empty() {
             println!("{}", reply.trim_end());
         }
@@ -94,4 +119,17 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
         .unwrap_or(reply);
     anyhow::bail!("{method} {uri}: HTTP {status}: {message}")
+}
+
+/// Prints the `colo` object of a `GET /status` reply.
+fn print_colo(status: &str) -> anyhow::Result<()> {
+    let status: serde_json::Value =
+        serde_json::from_str(status).context("malformed status reply")?;
+    match status.get("colo") {
+        Some(colo) if !colo.is_null() => {
+            println!("{colo}");
+            Ok(())
+        }
+        _ => anyhow::bail!("{}", vmm::api::NOT_REPLICATING),
+    }
 }
