@@ -137,13 +137,13 @@ fn run(cli: &Cli) -> anyhow::Result<VmExit> {
     };
     // Dropped after `wait` returns: the socket goes away with the VM.
     let _api = match &config.api_sock {
-        Some(path) => Some(
-            vmm::api::spawn_server(
-                path,
-                Arc::new(VmmControl::new(&config, &running).with_colo(colo)),
-            )
-            .context("cannot start the API")?,
-        ),
+        Some(path) => {
+            let mut control = VmmControl::new(&config, &running);
+            if let Some(colo) = colo {
+                control = control.with_colo(colo);
+            }
+            Some(vmm::api::spawn_server(path, Arc::new(control)).context("cannot start the API")?)
+        }
         None => None,
     };
     let exit = running.wait().context("the VM failed")?;
