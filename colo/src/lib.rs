@@ -12,6 +12,7 @@
 pub mod control;
 pub mod fault;
 pub mod vm;
+pub mod wire;
 
 /// The page size pages travel in.
 pub const PAGE_SIZE: u64 = 4096;
