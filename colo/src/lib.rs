@@ -11,6 +11,7 @@
 
 pub mod control;
 pub mod fault;
+pub mod staging;
 pub mod vm;
 pub mod wire;
 
