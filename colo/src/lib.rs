@@ -11,9 +11,14 @@
 
 pub mod control;
 pub mod fault;
+mod link;
+pub mod primary;
+pub mod secondary;
 pub mod staging;
 pub mod vm;
 pub mod wire;
+
+pub use link::SYNC_BLOCK;
 
 /// The page size pages travel in.
 pub const PAGE_SIZE: u64 = 4096;

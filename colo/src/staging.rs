@@ -56,7 +56,8 @@ pub enum Staged {
     },
     /// A forwarded write, to hold until its epoch commits.
     DiskWrite(DiskWrite),
-    /// This batch brought the checkpoint to half its pages.
+    /// This batch (or, with no pages announced, the Begin) brought the
+    /// checkpoint to half its pages.
     HalfPages,
     /// The checkpoint's state arrived.
     StateIn,
@@ -296,7 +297,12 @@ impl Staging {
             pages: PageBatch::default(),
             state: None,
         }));
-        Ok(Staged::Nothing)
+        // No pages announced: half of them are in already.
+        Ok(if pages == 0 {
+            Staged::HalfPages
+        } else {
+            Staged::Nothing
+        })
     }
 
     fn check_pages(&self, batch: &PageBatch) -> Result<(), StagingError> {
