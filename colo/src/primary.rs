@@ -3,7 +3,7 @@
 //! releases the guest's held output when the secondary acks it.
 //!
 //! Threads: the engine (owns the VM and the disks; connects, syncs, runs
-//! the checkpoint loop), a writer draining the [`Outbox`] to the data
+//! the checkpoint loop), a writer draining the outgoing queue to the data
 //! connection, a reader of the data connection (acks, errors), a pinger
 //! and a pong reader on the heartbeat connection. The others talk to the
 //! engine through one event channel.
