@@ -122,6 +122,39 @@ pub struct Status {
     pub error: Option<String>,
 }
 
+impl Status {
+    /// A status before anything happened.
+    pub fn new(role: Role, mode: Mode, state: State, checkpoint_ms: u64) -> Self {
+        Self {
+            role,
+            mode,
+            state,
+            peer: None,
+            epoch: 0,
+            checkpoints: 0,
+            last_checkpoint_ms: None,
+            checkpoint_ms,
+            sync_pages: 0,
+            sync_disk_bytes: 0,
+            error: None,
+        }
+    }
+}
+
+/// The checkpoint intervals [`Control::set_checkpoint_ms`] accepts.
+pub const CHECKPOINT_MS_RANGE: std::ops::RangeInclusive<u64> = 1..=60_000;
+
+/// Refuses an interval outside [`CHECKPOINT_MS_RANGE`].
+pub fn check_checkpoint_ms(ms: u64) -> Result<(), CommandError> {
+    if CHECKPOINT_MS_RANGE.contains(&ms) {
+        Ok(())
+    } else {
+        Err(CommandError::Invalid(format!(
+            "checkpoint_ms {ms} is outside 1..=60000"
+        )))
+    }
+}
+
 /// A histogram in Prometheus' shape: cumulative counts per upper bound.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Histogram {

@@ -27,6 +27,66 @@ pub struct Identity {
     pub tsc_khz: u32,
 }
 
+impl Identity {
+    /// Every difference between the primary's identity (`self`) and the
+    /// secondary's (`secondary`), one line each, e.g. "memory: primary
+    /// 512 MiB, secondary 256 MiB". Empty when they match.
+    pub fn differences(&self, secondary: &Identity) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut differ = |what: &str, p: String, s: String| {
+            if p != s {
+                out.push(format!("{what}: primary {p}, secondary {s}"));
+            }
+        };
+        differ("memory", size(self.mem_size), size(secondary.mem_size));
+        differ("vCPUs", self.vcpus.to_string(), secondary.vcpus.to_string());
+        let devices = |d: &[(String, String)]| {
+            let list: Vec<String> = d.iter().map(|(n, k)| format!("{n} ({k})")).collect();
+            format!("[{}]", list.join(", "))
+        };
+        differ(
+            "devices",
+            devices(&self.devices),
+            devices(&secondary.devices),
+        );
+        if self.disks.len() != secondary.disks.len() {
+            differ(
+                "disks",
+                self.disks.len().to_string(),
+                secondary.disks.len().to_string(),
+            );
+        }
+        for (i, (p, s)) in self.disks.iter().zip(&secondary.disks).enumerate() {
+            differ(&format!("disk {i}"), size(*p), size(*s));
+        }
+        differ(
+            "CPU template",
+            format!("{:?}", self.cpu_template),
+            format!("{:?}", secondary.cpu_template),
+        );
+        differ(
+            "CPUID hash",
+            format!("{:#018x}", self.cpuid_hash),
+            format!("{:#018x}", secondary.cpuid_hash),
+        );
+        differ(
+            "TSC frequency",
+            format!("{} kHz", self.tsc_khz),
+            format!("{} kHz", secondary.tsc_khz),
+        );
+        out
+    }
+}
+
+/// `bytes` as "N MiB" when a whole number of MiB, else "N bytes".
+fn size(bytes: u64) -> String {
+    if bytes % (1 << 20) == 0 {
+        format!("{} MiB", bytes >> 20)
+    } else {
+        format!("{bytes} bytes")
+    }
+}
+
 /// Guest pages: `data` holds `addrs.len()` pages of [`PAGE_SIZE`] bytes,
 /// in the order of `addrs` (guest-physical, page-aligned).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -222,4 +282,53 @@ pub trait ReplicaDisks: Send {
     fn commit(&mut self, epoch: u64) -> io::Result<()>;
     /// Failover: drops the held writes of epochs not committed.
     fn discard_uncommitted(&mut self);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity() -> Identity {
+        Identity {
+            mem_size: 512 << 20,
+            vcpus: 2,
+            devices: vec![("blk0".into(), "virtio-blk".into())],
+            disks: vec![64 << 20],
+            cpu_template: "host".into(),
+            cpuid_hash: 1,
+            tsc_khz: 2_000_000,
+        }
+    }
+
+    #[test]
+    fn differences_name_every_field_that_differs() {
+        let p = identity();
+        assert!(p.differences(&p).is_empty());
+        let s = Identity {
+            mem_size: 256 << 20,
+            vcpus: 1,
+            devices: vec![],
+            disks: vec![32 << 20 | 1],
+            cpu_template: "t2".into(),
+            cpuid_hash: 2,
+            tsc_khz: 1,
+        };
+        assert_eq!(
+            p.differences(&s),
+            [
+                "memory: primary 512 MiB, secondary 256 MiB",
+                "vCPUs: primary 2, secondary 1",
+                "devices: primary [blk0 (virtio-blk)], secondary []",
+                "disk 0: primary 64 MiB, secondary 33554433 bytes",
+                "CPU template: primary \"host\", secondary \"t2\"",
+                "CPUID hash: primary 0x0000000000000001, secondary 0x0000000000000002",
+                "TSC frequency: primary 2000000 kHz, secondary 1 kHz",
+            ]
+        );
+        let fewer = Identity {
+            disks: vec![],
+            ..identity()
+        };
+        assert_eq!(p.differences(&fewer), ["disks: primary 1, secondary 0"]);
+    }
 }
