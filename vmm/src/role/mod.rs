@@ -24,12 +24,14 @@ use crate::vm::{VirtioBackend, VmError};
 fn open_console(config: &VmConfig) -> Result<Box<dyn Write + Send>, VmError> {
     Ok(match &config.serial {
         SerialOutput::Stdout => Box::new(std::io::stdout()),
-        SerialOutput::File(path) => Box::new(open_console_file(path).map_err(|source| {
-            VmError::SerialFile {
-                path: path.display().to_string(),
-                source,
-            }
-        })?),
+        SerialOutput::File(path) => {
+            Box::new(
+                open_console_file(path).map_err(|source| VmError::SerialFile {
+                    path: path.display().to_string(),
+                    source,
+                })?,
+            )
+        }
     })
 }
 

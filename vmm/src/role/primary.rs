@@ -323,7 +323,11 @@ impl Guest {
 /// Where epoch `epoch` ends, told while the guest is paused: NICs that do
 /// not hold yet start holding (the first checkpoint), forwarders that
 /// forward close it.
-fn close_epoch(nics: &[Arc<NicOutput>], disks: &[Arc<DiskFwd>], epoch: u64) -> Result<(), VmOpError> {
+fn close_epoch(
+    nics: &[Arc<NicOutput>],
+    disks: &[Arc<DiskFwd>],
+    epoch: u64,
+) -> Result<(), VmOpError> {
     for nic in nics {
         let mut buffer = lock(&nic.buffer);
         if buffer.holding() {
@@ -334,7 +338,10 @@ fn close_epoch(nics: &[Arc<NicOutput>], disks: &[Arc<DiskFwd>], epoch: u64) -> R
     }
     for disk in disks {
         let mut forwarder = lock(&disk.forwarder);
-        if matches!(forwarder.mode(), block_replication::primary::Mode::Forwarding(_)) {
+        if matches!(
+            forwarder.mode(),
+            block_replication::primary::Mode::Forwarding(_)
+        ) {
             forwarder.close_epoch(epoch).map_err(op_err)?;
         }
     }
@@ -440,9 +447,9 @@ struct Disks(Vec<Arc<DiskFwd>>);
 
 impl Disks {
     fn disk(&self, disk: usize) -> io::Result<&Arc<DiskFwd>> {
-        self.0.get(disk).ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidInput, format!("no disk {disk}"))
-        })
+        self.0
+            .get(disk)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("no disk {disk}")))
     }
 }
 

@@ -126,12 +126,16 @@ pub fn start(
     };
     let engine_config = colo::secondary::SecondaryConfig {
         mode: replication.mode,
-        failover_auto: replication.failover_auto,
+        failover: match replication.failover_auto {
+            true => colo::secondary::Failover::Auto,
+            false => colo::secondary::Failover::Manual,
+        },
         heartbeat_timeout_ms: replication.heartbeat_timeout_ms,
         fatal,
     };
-    let handle = colo::secondary::start(engine_config, listener, Box::new(replica), Box::new(disks))
-        .context("cannot start replication")?;
+    let handle =
+        colo::secondary::start(engine_config, listener, Box::new(replica), Box::new(disks))
+            .context("cannot start replication")?;
     Ok(handle)
 }
 
@@ -151,10 +155,20 @@ impl colo::vm::ReplicaVm for Replica {
 
     fn write_pages(&mut self, pages: &PageBatch) -> Result<(), VmOpError> {
         if !pages.is_well_formed() {
-            return Err(VmOpError::new("a page batch whose bytes do not match its pages"));
+            return Err(VmOpError::new(
+                "a page batch whose bytes do not match its pages",
+            ));
         }
-        for (&addr, page) in pages.addrs.iter().zip(pages.data.chunks_exact(PAGE_SIZE as usize)) {
-            if addr % PAGE_SIZE != 0 || addr.checked_add(PAGE_SIZE).is_none_or(|end| end > self.layout.mem_size) {
+        for (&addr, page) in pages
+            .addrs
+            .iter()
+            .zip(pages.data.chunks_exact(PAGE_SIZE as usize))
+        {
+            if addr % PAGE_SIZE != 0
+                || addr
+                    .checked_add(PAGE_SIZE)
+                    .is_none_or(|end| end > self.layout.mem_size)
+            {
                 return Err(VmOpError(format!("page {addr:#x} is outside guest memory")));
             }
             self.mem
@@ -167,7 +181,8 @@ impl colo::vm::ReplicaVm for Replica {
     fn load(&mut self, pages: &PageBatch, state: &[u8]) -> Result<(), VmOpError> {
         let state: MachineState = postcard::from_bytes(state)
             .map_err(|e| VmOpError(format!("the checkpoint's state does not decode: {e}")))?;
-        let pages = PageBuffer::from_parts(pages.addrs.clone(), pages.data.clone()).map_err(op_err)?;
+        let pages =
+            PageBuffer::from_parts(pages.addrs.clone(), pages.data.clone()).map_err(op_err)?;
         let layout = self.layout.clone();
         self.handle
             .run(move |vm: &mut RunningVm| vm.load(&layout, &state, &pages))
@@ -216,9 +231,7 @@ fn announce_macs(mut nics: Vec<(Tap, [u8; 6])>) {
     let started = Instant::now();
     for round_ms in net_proxy::announce::ROUNDS_MS {
         // The rounds' schedule, not a synchronisation.
-        std::thread::sleep(
-            Duration::from_millis(round_ms).saturating_sub(started.elapsed()),
-        );
+        std::thread::sleep(Duration::from_millis(round_ms).saturating_sub(started.elapsed()));
         for (tap, mac) in &mut nics {
             if let Err(e) = tap.send(&net_proxy::announce::rarp(*mac)) {
                 tracing::warn!("cannot announce {mac:02x?} on {}: {e}", tap.name());
@@ -249,9 +262,9 @@ struct Disks {
 
 impl Disks {
     fn file(&self, disk: usize) -> io::Result<&(File, u64)> {
-        self.files.get(disk).ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidInput, format!("no disk {disk}"))
-        })
+        self.files
+            .get(disk)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("no disk {disk}")))
     }
 }
 
@@ -267,7 +280,10 @@ impl colo::vm::ReplicaDisks for Disks {
 
     fn write_direct(&mut self, disk: usize, offset: u64, data: &[u8]) -> io::Result<()> {
         let (file, capacity) = self.file(disk)?;
-        if offset.checked_add(data.len() as u64).is_none_or(|end| end > *capacity) {
+        if offset
+            .checked_add(data.len() as u64)
+            .is_none_or(|end| end > *capacity)
+        {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("a block at {offset} beyond disk {disk}'s {capacity} bytes"),
@@ -284,13 +300,19 @@ impl colo::vm::ReplicaDisks for Disks {
         // The buffer knows the disks' sizes: a write for no disk, or past
         // a disk's end, is refused as it arrives.
         self.held
-            .stage(write.epoch, usize::from(write.disk), write.offset, write.data)
+            .stage(
+                write.epoch,
+                usize::from(write.disk),
+                write.offset,
+                write.data,
+            )
             .map_err(io::Error::other)
     }
 
     fn commit(&mut self, epoch: u64) -> io::Result<()> {
         let mut images: Vec<ImageFile> = self.files.iter().map(|(f, _)| ImageFile(f)).collect();
-        let mut images: Vec<&mut dyn Image> = images.iter_mut().map(|i| i as &mut dyn Image).collect();
+        let mut images: Vec<&mut dyn Image> =
+            images.iter_mut().map(|i| i as &mut dyn Image).collect();
         self.held
             .commit(epoch, &mut images, &mut |done, total| {
                 if total > 0 && done == total.div_ceil(2) {
