@@ -229,7 +229,7 @@ fn a_secondary_with_other_memory_is_refused() {
             secondary_mem_mib: Some(48),
             ..PairOptions::default()
         },
-        &["memory", "48"],
+        &["memory", "48 mib"],
     );
 }
 
@@ -240,7 +240,7 @@ fn a_secondary_with_other_vcpus_is_refused() {
             secondary_vcpus: Some(2),
             ..PairOptions::default()
         },
-        &["vcpu"],
+        &["vcpus"],
     );
 }
 
@@ -251,7 +251,7 @@ fn a_secondary_with_other_devices_is_refused() {
             secondary_disk: SecondaryDisk::Missing,
             ..PairOptions::default()
         },
-        &["device"],
+        &["devices"],
     );
 }
 
@@ -262,7 +262,7 @@ fn a_secondary_with_a_smaller_disk_is_refused() {
             secondary_disk: SecondaryDisk::Size(8 << 20),
             ..PairOptions::default()
         },
-        &["disk"],
+        &["disk 0", "8 mib"],
     );
 }
 
@@ -273,7 +273,7 @@ fn a_primary_of_another_protocol_version_is_refused() {
             primary_env: vec![("COLO_TEST_PROTOCOL_VERSION".into(), "99".into())],
             ..PairOptions::default()
         },
-        &["version", "99"],
+        &["protocol version", "99"],
     );
 }
 
