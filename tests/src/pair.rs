@@ -28,7 +28,6 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -281,13 +280,18 @@ impl Pair {
         let mut command = topo.host(Host::B).exec(crate::vmm_bin(), &b);
         command.envs(opts.secondary_env.iter().cloned());
         let mut secondary = Vmm::spawn_command(command);
+        // `waiting`: it listens for the primary (whose first connection
+        // attempt then reaches it, also through the relay).
         let deadline = Instant::now() + START_TIMEOUT;
-        while UnixStream::connect(dir.path().join("b.sock")).is_err() {
-            if secondary.has_exited() || Instant::now() >= deadline {
-                panic!(
-                    "the secondary did not start listening\n{}",
+        loop {
+            match colo_status(&dir.path().join("b.sock")) {
+                Ok(s) if s.state == "waiting" => break,
+                Ok(s) => panic!("the new secondary is not waiting: {}", s.raw),
+                Err(_) if !secondary.has_exited() && Instant::now() < deadline => {}
+                Err(e) => panic!(
+                    "the secondary did not start listening: {e}\n{}",
                     tail(&secondary.log(), 60)
-                );
+                ),
             }
             thread::sleep(POLL);
         }
@@ -1281,11 +1285,12 @@ fn relay_accept(listener: &TcpListener, target: SocketAddr, shared: &Arc<RelaySh
             }
             Err(_) => continue,
         };
-        let index = shared.connections.fetch_add(1, Ordering::SeqCst);
         let Ok(outbound) = TcpStream::connect_timeout(&target, Duration::from_secs(5)) else {
             // The target is not there: the client sees the connection close.
             continue;
         };
+        // Counted once forwarded: a refused attempt is no connection.
+        let index = shared.connections.fetch_add(1, Ordering::SeqCst);
         let streams = (|| -> io::Result<_> {
             inbound.set_nonblocking(false)?;
             inbound.set_nodelay(true)?;
