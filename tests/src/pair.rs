@@ -544,6 +544,24 @@ impl Pair {
         self.state_hash(Side::Primary)
     }
 
+    /// The value of the metric line `series` (name with labels, as
+    /// `GET /metrics` prints it) of `side`, if present.
+    pub fn metric(&self, side: Side, series: &str) -> Option<f64> {
+        let r = api_request(&self.sock(side), "GET", "/metrics", "")
+            .unwrap_or_else(|e| panic!("metrics of the {}: {e}", side.name()));
+        assert_eq!(
+            r.status,
+            200,
+            "metrics of the {}: {}",
+            side.name(),
+            r.text()
+        );
+        r.text().lines().find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok())?
+        })
+    }
+
     /// Both `vmm`s' logs and consoles, for failure messages.
     pub fn logs(&self) -> String {
         format!(

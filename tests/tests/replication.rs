@@ -13,6 +13,7 @@ use std::path::Path;
 use std::thread;
 use std::time::Duration;
 
+use colo_tests::http::api_request;
 use colo_tests::net::{guest_ip, Host, Topology};
 use colo_tests::pair::{
     self_checks, Pair, PairOptions, Relay, SecondaryDisk, Side, Workload, STATE_TIMEOUT,
@@ -180,6 +181,58 @@ fn two_hundred_verified_checkpoints_under_load() {
     let (passed, failed) = self_checks(&pair.serial(Side::Primary), 0);
     assert_eq!(failed, None);
     assert!(passed > 0, "no self-check passed on the primary");
+}
+
+#[test]
+fn checkpoints_are_requested_and_tuned_over_the_api() {
+    let mut pair = Pair::start(PairOptions::default());
+    let a = pair.primary_sock();
+    let patch = |body: &str| api_request(&a, "PATCH", "/colo", body).unwrap();
+    let r = patch(r#"{"checkpoint_ms":60000}"#);
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert_eq!(pair.status(Side::Primary).raw["checkpoint_ms"], 60000);
+    for bad in [
+        r#"{"checkpoint_ms":0}"#,
+        r#"{"checkpoint_ms":60001}"#,
+        r#"{"every":5}"#,
+    ] {
+        assert_eq!(patch(bad).status, 400, "{bad}");
+    }
+    assert_eq!(pair.status(Side::Primary).raw["checkpoint_ms"], 60000);
+
+    // With the timer out of the way, each request is one checkpoint.
+    let requested = r#"colo_checkpoints_total{cause="requested"}"#;
+    let count = |pair: &Pair| pair.metric(Side::Primary, requested).unwrap_or(0.0);
+    for _ in 0..3 {
+        let before = count(&pair);
+        let r = pair.request_checkpoint();
+        assert_eq!(r.status, 202, "{}", r.text());
+        let deadline = std::time::Instant::now() + STATE_TIMEOUT;
+        while count(&pair) < before + 1.0 {
+            assert!(std::time::Instant::now() < deadline, "{}", pair.logs());
+            thread::sleep(Duration::from_millis(15));
+        }
+    }
+    let s = pair.status(Side::Primary);
+    assert_eq!(pair.status(Side::Secondary).epoch, s.epoch, "{}", s.raw);
+    assert_eq!(
+        pair.metric(Side::Primary, r#"colo_state{state="protected"}"#),
+        Some(1.0)
+    );
+
+    // Back to 20 ms: the timer runs again.
+    assert_eq!(patch(r#"{"checkpoint_ms":20}"#).status, 204);
+    pair.wait_checkpoints(Side::Primary, s.checkpoints + 20, STATE_TIMEOUT);
+
+    // Unprotected, a checkpoint is refused.
+    pair.kill_secondary();
+    pair.wait_state(Side::Primary, &["unprotected"], STATE_TIMEOUT);
+    let r = pair.request_checkpoint();
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert_eq!(
+        pair.metric(Side::Primary, r#"colo_state{state="unprotected"}"#),
+        Some(1.0)
+    );
 }
 
 /// Starts a pair whose secondary differs as `opts` says and checks the
