@@ -103,7 +103,7 @@ echo "== host-a: the primary boots the guest (dirtying 16 MiB/s of its memory) a
 ip netns exec "$host_a" "$vmm" --role primary --peer 10.77.0.3:7070 \
     --kernel target/guest/test-guest --cmdline "ip=10.77.0.10/24 dirty_mib_per_s=16" \
     --mem-mib 128 --vcpus 1 --disk "$work/a.img" --net tap=tapa \
-    --api-sock "$work/a.sock" --checkpoint-ms 20 --verify-checkpoints \
+    --api-sock "$work/a.sock" --checkpoint-ms 20 \
     > "$work/a-console.log" 2> "$work/a.log" &
 pid_a=$!
 start=$(date +%s%N)
@@ -165,6 +165,8 @@ for t in threads:
     t.start()
 
 web = http.client.HTTPConnection(GUEST, 80, timeout=30)
+web.connect()
+web.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 counts, stored = [], {}
 def traffic(seconds):
     end = time.monotonic() + seconds
