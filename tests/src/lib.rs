@@ -8,6 +8,7 @@
 pub mod disk;
 pub mod http;
 pub mod net;
+pub mod pair;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -228,6 +229,11 @@ impl Vmm {
 }
 
 impl Vmm {
+    /// Whether the process has ended (it is reaped if so).
+    pub fn has_exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Kills the process (SIGKILL, like a host crash) and reaps it.
     pub fn kill(&mut self) {
         if let Ok(None) = self.child.try_wait() {

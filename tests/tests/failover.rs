@@ -1,0 +1,194 @@
+//! The acceptance tests of issue 9: a client talking to a replicated guest
+//! sees nothing of the death of either host. The primary is SIGKILLed at
+//! seeded random points (or dies at each fault-injection point), the
+//! secondary takes over, and the client's one TCP echo connection carries
+//! on with no byte lost or duplicated, `/count` goes on above every value
+//! it saw, every kv record that got its `201` reads back identical, and
+//! the guest's own memory self-check keeps passing. A dead secondary
+//! leaves the primary `unprotected` and serving.
+//!
+//! `COLO_SEED=n` replays the random kill points; `COLO_KILL_POINTS=n`
+//! tries more (or fewer) of them.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+use std::os::unix::process::ExitStatusExt;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use colo_tests::env_count;
+use colo_tests::pair::{seed, self_checks, Pair, PairOptions, Rng, Side, STATE_TIMEOUT};
+
+/// Long enough for any amount of client progress the tests ask for.
+const PROGRESS: Duration = Duration::from_secs(60);
+
+/// The guest's memory workload during every test here.
+const DIRTY_MIB_PER_S: u64 = 64;
+
+/// After the survivor took over (or ran on alone): the client makes
+/// progress on every channel, then everything it saw is checked, and the
+/// survivor's guest passes a memory self-check after the event. Returns
+/// the longest echo gap.
+fn client_survives(pair: &mut Pair, w: colo_tests::pair::Workload, survivor: Side) -> Duration {
+    let from = pair.serial(survivor).len();
+    let progressed = w.wait_progress(100, 10, 10, PROGRESS);
+    let report = w.finish(pair.topo().client());
+    eprintln!("{report:?}");
+    report.assert_clean(&pair.logs());
+    assert!(
+        progressed,
+        "the client stalled: {report:?}\n{}",
+        pair.logs()
+    );
+    // The guest checks its memory every second: wait for a check that ran
+    // after the event.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let serial = pair.serial(survivor);
+        let (passed, failed) = self_checks(&serial, from.min(serial.len()));
+        assert_eq!(
+            failed,
+            None,
+            "the guest's self-check failed\n{}",
+            pair.logs()
+        );
+        if passed > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no self-check of the guest's memory after the event\n{}",
+            pair.logs()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    report.longest_echo_gap
+}
+
+/// One fresh pair; the primary is SIGKILLed once the client has had
+/// `echoes` echo replies and `delay` more; then failover (by request, or
+/// by the secondary itself with `auto`).
+fn kill_primary_and_fail_over(echoes: u64, delay: Duration, auto: bool) -> Duration {
+    let mut pair = Pair::start(PairOptions {
+        failover_auto: auto,
+        ..PairOptions::dirtying(DIRTY_MIB_PER_S)
+    });
+    let w = pair.workload();
+    assert!(
+        w.wait_progress(echoes, 1, 1, PROGRESS),
+        "the client made no progress before the kill\n{}",
+        pair.logs()
+    );
+    // Choosing the point, not synchronising: a random offset into a
+    // checkpoint interval.
+    thread::sleep(delay);
+    pair.kill_primary();
+    if auto {
+        pair.wait_state(Side::Secondary, &["failed_over"], STATE_TIMEOUT);
+    } else {
+        pair.failover();
+    }
+    client_survives(&mut pair, w, Side::Secondary)
+}
+
+#[test]
+fn the_primary_killed_at_random_points_fails_over_without_client_visible_loss() {
+    let seed = seed(0xc010_0009);
+    let points = env_count("COLO_KILL_POINTS", 20);
+    let mut rng = Rng::new(seed);
+    let mut gaps = Vec::new();
+    for i in 0..points {
+        let echoes = rng.in_range(10..150);
+        let delay = Duration::from_micros(rng.in_range(0..20_000));
+        eprintln!(
+            "kill point {i}/{points}: after {echoes} echo replies + {delay:?} (COLO_SEED={seed})"
+        );
+        gaps.push(kill_primary_and_fail_over(echoes, delay, false));
+    }
+    gaps.sort();
+    eprintln!(
+        "client-visible failover (longest echo gap): min {:?}, median {:?}, max {:?}",
+        gaps[0],
+        gaps[gaps.len() / 2],
+        gaps[gaps.len() - 1]
+    );
+}
+
+#[test]
+fn the_secondary_fails_over_by_itself_with_failover_auto() {
+    let gap = kill_primary_and_fail_over(50, Duration::ZERO, true);
+    eprintln!("client-visible failover with --failover auto: {gap:?}");
+}
+
+#[test]
+fn a_killed_secondary_leaves_the_primary_unprotected_and_serving() {
+    let mut pair = Pair::start(PairOptions::dirtying(DIRTY_MIB_PER_S));
+    let w = pair.workload();
+    assert!(w.wait_progress(50, 5, 5, PROGRESS));
+    pair.kill_secondary();
+    let s = pair.wait_state(Side::Primary, &["unprotected"], STATE_TIMEOUT);
+    assert!(s.error.is_some(), "no error says why: {}", s.raw);
+    let gap = client_survives(&mut pair, w, Side::Primary);
+    // The issue bounds this by the heartbeat timeout (1 s by default):
+    // measured here, a target for the benchmarks, not a timed assertion.
+    eprintln!("client-visible delay when the secondary died: {gap:?} (heartbeat timeout 1 s)");
+}
+
+/// `COLO_FAULT=<side>:<point>:<nth>` makes `side` die at `point`: the
+/// survivor serves on and nothing the client saw is lost.
+fn dies_at(side: Side, point: &str, nth: u32) {
+    let spec = format!("{}:{point}:{nth}", side.name());
+    let mut pair = Pair::start(PairOptions::dirtying(DIRTY_MIB_PER_S).fault(&spec));
+    let w = pair.workload();
+    let exit = pair.vmm(side).wait_exit(STATE_TIMEOUT);
+    assert_eq!(
+        exit.signal(),
+        Some(libc::SIGKILL),
+        "the {} was to die at {point} by SIGKILL, but exited {exit}\n{}",
+        side.name(),
+        pair.logs()
+    );
+    assert!(
+        pair.vmm(side).log().contains(point),
+        "the {} did not say it died at {point}\n{}",
+        side.name(),
+        pair.logs()
+    );
+    let survivor = match side {
+        Side::Primary => {
+            pair.failover();
+            Side::Secondary
+        }
+        Side::Secondary => {
+            let s = pair.wait_state(Side::Primary, &["unprotected"], STATE_TIMEOUT);
+            assert!(s.error.is_some(), "{}", s.raw);
+            Side::Primary
+        }
+    };
+    client_survives(&mut pair, w, survivor);
+}
+
+/// Checkpoints (roughly 50 a second) before a fault fires: time for the
+/// client to get going first.
+const NTH: u32 = 40;
+
+macro_rules! fault_tests {
+    ($($name:ident: $side:expr, $point:literal, $nth:expr;)*) => {$(
+        #[test]
+        fn $name() {
+            dies_at($side, $point, $nth);
+        }
+    )*};
+}
+
+fault_tests! {
+    primary_dies_after_pause: Side::Primary, "after_pause", NTH;
+    primary_dies_mid_memory: Side::Primary, "mid_memory", NTH;
+    primary_dies_after_state: Side::Primary, "after_state", NTH;
+    primary_dies_after_ack: Side::Primary, "after_ack", NTH;
+    secondary_dies_mid_memory: Side::Secondary, "mid_memory", NTH;
+    secondary_dies_after_state: Side::Secondary, "after_state", NTH;
+    secondary_dies_before_ack: Side::Secondary, "before_ack", NTH;
+    secondary_dies_after_ack: Side::Secondary, "after_ack", NTH;
+    secondary_dies_mid_disk_apply: Side::Secondary, "mid_disk_apply", NTH / 2;
+}
