@@ -296,6 +296,9 @@ impl Engine {
             }
             End::Lost(r) => {
                 tracing::error!("colo: replication lost: {r}; running unprotected");
+                // A secondary that is alive after all must not take over
+                // when it sees the connections end: this side runs on.
+                self.goodbye(&format!("the primary runs alone: {r}"));
                 Some(r.clone())
             }
             End::Dropped => {
