@@ -907,3 +907,35 @@ fn held_bytes_over_the_bound_take_a_checkpoint() {
     assert_eq!(held, [&(colo::control::Cause::HeldBytes, 1)]);
     assert_eq!(m.transfer.count, 1);
 }
+
+#[test]
+fn the_secondary_exits_when_the_primary_refuses_it() {
+    // A fake primary that says hello, then refuses whatever comes back.
+    let l = listener();
+    let addr = l.local_addr().expect("addr");
+    let (secondary, replica, fatal) = start_secondary(l, &Options::default());
+    // A stray connection first: garbage is ignored, the wait goes on.
+    TcpStream::connect(addr)
+        .expect("connect")
+        .write_all(b"GET / HTTP/1.0\r\n\r\n")
+        .expect("garbage");
+    let mut s = TcpStream::connect(addr).expect("connect");
+    let hello = wire::Hello {
+        version: wire::PROTOCOL_VERSION,
+        mode: Mode::Remus,
+        session: 9,
+        identity: identity(MEM, 2),
+    };
+    wire::write_message(&mut s, &Message::Hello(hello)).expect("hello");
+    let welcome = wire::read_message(&mut s).expect("welcome");
+    assert!(matches!(welcome, Message::Welcome(_)), "{welcome:?}");
+    let reason = "the secondary differs: CPUID hash: primary 1, secondary 2".to_string();
+    wire::write_message(&mut s, &Message::Refused { reason }).expect("refused");
+    wait_for("the secondary to give up", || !lock(&fatal).is_empty());
+    assert_eq!(
+        lock(&fatal)[0],
+        "the primary refused replication: the secondary differs: CPUID hash: primary 1, secondary 2"
+    );
+    assert_eq!(secondary.status().state, State::Stopped);
+    assert_eq!(lock(&replica).loads, 0);
+}
