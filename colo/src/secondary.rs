@@ -24,7 +24,8 @@ use crate::vm::{ReplicaDisks, ReplicaVm};
 use crate::wire::{self, Message, Welcome};
 
 /// What the secondary does when the primary is lost.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Failover {
     /// Take over at once. Risks a split brain when only the link failed:
     /// both sides then run the guest (no witness yet).
