@@ -10,7 +10,7 @@
 
 use std::io;
 use std::net::{TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -94,6 +94,8 @@ struct Shared {
     metrics: Mutex<Metrics>,
     output: Mutex<Box<dyn OutputControl>>,
     checkpoint_ms: AtomicU64,
+    /// A requested checkpoint is on its way to the engine.
+    requested: AtomicBool,
     events: Sender<Event>,
     /// Set when the session's helper threads must end.
     stop: Stop,
@@ -145,6 +147,7 @@ pub fn start(
     };
     let shared = Arc::new(Shared {
         checkpoint_ms: AtomicU64::new(config.checkpoint_ms),
+        requested: AtomicBool::new(false),
         config,
         status: Mutex::new(status),
         metrics: Mutex::new(metrics),
@@ -171,8 +174,12 @@ pub fn start(
 impl PrimaryHandle {
     /// Asks for a checkpoint now (the output buffer, over its bound, with
     /// [`Cause::HeldBytes`]). Ignored unless protected.
+    /// Cheap to call for every frame: requests coalesce until the
+    /// engine takes the checkpoint.
     pub fn request_checkpoint(&self, cause: Cause) {
-        if lock(&self.shared.status).state == State::Protected {
+        if lock(&self.shared.status).state == State::Protected
+            && !self.shared.requested.swap(true, Ordering::SeqCst)
+        {
             self.shared.send(Event::Checkpoint(cause));
         }
     }
@@ -296,6 +303,9 @@ impl Engine {
             }
             End::Lost(r) => {
                 tracing::error!("colo: replication lost: {r}; running unprotected");
+                // A secondary that is alive after all must not take over
+                // when it sees the connections end: this side runs on.
+                self.goodbye(&format!("the primary runs alone: {r}"));
                 Some(r.clone())
             }
             End::Dropped => {
@@ -853,6 +863,7 @@ impl Engine {
             }
             if inflight.is_none() {
                 if let Some(cause) = pending.take() {
+                    self.shared.requested.store(false, Ordering::SeqCst);
                     epoch += 1;
                     last = Instant::now();
                     inflight = Some(self.take_checkpoint(epoch, cause)?);

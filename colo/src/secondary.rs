@@ -24,7 +24,8 @@ use crate::vm::{ReplicaDisks, ReplicaVm};
 use crate::wire::{self, Message, Welcome};
 
 /// What the secondary does when the primary is lost.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Failover {
     /// Take over at once. Risks a split brain when only the link failed:
     /// both sides then run the guest (no witness yet).
@@ -386,12 +387,10 @@ fn answer_pings(shared: Arc<Shared>, mut stream: TcpStream) {
         match wire::read_message(&mut stream) {
             Ok(Message::Ping { seq }) => {
                 shared.last_ping.store(shared.now_ms(), Ordering::SeqCst);
-                let pong = match &mut *lock(&shared.heartbeat) {
-                    Some(hb) => wire::write_message(hb, &Message::Pong { seq }),
-                    None => Ok(()),
-                };
-                if pong.is_err() {
-                    return shared.primary_lost("heartbeat connection closed".into());
+                // A failed write decides nothing: the read that follows
+                // finds a goodbye queued before the end, or the end.
+                if let Some(hb) = &mut *lock(&shared.heartbeat) {
+                    let _ = wire::write_message(hb, &Message::Pong { seq });
                 }
             }
             Ok(Message::Goodbye { reason }) => {
@@ -531,10 +530,8 @@ fn apply(shared: &Shared, stream: &mut TcpStream, staged: Staged) -> Result<(), 
             if epoch == 0 {
                 tracing::info!("colo: checkpoint 0 loaded: protected");
             }
-            fault::point(Role::Secondary, Point::BeforeAck);
-            wire::write_message(stream, &Message::Ack { epoch })
-                .map_err(|e| format!("acking checkpoint {epoch}: {}", chain(&e)))?;
-            fault::point(Role::Secondary, Point::AfterAck);
+            // Loaded and committed: the status says so before the ack
+            // (the primary may read its own before this side's).
             let mut status = lock(&shared.status);
             status.epoch = epoch;
             if epoch > 0 {
@@ -543,6 +540,10 @@ fn apply(shared: &Shared, stream: &mut TcpStream, staged: Staged) -> Result<(), 
             status.state = State::Protected;
             drop(status);
             lock(&shared.metrics).state = Some(State::Protected);
+            fault::point(Role::Secondary, Point::BeforeAck);
+            wire::write_message(stream, &Message::Ack { epoch })
+                .map_err(|e| format!("acking checkpoint {epoch}: {}", chain(&e)))?;
+            fault::point(Role::Secondary, Point::AfterAck);
         }
     }
     Ok(())
