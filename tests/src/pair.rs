@@ -260,8 +260,11 @@ impl Pair {
         let peer = relay.as_ref().map_or(listen, Relay::addr);
 
         let path = |name: &str| dir.path().join(name).display().to_string();
-        let mut b = args(&["--role", "secondary", "--listen", &listen.to_string()]);
-        b.extend(args(&[
+        let mut b = args(&[
+            "--role",
+            "secondary",
+            "--listen",
+            &listen.to_string(),
             "--mem-mib",
             &opts.secondary_mem_mib.unwrap_or(opts.mem_mib).to_string(),
             "--vcpus",
@@ -270,7 +273,7 @@ impl Pair {
             &format!("tap={TAP_B}"),
             "--api-sock",
             &path("b.sock"),
-        ]));
+        ]);
         if opts.secondary_disk != SecondaryDisk::Missing {
             b.extend(args(&["--disk", &path("b.img")]));
         }
@@ -297,8 +300,11 @@ impl Pair {
         }
 
         let cmdline = format!("ip={}/24 {}", guest_ip(GUEST_INDEX), opts.guest_args);
-        let mut a = args(&["--role", "primary", "--peer", &peer.to_string()]);
-        a.extend(args(&[
+        let mut a = args(&[
+            "--role",
+            "primary",
+            "--peer",
+            &peer.to_string(),
             "--kernel",
             &guest_artifact("test-guest").display().to_string(),
             "--cmdline",
@@ -315,7 +321,7 @@ impl Pair {
             &path("a.sock"),
             "--checkpoint-ms",
             &opts.checkpoint_ms.to_string(),
-        ]));
+        ]);
         if opts.verify {
             a.push("--verify-checkpoints".into());
         }
