@@ -655,6 +655,11 @@ pub fn fnv64(data: &[u8]) -> u64 {
 // ---------------------------------------------------------------------------
 // The client workload.
 
+/// For the client to make the progress a test asks for: a round trip
+/// waits for a checkpoint, and a debug build on a busy machine takes far
+/// more than the 20 ms interval per checkpoint.
+pub const PROGRESS_TIMEOUT: Duration = Duration::from_secs(90);
+
 /// Bytes per echo message.
 pub const ECHO_LEN: usize = 64;
 
@@ -840,22 +845,60 @@ impl Workload {
 
     /// Waits until the workload has made `echoes` more echo round trips,
     /// `counts` more counter reads and `stored` more kv stores than now,
-    /// within `timeout`; false if it did not (the caller's assert says why).
-    pub fn wait_progress(&self, echoes: u64, counts: u64, stored: u64, timeout: Duration) -> bool {
+    /// within `timeout`; else says how far it got.
+    pub fn wait_progress(
+        &self,
+        echoes: u64,
+        counts: u64,
+        stored: u64,
+        timeout: Duration,
+    ) -> Result<(), String> {
         let (e, c, s) = (self.echoes(), self.counts(), self.stored());
         let deadline = Instant::now() + timeout;
         loop {
-            if self.echoes() >= e + echoes
-                && self.counts() >= c + counts
-                && self.stored() >= s + stored
-            {
-                return true;
+            let got = (self.echoes() - e, self.counts() - c, self.stored() - s);
+            if got.0 >= echoes && got.1 >= counts && got.2 >= stored {
+                return Ok(());
             }
-            if Instant::now() >= deadline || self.finished() {
-                return false;
+            let ended = self.finished();
+            if Instant::now() >= deadline || ended {
+                return Err(format!(
+                    "the client made {} of {echoes} echo round trips, {} of {counts} counter \
+                     reads and {} of {stored} kv stores{}",
+                    got.0,
+                    got.1,
+                    got.2,
+                    if ended {
+                        " before a loop ended".to_string()
+                    } else {
+                        format!(" in {timeout:?}")
+                    }
+                ));
             }
             thread::sleep(POLL);
         }
+    }
+
+    /// [`Workload::wait_progress`] within [`PROGRESS_TIMEOUT`]; when the
+    /// client does not get there, finishes the workload and panics with
+    /// what it saw and `context()` (logs).
+    pub fn expect_progress(
+        self,
+        echoes: u64,
+        counts: u64,
+        stored: u64,
+        client: &Netns,
+        context: impl FnOnce() -> String,
+    ) -> Self {
+        if let Err(short) = self.wait_progress(echoes, counts, stored, PROGRESS_TIMEOUT) {
+            let report = self.finish(client);
+            panic!(
+                "{short}\nfailures: {:?}\n{report:?}\n{}",
+                report.failures,
+                context()
+            );
+        }
+        self
     }
 
     /// Whether a loop has already ended (on a failure).
