@@ -346,6 +346,7 @@ fn a_corrupted_peer_link_ends_replication_with_the_replica_at_its_last_checkpoin
         STATE_TIMEOUT,
         |s| s.error.is_some(),
     );
+    eprintln!("the secondary stopped: {}", s.raw);
     assert!(pair.relay().flipped_at().is_some(), "{}", s.raw);
     assert_ne!(s.state, "protected", "{}", s.raw);
     assert_eq!(
