@@ -260,8 +260,11 @@ impl Pair {
         let peer = relay.as_ref().map_or(listen, Relay::addr);
 
         let path = |name: &str| dir.path().join(name).display().to_string();
-        let mut b = args(&["--role", "secondary", "--listen", &listen.to_string()]);
-        b.extend(args(&[
+        let mut b = args(&[
+            "--role",
+            "secondary",
+            "--listen",
+            &listen.to_string(),
             "--mem-mib",
             &opts.secondary_mem_mib.unwrap_or(opts.mem_mib).to_string(),
             "--vcpus",
@@ -270,7 +273,7 @@ impl Pair {
             &format!("tap={TAP_B}"),
             "--api-sock",
             &path("b.sock"),
-        ]));
+        ]);
         if opts.secondary_disk != SecondaryDisk::Missing {
             b.extend(args(&["--disk", &path("b.img")]));
         }
@@ -297,8 +300,11 @@ impl Pair {
         }
 
         let cmdline = format!("ip={}/24 {}", guest_ip(GUEST_INDEX), opts.guest_args);
-        let mut a = args(&["--role", "primary", "--peer", &peer.to_string()]);
-        a.extend(args(&[
+        let mut a = args(&[
+            "--role",
+            "primary",
+            "--peer",
+            &peer.to_string(),
             "--kernel",
             &guest_artifact("test-guest").display().to_string(),
             "--cmdline",
@@ -315,7 +321,7 @@ impl Pair {
             &path("a.sock"),
             "--checkpoint-ms",
             &opts.checkpoint_ms.to_string(),
-        ]));
+        ]);
         if opts.verify {
             a.push("--verify-checkpoints".into());
         }
@@ -649,6 +655,11 @@ pub fn fnv64(data: &[u8]) -> u64 {
 // ---------------------------------------------------------------------------
 // The client workload.
 
+/// For the client to make the progress a test asks for: a round trip
+/// waits for a checkpoint, and a debug build on a busy machine takes far
+/// more than the 20 ms interval per checkpoint.
+pub const PROGRESS_TIMEOUT: Duration = Duration::from_secs(90);
+
 /// Bytes per echo message.
 pub const ECHO_LEN: usize = 64;
 
@@ -834,22 +845,60 @@ impl Workload {
 
     /// Waits until the workload has made `echoes` more echo round trips,
     /// `counts` more counter reads and `stored` more kv stores than now,
-    /// within `timeout`; false if it did not (the caller's assert says why).
-    pub fn wait_progress(&self, echoes: u64, counts: u64, stored: u64, timeout: Duration) -> bool {
+    /// within `timeout`; else says how far it got.
+    pub fn wait_progress(
+        &self,
+        echoes: u64,
+        counts: u64,
+        stored: u64,
+        timeout: Duration,
+    ) -> Result<(), String> {
         let (e, c, s) = (self.echoes(), self.counts(), self.stored());
         let deadline = Instant::now() + timeout;
         loop {
-            if self.echoes() >= e + echoes
-                && self.counts() >= c + counts
-                && self.stored() >= s + stored
-            {
-                return true;
+            let got = (self.echoes() - e, self.counts() - c, self.stored() - s);
+            if got.0 >= echoes && got.1 >= counts && got.2 >= stored {
+                return Ok(());
             }
-            if Instant::now() >= deadline || self.finished() {
-                return false;
+            let ended = self.finished();
+            if Instant::now() >= deadline || ended {
+                return Err(format!(
+                    "the client made {} of {echoes} echo round trips, {} of {counts} counter \
+                     reads and {} of {stored} kv stores{}",
+                    got.0,
+                    got.1,
+                    got.2,
+                    if ended {
+                        " before a loop ended".to_string()
+                    } else {
+                        format!(" in {timeout:?}")
+                    }
+                ));
             }
             thread::sleep(POLL);
         }
+    }
+
+    /// [`Workload::wait_progress`] within [`PROGRESS_TIMEOUT`]; when the
+    /// client does not get there, finishes the workload and panics with
+    /// what it saw and `context()` (logs).
+    pub fn expect_progress(
+        self,
+        echoes: u64,
+        counts: u64,
+        stored: u64,
+        client: &Netns,
+        context: impl FnOnce() -> String,
+    ) -> Self {
+        if let Err(short) = self.wait_progress(echoes, counts, stored, PROGRESS_TIMEOUT) {
+            let report = self.finish(client);
+            panic!(
+                "{short}\nfailures: {:?}\n{report:?}\n{}",
+                report.failures,
+                context()
+            );
+        }
+        self
     }
 
     /// Whether a loop has already ended (on a failure).

@@ -21,8 +21,6 @@ use colo_tests::pair::{
 use colo_tests::{env_count, guest_artifact, Vmm};
 
 const BOOT: Duration = Duration::from_secs(20);
-/// Long enough for any amount of client progress the tests ask for.
-const PROGRESS: Duration = Duration::from_secs(60);
 
 /// A standalone test guest in host-a on tap `tapa` with the disk `disk`.
 fn standalone(topo: &Topology, disk: &Path) -> Vmm {
@@ -56,11 +54,10 @@ fn the_workload_passes_against_a_standalone_guest() {
     let disk = blank_disk();
     let vmm = standalone(&topo, disk.path());
     let w = Workload::start(topo.client(), guest_ip(0));
-    let progressed = w.wait_progress(100, 20, 20, PROGRESS);
+    let w = w.expect_progress(100, 20, 20, topo.client(), || vmm.log());
     let report = w.finish(topo.client());
     eprintln!("{report:?}");
     report.assert_clean(&vmm.log());
-    assert!(progressed, "the workload stalled: {report:?}");
     assert!(report.echoes >= 100 && report.kv_stored >= 20, "{report:?}");
     assert_eq!(report.reconnects, 0, "{report:?}");
     let (passed, failed) = self_checks(&vmm.serial(), 0);
@@ -77,7 +74,7 @@ fn the_workload_catches_a_guest_that_lost_its_state() {
     let disk = blank_disk();
     let mut vmm = standalone(&topo, disk.path());
     let w = Workload::start(topo.client(), guest_ip(0));
-    assert!(w.wait_progress(50, 10, 10, PROGRESS));
+    let w = w.expect_progress(50, 10, 10, topo.client(), || vmm.log());
     vmm.kill();
     let fresh = blank_disk();
     let _vmm = standalone(&topo, fresh.path());
@@ -268,10 +265,9 @@ fn refused(opts: PairOptions, needles: &[&str]) {
     }
     // Nothing was started on the secondary; the primary serves on.
     let w = pair.workload();
-    let progressed = w.wait_progress(20, 5, 5, PROGRESS);
+    let w = w.expect_progress(20, 5, 5, pair.topo().client(), || pair.logs());
     let report = w.finish(pair.topo().client());
     report.assert_clean(&pair.logs());
-    assert!(progressed, "{report:?}");
     assert_eq!(pair.status(Side::Primary).state, "unprotected");
 }
 
@@ -350,6 +346,7 @@ fn a_corrupted_peer_link_ends_replication_with_the_replica_at_its_last_checkpoin
         STATE_TIMEOUT,
         |s| s.error.is_some(),
     );
+    eprintln!("the secondary stopped: {}", s.raw);
     assert!(pair.relay().flipped_at().is_some(), "{}", s.raw);
     assert_ne!(s.state, "protected", "{}", s.raw);
     assert_eq!(
@@ -361,7 +358,7 @@ fn a_corrupted_peer_link_ends_replication_with_the_replica_at_its_last_checkpoin
     let p = pair.wait_state(Side::Primary, &["unprotected"], STATE_TIMEOUT);
     assert!(p.error.is_some(), "{}", p.raw);
     // The primary serves on.
-    assert!(w.wait_progress(50, 10, 10, PROGRESS));
+    let w = w.expect_progress(50, 10, 10, pair.topo().client(), || pair.logs());
     let report = w.finish(pair.topo().client());
     report.assert_clean(&pair.logs());
 }
@@ -371,7 +368,7 @@ fn the_initial_sync_repairs_a_secondary_disk_that_started_different() {
     // The secondary's image starts as garbage (PairOptions' default).
     let mut pair = Pair::start(PairOptions::dirtying(16));
     let w = pair.workload();
-    assert!(w.wait_progress(50, 10, 20, PROGRESS));
+    let w = w.expect_progress(50, 10, 20, pair.topo().client(), || pair.logs());
     let report = w.finish(pair.topo().client());
     report.assert_clean(&pair.logs());
     pair.pause_and_settle();
