@@ -19,6 +19,12 @@
 //! tmpfs) keeps the VM paused with 1, 16, 64 and 256 MiB dirty, next to a
 //! memcpy of the same bytes.
 //!
+//! `colo-bench remus [pause|net|failover|sync] [--runs N]` measures the
+//! replication pair of issue 9 (see `remus.rs`): checkpoint pause by dirty
+//! MiB vs memcpy, RTT and throughput standalone vs Remus at three
+//! checkpoint intervals, client-visible failover after SIGKILL of the
+//! primary, and the initial sync with the secondary's RSS. As root.
+//!
 //! Build first: `cargo build --release --bins && resources/build.sh test-guest`,
 //! then `target/release/colo-bench boot` (as root for `net`).
 
@@ -28,6 +34,7 @@ use std::time::{Duration, Instant};
 use colo_tests::{guest_artifact, Vmm};
 
 mod net;
+mod remus;
 mod snapshot;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -61,11 +68,24 @@ fn main() -> ExitCode {
             net::blk(runs.max(1) * 100);
             ExitCode::SUCCESS
         }
-        _ => {
-            eprintln!("usage: colo-bench boot|net|blk|snapshot [--runs N]");
-            ExitCode::from(2)
+        Some("remus") => {
+            let part = args.get(1).filter(|a| !a.starts_with("--"));
+            if remus::run(part.map(String::as_str), runs.max(1)) {
+                ExitCode::SUCCESS
+            } else {
+                usage()
+            }
         }
+        _ => usage(),
     }
+}
+
+fn usage() -> ExitCode {
+    eprintln!(
+        "usage: colo-bench boot|net|blk|snapshot|remus [{}] [--runs N]",
+        remus::PARTS.join("|")
+    );
+    ExitCode::from(2)
 }
 
 /// The `q` quantile (0.5 = median) of non-empty `samples`, which it sorts.

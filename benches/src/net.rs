@@ -19,7 +19,7 @@ fn us(d: Duration) -> f64 {
 }
 
 /// `rounds` 64-byte round trips on one connection; returns (p50, p99).
-fn rtt(addr: SocketAddr, rounds: usize) -> (Duration, Duration) {
+pub(crate) fn rtt(addr: SocketAddr, rounds: usize) -> (Duration, Duration) {
     let mut s = TcpStream::connect_timeout(&addr, BOOT).expect("connect");
     s.set_nodelay(true).expect("nodelay");
     s.set_read_timeout(Some(BOOT)).expect("timeout");

@@ -30,7 +30,7 @@ fn wait_generation(vmm: &mut Vmm) {
 }
 
 /// Median of `runs` memcpys of `bytes`.
-fn memcpy_time(bytes: usize, runs: usize) -> Duration {
+pub(crate) fn memcpy_time(bytes: usize, runs: usize) -> Duration {
     let src = vec![0x5au8; bytes];
     let mut dst = vec![0u8; bytes];
     let mut samples: Vec<Duration> = (0..runs)

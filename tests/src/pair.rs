@@ -85,6 +85,9 @@ pub enum SecondaryDisk {
     Size(u64),
     /// None at all (a device-layout mismatch).
     Missing,
+    /// The primary's contents (zeros) and size, except that every n-th MiB
+    /// (the first of each n) is garbage: a disk that differs in part.
+    GarbageEvery(u64),
 }
 
 /// How to start a [`Pair`].
@@ -100,6 +103,8 @@ pub struct PairOptions {
     pub verify: bool,
     /// `--failover auto` on the secondary (default manual).
     pub failover_auto: bool,
+    /// `--heartbeat-timeout-ms` on both sides (default: vmm's, 1000).
+    pub heartbeat_timeout_ms: Option<u64>,
     /// Extra environment of each `vmm` (`COLO_FAULT`, ...).
     pub primary_env: Vec<(String, String)>,
     pub secondary_env: Vec<(String, String)>,
@@ -123,6 +128,7 @@ impl Default for PairOptions {
             checkpoint_ms: 20,
             verify: true,
             failover_auto: false,
+            heartbeat_timeout_ms: None,
             primary_env: Vec::new(),
             secondary_env: Vec::new(),
             secondary_mem_mib: None,
@@ -218,6 +224,28 @@ fn image(path: &Path, bytes: u64, garbage: Option<u64>) {
     }
 }
 
+/// A file of `bytes` zeros whose first MiB of every `every` MiB is
+/// splitmix64 garbage from `seed`.
+fn partly_garbage(path: &Path, bytes: u64, every: u64, seed: u64) {
+    use std::os::unix::fs::FileExt;
+    image(path, bytes, None);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open a disk image");
+    let mut rng = Rng::new(seed);
+    let mib = 1u64 << 20;
+    for start in (0..bytes).step_by((every.max(1) * mib) as usize) {
+        let len = mib.min(bytes - start) as usize;
+        let mut data = Vec::with_capacity(len + 8);
+        while data.len() < len {
+            data.extend_from_slice(&rng.next_u64().to_le_bytes());
+        }
+        data.truncate(len);
+        file.write_all_at(&data, start).expect("write a disk image");
+    }
+}
+
 /// A primary and a secondary `vmm` on the rig (see the module doc).
 pub struct Pair {
     // Drop order is declaration order: processes, relay, namespaces, files.
@@ -227,6 +255,7 @@ pub struct Pair {
     topo: Topology,
     dir: tempfile::TempDir,
     opts: PairOptions,
+    primary_started: Instant,
 }
 
 impl Pair {
@@ -246,6 +275,9 @@ impl Pair {
                 Some(garbage_seed),
             ),
             SecondaryDisk::Size(n) => image(&dir.path().join("b.img"), n, Some(garbage_seed)),
+            SecondaryDisk::GarbageEvery(n) => {
+                partly_garbage(&dir.path().join("b.img"), opts.disk_bytes, n, garbage_seed)
+            }
             SecondaryDisk::Missing => {}
         }
 
@@ -280,6 +312,11 @@ impl Pair {
         if opts.failover_auto {
             b.extend(args(&["--failover", "auto"]));
         }
+        let heartbeat = opts
+            .heartbeat_timeout_ms
+            .map(|ms| args(&["--heartbeat-timeout-ms", &ms.to_string()]))
+            .unwrap_or_default();
+        b.extend(heartbeat.iter().cloned());
         let mut command = topo.host(Host::B).exec(crate::vmm_bin(), &b);
         command.envs(opts.secondary_env.iter().cloned());
         let mut secondary = Vmm::spawn_command(command);
@@ -325,8 +362,10 @@ impl Pair {
         if opts.verify {
             a.push("--verify-checkpoints".into());
         }
+        a.extend(heartbeat);
         let mut command = topo.host(Host::A).exec(crate::vmm_bin(), &a);
         command.envs(opts.primary_env.iter().cloned());
+        let primary_started = Instant::now();
         let mut primary = Vmm::spawn_command(command);
         primary.wait_for_serial("colo-test-guest: ready", START_TIMEOUT);
 
@@ -337,12 +376,19 @@ impl Pair {
             topo,
             dir,
             opts,
+            primary_started,
         };
         if pair.opts.wait_protected {
             pair.wait_state(Side::Primary, &["protected"], START_TIMEOUT);
             pair.wait_state(Side::Secondary, &["protected"], START_TIMEOUT);
         }
         pair
+    }
+
+    /// When the primary `vmm` was spawned (the secondary was already
+    /// waiting): the start of the initial sync's clock.
+    pub fn primary_started(&self) -> Instant {
+        self.primary_started
     }
 
     pub fn options(&self) -> &PairOptions {
@@ -1439,6 +1485,20 @@ mod tests {
         assert!(header.ends_with(&format!("{:016x}", fnv64(payload))));
         assert!(v.len() <= 16 * 1024, "the guest takes at most 16 KiB");
         assert_eq!(kv_value(3), v, "values are reproducible");
+    }
+
+    #[test]
+    fn a_partly_garbage_image_differs_in_every_nth_mib_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.img");
+        let mib = 1usize << 20;
+        partly_garbage(&path, (9 * mib + 4096) as u64, 4, 1);
+        let data = std::fs::read(&path).unwrap();
+        assert_eq!(data.len(), 9 * mib + 4096);
+        for (i, chunk) in data.chunks(mib).enumerate() {
+            let zeros = chunk.iter().all(|&b| b == 0);
+            assert_eq!(zeros, i % 4 != 0, "MiB {i}");
+        }
     }
 
     #[test]
