@@ -526,7 +526,7 @@ fn apply(shared: &Shared, stream: &mut TcpStream, staged: Staged) -> Result<(), 
         Staged::StateIn => fault::point(Role::Secondary, Point::AfterState),
         Staged::Complete(checkpoint) => {
             let epoch = checkpoint.epoch;
-            load(&mut replica, &checkpoint)?;
+            load(&mut replica, checkpoint)?;
             if epoch == 0 {
                 tracing::info!("colo: checkpoint 0 loaded: protected");
             }
@@ -550,12 +550,18 @@ fn apply(shared: &Shared, stream: &mut TcpStream, staged: Staged) -> Result<(), 
 }
 
 /// Loads a complete checkpoint, commits its disk writes, checks its hash.
-fn load(replica: &mut Replica, c: &Checkpoint) -> Result<(), String> {
-    let epoch = c.epoch;
+fn load(replica: &mut Replica, c: Checkpoint) -> Result<(), String> {
+    let Checkpoint {
+        epoch,
+        pages,
+        state,
+        digest,
+    } = c;
+    let (page_count, state_len) = (pages.len(), state.len());
     let started = Instant::now();
     replica
         .vm
-        .load(&c.pages, &c.state)
+        .load(pages, state)
         .map_err(|e| format!("loading checkpoint {epoch}: {e}"))?;
     let disks = if epoch == 0 {
         replica.disks.flush()
@@ -564,7 +570,7 @@ fn load(replica: &mut Replica, c: &Checkpoint) -> Result<(), String> {
     };
     disks.map_err(|e| format!("committing checkpoint {epoch}'s disk writes: {e}"))?;
     replica.loaded = true;
-    if let Some(expected) = &c.digest {
+    if let Some(expected) = &digest {
         let got = replica
             .vm
             .digest()
@@ -579,8 +585,8 @@ fn load(replica: &mut Replica, c: &Checkpoint) -> Result<(), String> {
     }
     tracing::debug!(
         "colo: checkpoint {epoch} loaded: {} pages, {} state bytes, {:.2} ms",
-        c.pages.len(),
-        c.state.len(),
+        page_count,
+        state_len,
         ms(started.elapsed())
     );
     Ok(())

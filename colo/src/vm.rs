@@ -257,7 +257,9 @@ pub trait ReplicaVm: Send {
     fn write_pages(&mut self, pages: &PageBatch) -> Result<(), VmOpError>;
     /// Validates, then loads `pages` and `state` into the paused replica.
     /// A refusal leaves it untouched.
-    fn load(&mut self, pages: &PageBatch, state: &[u8]) -> Result<(), VmOpError>;
+    /// Takes the checkpoint by value: the pages go into guest memory
+    /// without another copy.
+    fn load(&mut self, pages: PageBatch, state: Vec<u8>) -> Result<(), VmOpError>;
     /// The paused replica's state hash.
     fn digest(&mut self) -> Result<StateDigest, VmOpError>;
     /// Failover: attach every NIC to its tap, announce the guest's MACs,

@@ -306,12 +306,12 @@ impl ReplicaVm for FakeReplica {
         Ok(())
     }
 
-    fn load(&mut self, pages: &PageBatch, state: &[u8]) -> Result<(), VmOpError> {
+    fn load(&mut self, pages: PageBatch, state: Vec<u8>) -> Result<(), VmOpError> {
         let mut r = lock(&self.0);
         if !r.lose_pages {
-            write_pages(&mut r.mem, pages);
+            write_pages(&mut r.mem, &pages);
         }
-        r.state = state.to_vec();
+        r.state = state;
         r.loads += 1;
         Ok(())
     }

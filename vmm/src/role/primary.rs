@@ -26,7 +26,7 @@ use net_proxy::output::{OutputBuffer, Push};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion};
 
 use crate::config::VmConfig;
-use crate::vm::checkpoint::{PageBuffer, PAGE_SIZE};
+use crate::vm::checkpoint::PAGE_SIZE;
 use crate::vm::memory::GuestMemory;
 use crate::vm::{Backends, RunState, RunningVm, VmError, VmHandle};
 
@@ -233,6 +233,7 @@ pub fn start(
         identity,
         nics: parts.nics.clone(),
         disks: parts.disks.clone(),
+        staging: Arc::default(),
     };
     let engine_config = colo::primary::PrimaryConfig {
         peer: replication
@@ -269,6 +270,8 @@ struct Guest {
     identity: Identity,
     nics: Vec<Arc<NicOutput>>,
     disks: Vec<Arc<DiskFwd>>,
+    /// Where a checkpoint's pages are copied during the pause.
+    staging: Arc<Mutex<Vec<u8>>>,
 }
 
 impl Guest {
@@ -278,7 +281,8 @@ impl Guest {
     fn capture(&self, epoch: u64, verify: bool, resume: bool) -> Result<Capture, VmOpError> {
         let nics = self.nics.clone();
         let disks = self.disks.clone();
-        let (pages, state, digest, paused_for) = self
+        let staging = self.staging.clone();
+        let (addrs, len, state, digest, paused_for) = self
             .handle
             .run(move |vm: &mut RunningVm| {
                 let started = Instant::now();
@@ -290,8 +294,15 @@ impl Guest {
                 let taken = (|| {
                     close_epoch(&nics, &disks, epoch)?;
                     let dirty = vm.take_dirty().map_err(op_err)?;
-                    let mut pages = PageBuffer::new();
-                    if let Err(e) = vm.copy_pages(&dirty.pages(), &mut pages) {
+                    let addrs = dirty.pages();
+                    let len = addrs.len() * PAGE_SIZE as usize;
+                    let mut staging = lock(&staging);
+                    // Grows to the largest checkpoint once; its pages stay
+                    // mapped, so a pause copies into warm memory.
+                    if staging.len() < len {
+                        staging.resize(len, 0);
+                    }
+                    if let Err(e) = vm.copy_pages_to(&addrs, &mut staging[..len]) {
                         vm.put_back_dirty(dirty);
                         return Err(op_err(e));
                     }
@@ -300,17 +311,18 @@ impl Guest {
                         true => Some(super::digest(vm.state_hash_of(&state).map_err(op_err)?)),
                         false => None,
                     };
-                    Ok((pages, state, digest))
+                    Ok((addrs, len, state, digest))
                 })();
                 if resume && was_running {
                     vm.resume().map_err(op_err)?;
                 }
-                let (pages, state, digest) = taken?;
-                Ok::<_, VmOpError>((pages, state, digest, started.elapsed()))
+                let (addrs, len, state, digest) = taken?;
+                Ok::<_, VmOpError>((addrs, len, state, digest, started.elapsed()))
             })
             .map_err(op_err)??;
+        // The guest runs again: what follows costs no pause.
+        let data = lock(&self.staging)[..len].to_vec();
         let state = postcard::to_allocvec(&state).map_err(op_err)?;
-        let (addrs, data) = pages.into_parts();
         Ok(Capture {
             pages: PageBatch { addrs, data },
             state,

@@ -178,11 +178,10 @@ impl colo::vm::ReplicaVm for Replica {
         Ok(())
     }
 
-    fn load(&mut self, pages: &PageBatch, state: &[u8]) -> Result<(), VmOpError> {
-        let state: MachineState = postcard::from_bytes(state)
+    fn load(&mut self, pages: PageBatch, state: Vec<u8>) -> Result<(), VmOpError> {
+        let state: MachineState = postcard::from_bytes(&state)
             .map_err(|e| VmOpError(format!("the checkpoint's state does not decode: {e}")))?;
-        let pages =
-            PageBuffer::from_parts(pages.addrs.clone(), pages.data.clone()).map_err(op_err)?;
+        let pages = PageBuffer::from_parts(pages.addrs, pages.data).map_err(op_err)?;
         let layout = self.layout.clone();
         self.handle
             .run(move |vm: &mut RunningVm| vm.load(&layout, &state, &pages))
