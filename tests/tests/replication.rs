@@ -391,3 +391,106 @@ fn the_initial_sync_repairs_a_secondary_disk_that_started_different() {
         &differ[..differ.len().min(8)]
     );
 }
+
+/// Output held beyond its bound (4 MiB) forces a checkpoint: with the
+/// periodic checkpoint 60 s away (the longest interval), UDP datagrams
+/// echoed by the guest pile up on the primary until the bound releases
+/// them, and the primary counts a checkpoint caused by held bytes. (TCP
+/// cannot show it: its window keeps held output small until the timer.)
+#[test]
+fn held_output_over_its_bound_forces_a_checkpoint() {
+    let pair = Pair::start(PairOptions {
+        verify: false,
+        ..PairOptions::default()
+    });
+    let guest = SocketAddr::from((guest_ip(colo_tests::pair::GUEST_INDEX), 7));
+    let client = pair.topo().client();
+    let socket = client.enter(|| std::net::UdpSocket::bind("0.0.0.0:0").unwrap());
+    socket.connect(guest).unwrap();
+    // One round trip at the 20 ms interval teaches the client the guest's
+    // MAC; pinned, no ARP reply (held like any output) is needed later.
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut buf = [0u8; 2048];
+    let warm = (0..50).any(|_| {
+        socket.send(b"warm-up").unwrap();
+        socket.recv(&mut buf).is_ok()
+    });
+    assert!(warm, "no UDP echo from the guest\n{}", pair.logs());
+    let ip = guest.ip().to_string();
+    let neigh = client.ip(&["neigh", "show", &ip]);
+    let mac = neigh
+        .split_whitespace()
+        .skip_while(|w| *w != "lladdr")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no neighbour entry for the guest: {neigh:?}"))
+        .to_string();
+    client.ip(&[
+        "neigh",
+        "replace",
+        &ip,
+        "lladdr",
+        &mac,
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ]);
+    let a = pair.primary_sock();
+    let r = api_request(&a, "PATCH", "/colo", r#"{"checkpoint_ms":60000}"#).unwrap();
+    assert_eq!(r.status, 204, "{}", r.text());
+    // Settle: one requested checkpoint after the change, then nothing
+    // releases output but the bound.
+    let done = pair.status(Side::Primary).checkpoints;
+    assert_eq!(pair.request_checkpoint().status, 202);
+    pair.wait_checkpoints(Side::Primary, done + 1, STATE_TIMEOUT);
+    while socket.recv(&mut buf).is_ok() {} // echoes of the warm-up
+    let cause = r#"colo_checkpoints_total{cause="held_bytes"}"#;
+    assert_eq!(pair.metric(Side::Primary, cause), Some(0.0));
+
+    socket
+        .set_read_timeout(Some(Duration::from_millis(5)))
+        .unwrap();
+    let datagram = [0x5au8; 1400];
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut sent = 0u64;
+    let echoed = loop {
+        // The deadline stands for "before the periodic checkpoint".
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{sent} datagrams sent, none echoed: held output never forced a checkpoint\n{}",
+            pair.logs()
+        );
+        for _ in 0..32 {
+            socket.send(&datagram).unwrap();
+            sent += 1;
+        }
+        if let Ok(n) = socket.recv(&mut buf) {
+            break n;
+        }
+    };
+    assert_eq!(&buf[..echoed], &datagram[..]);
+    // The ack releases the output before the engine counts it.
+    let deadline = std::time::Instant::now() + STATE_TIMEOUT;
+    let mut forced = 0.0;
+    while forced < 1.0 && std::time::Instant::now() < deadline {
+        forced = pair.metric(Side::Primary, cause).unwrap_or(0.0);
+        thread::sleep(Duration::from_millis(15));
+    }
+    let causes: Vec<String> = ["periodic", "requested", "held_bytes"]
+        .iter()
+        .map(|c| {
+            let series = format!("colo_checkpoints_total{{cause=\"{c}\"}}");
+            format!("{c} {:?}", pair.metric(Side::Primary, &series))
+        })
+        .collect();
+    assert!(
+        forced >= 1.0,
+        "echoed after {sent} datagrams without a held-bytes checkpoint ({causes:?})\n{}",
+        pair.logs()
+    );
+    let s = pair.status(Side::Primary);
+    assert_eq!(s.raw["state"], "protected", "{}", s.raw);
+    eprintln!("{sent} datagrams of 1400 B sent before the first echo");
+}
