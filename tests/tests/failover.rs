@@ -189,3 +189,33 @@ fault_tests! {
     secondary_dies_after_ack: Side::Secondary, "after_ack", NTH;
     secondary_dies_mid_disk_apply: Side::Secondary, "mid_disk_apply", NTH_WRITE;
 }
+
+/// Live migration, the README's lossless order: pause the primary, take a
+/// checkpoint, check that the replica holds exactly the paused state (state
+/// hashes equal), shut the primary down, fail over: the guest carries on on
+/// host-b with the client's connection, nothing it did lost.
+#[test]
+fn a_paused_primary_migrates_to_the_secondary_with_nothing_lost() {
+    let mut pair = Pair::start(PairOptions::dirtying(DIRTY_MIB_PER_S));
+    let w = pair.workload();
+    let w = w.expect_progress(50, 5, 5, pair.topo().client(), || pair.logs());
+    let paused = pair.pause_and_settle();
+    assert_eq!(
+        pair.state_hash(Side::Secondary),
+        paused,
+        "the replica does not hold the paused primary's state\n{}",
+        pair.logs()
+    );
+    let r = colo_tests::http::api_request(
+        &pair.primary_sock(),
+        "PUT",
+        "/actions",
+        r#"{"action":"shutdown"}"#,
+    )
+    .unwrap();
+    assert_eq!(r.status, 202, "{}", r.text());
+    let exit = pair.vmm(Side::Primary).wait_exit(STATE_TIMEOUT);
+    assert!(exit.success(), "the primary exited {exit}\n{}", pair.logs());
+    pair.failover();
+    client_survives(&mut pair, w, Side::Secondary);
+}
