@@ -42,6 +42,12 @@ const PRECOPY_MAX_ROUNDS: u32 = 8;
 const SYNC_QUEUE_BYTES: usize = 8 << 20;
 /// How long the secondary may take to answer the hello.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The least time a checkpoint's ack may take before the secondary counts
+/// as lost although its heartbeat answers (a replica stuck applying): the
+/// guest's output waits for that ack, so a stuck secondary must not stall
+/// the clients for longer. The bound is this or ten heartbeat timeouts,
+/// whichever is longer (a 256 MiB checkpoint travels in ~0.5 s here).
+const ACK_TIMEOUT_MIN: Duration = Duration::from_secs(5);
 const CONNECT_RETRY: Duration = Duration::from_millis(200);
 
 /// How the primary replicates.
@@ -827,8 +833,22 @@ impl Engine {
         let mut inflight: Option<InFlight> = None;
         let mut pending: Option<Cause> = None;
         loop {
-            let event = if inflight.is_some() {
-                Some(self.rx.recv().map_err(|_| End::Shutdown)?)
+            let event = if let Some(f) = &inflight {
+                let deadline = f.captured + self.ack_timeout();
+                match self
+                    .rx
+                    .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                {
+                    Ok(e) => Some(e),
+                    Err(RecvTimeoutError::Timeout) => {
+                        return Err(End::Lost(format!(
+                            "no ack for checkpoint {} within {:.1} s",
+                            f.epoch,
+                            self.ack_timeout().as_secs_f64()
+                        )))
+                    }
+                    Err(RecvTimeoutError::Disconnected) => return Err(End::Shutdown),
+                }
             } else {
                 let due = last + self.interval();
                 match self
@@ -870,6 +890,13 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// How long a checkpoint's ack may take (see [`ACK_TIMEOUT_MIN`]).
+    fn ack_timeout(&self) -> Duration {
+        ACK_TIMEOUT_MIN.max(Duration::from_millis(
+            self.shared.config.heartbeat_timeout_ms.saturating_mul(10),
+        ))
     }
 
     fn take_checkpoint(&mut self, epoch: u64, cause: Cause) -> Result<InFlight, End> {
