@@ -6,6 +6,8 @@ mod common;
 use std::io::Write;
 use std::net::TcpStream;
 use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::time::Duration;
 
 use colo::control::{Control, Mode, State};
 use colo::primary;
@@ -191,6 +193,39 @@ fn a_dead_secondary_leaves_the_primary_unprotected_with_output_released() {
     p.secondary.failover().expect("failover on command");
     assert_eq!(lock(&p.replica).take_overs, 1);
     assert_eq!(p.secondary.status().state, State::FailedOver);
+}
+
+#[test]
+fn a_checkpoint_loaded_as_the_primary_says_goodbye_leaves_the_secondary_stopped() {
+    let p = pair(Options {
+        checkpoint_ms: 60_000,
+        ..Options::default()
+    });
+    p.protected();
+    let (started, loading) = mpsc::channel();
+    let (go_on, held) = mpsc::channel();
+    lock(&p.replica).hold_next_load = Some((started, held));
+    let epoch = act(&p.guest, 7);
+    p.primary.checkpoint().expect("a checkpoint");
+    loading
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the checkpoint's load");
+    // While the secondary loads it, the primary drops it.
+    p.primary.failover().expect("failover");
+    wait_for("the secondary to stop", || {
+        p.secondary.status().state == State::Stopped
+    });
+    go_on.send(()).expect("the load waits");
+    wait_for("the load to finish", || p.secondary.status().epoch == epoch);
+    let s = p.secondary.status();
+    assert_eq!(s.state, State::Stopped, "{s:?}");
+    assert_eq!(p.secondary.metrics().state, Some(State::Stopped));
+    assert!(s
+        .error
+        .is_some_and(|e| e.contains("the primary ended replication")),);
+    // The checkpoint it loaded is what a failover resumes.
+    p.secondary.failover().expect("failover");
+    assert_eq!(lock(&p.replica).take_overs, 1);
 }
 
 #[test]

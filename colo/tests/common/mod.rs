@@ -8,16 +8,14 @@
 // Each test file uses its own subset of these helpers.
 #![allow(dead_code)]
 
-use std::collections::hash_map::DefaultHasher;
 use std::collections::BTreeSet;
-use std::hash::{Hash, Hasher};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Once};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, Once};
 use std::time::{Duration, Instant};
 
-use colo::control::{Cause, Control, State, Status};
+use colo::control::{Control, State, Status};
 use colo::primary::{self, PrimaryConfig, PrimaryHandle};
 use colo::secondary::{self, Failover, SecondaryConfig, SecondaryHandle};
 use colo::vm::{
@@ -80,10 +78,10 @@ pub fn identity(mem_size: u64, vcpus: u8) -> Identity {
     }
 }
 
+/// CRC32 (built optimised even in dev builds): tests hash megabytes
+/// per checkpoint.
 fn hash(b: &[u8]) -> u64 {
-    let mut s = DefaultHasher::new();
-    b.hash(&mut s);
-    s.finish()
+    u64::from(crc32fast::hash(b))
 }
 
 fn digest(mem: &[u8], state: &[u8]) -> StateDigest {
@@ -376,6 +374,9 @@ pub struct Replica {
     pub loads: u64,
     /// Loads ignore the pages (a replica missing dirty pages).
     pub lose_pages: bool,
+    /// The next load says it started on the first, then waits for the
+    /// second.
+    pub hold_next_load: Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>,
 }
 
 impl Replica {
@@ -417,6 +418,11 @@ impl ReplicaVm for FakeReplica {
     }
 
     fn load(&mut self, pages: PageBatch, state: Vec<u8>) -> Result<(), VmOpError> {
+        let hold = lock(&self.0).hold_next_load.take();
+        if let Some((started, go_on)) = hold {
+            let _ = started.send(());
+            let _ = go_on.recv();
+        }
         let mut r = lock(&self.0);
         if !r.lose_pages {
             write_pages(&mut r.mem, &pages);
@@ -553,6 +559,7 @@ impl OutputControl for FakeOutput {
 pub struct Relay {
     pub flip: AtomicBool,
     pub frozen: AtomicBool,
+    cut: AtomicBool,
     conns: Mutex<Vec<TcpStream>>,
 }
 
@@ -562,6 +569,7 @@ impl Relay {
         let relay = Arc::new(Relay {
             flip: AtomicBool::new(false),
             frozen: AtomicBool::new(false),
+            cut: AtomicBool::new(false),
             conns: Mutex::new(Vec::new()),
         });
         let l = listener();
@@ -585,8 +593,11 @@ impl Relay {
         (relay, addr)
     }
 
-    /// Cuts every relayed connection, both ways.
+    /// Cuts every relayed connection, both ways, at once: nothing read
+    /// after the first is cut goes through (a dead link, not a peer that
+    /// closed one connection and spoke on the other).
     pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
         for s in lock(&self.conns).drain(..) {
             let _ = s.shutdown(Shutdown::Both);
         }
@@ -603,8 +614,11 @@ fn pump(r: Arc<Relay>, from: &TcpStream, to: &TcpStream, flips: bool) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
-            while r.frozen.load(Ordering::SeqCst) {
+            while r.frozen.load(Ordering::SeqCst) && !r.cut.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(5));
+            }
+            if r.cut.load(Ordering::SeqCst) {
+                break;
             }
             if flips && r.flip.swap(false, Ordering::SeqCst) {
                 buf[n - 1] ^= 0x10;
@@ -772,25 +786,6 @@ impl Pair {
     /// Waits until `epoch` is committed on the secondary.
     pub fn settle(&self, epoch: u64) {
         self.wait("acked", |p, _| p.epoch >= epoch);
-    }
-
-    /// Asks for a checkpoint covering everything the guest did so far and
-    /// waits for its ack.
-    pub fn checkpoint_now(&self) {
-        let epoch = lock(&self.guest).epoch;
-        self.primary
-            .checkpoint()
-            .expect("a checkpoint when protected");
-        self.settle(epoch);
-    }
-
-    /// Sends `frame` from the guest; asks for a checkpoint when the held
-    /// output is over its bound (as `vmm`'s output path does).
-    pub fn emit(&self, frame: Vec<u8>) {
-        let over = lock(&self.guest).emit(frame);
-        if over {
-            self.primary.request_checkpoint(Cause::HeldBytes);
-        }
     }
 
     pub fn assert_equal(&self) {
