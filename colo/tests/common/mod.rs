@@ -42,6 +42,19 @@ pub fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// Waits until `side` is in `state`; panics with its status after 5 s.
+pub fn wait_state(side: &dyn Control, state: State) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let s = side.status();
+        if s.state == state {
+            return;
+        }
+        assert!(Instant::now() < deadline, "not {}: {s:?}", state.name());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 static PANICS: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
 /// Records panics of the engines' threads (named "colo-..."), which no
@@ -652,6 +665,8 @@ pub struct Options {
     pub held_bytes_max: u64,
     /// Connect the primary through a [`Relay`].
     pub relay: bool,
+    /// The secondary's heartbeat timeout (the primary's is 100 ms more).
+    pub heartbeat_timeout_ms: u64,
 }
 
 impl Default for Options {
@@ -662,6 +677,7 @@ impl Default for Options {
             checkpoint_ms: 5,
             held_bytes_max: primary::DEFAULT_HELD_BYTES_MAX,
             relay: false,
+            heartbeat_timeout_ms: 500,
         }
     }
 }
@@ -680,7 +696,7 @@ pub fn start_secondary(
     let f = fatal.clone();
     let mut config = SecondaryConfig::new(Box::new(move |msg| lock(&f).push(msg)));
     config.failover = o.failover;
-    config.heartbeat_timeout_ms = 500;
+    config.heartbeat_timeout_ms = o.heartbeat_timeout_ms;
     let handle = secondary::start(
         config,
         listener,
@@ -704,7 +720,7 @@ pub fn start_primary(
     config.checkpoint_ms = o.checkpoint_ms;
     config.verify = true;
     config.heartbeat_ms = 20;
-    config.heartbeat_timeout_ms = 600;
+    config.heartbeat_timeout_ms = o.heartbeat_timeout_ms + 100;
     config.held_bytes_max = o.held_bytes_max;
     let primary = primary::start(
         config,
