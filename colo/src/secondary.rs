@@ -537,9 +537,14 @@ fn apply(shared: &Shared, stream: &mut TcpStream, staged: Staged) -> Result<(), 
             if epoch > 0 {
                 status.checkpoints += 1;
             }
-            status.state = State::Protected;
+            // Replication may have ended during the load (the primary
+            // said goodbye): the end's state stands. Checked under the
+            // status lock, which the end takes after claiming.
+            if !shared.ended.load(Ordering::SeqCst) {
+                status.state = State::Protected;
+                lock(&shared.metrics).state = Some(State::Protected);
+            }
             drop(status);
-            lock(&shared.metrics).state = Some(State::Protected);
             fault::point(Role::Secondary, Point::BeforeAck);
             wire::write_message(stream, &Message::Ack { epoch })
                 .map_err(|e| format!("acking checkpoint {epoch}: {}", chain(&e)))?;
