@@ -228,6 +228,44 @@ fn a_checkpoint_loaded_as_the_primary_says_goodbye_leaves_the_secondary_stopped(
     assert_eq!(lock(&p.replica).take_overs, 1);
 }
 
+/// A secondary stuck applying a checkpoint, its heartbeat still answering,
+/// must not hold the guest's output forever: the primary gives up on the
+/// ack (after max(5 s, 10 heartbeat timeouts)), releases everything and
+/// runs unprotected.
+#[test]
+fn a_secondary_that_never_acks_is_dropped_and_the_output_released() {
+    let p = pair(Options {
+        checkpoint_ms: 60_000,
+        ..Options::default()
+    });
+    p.protected();
+    let (started, loading) = mpsc::channel();
+    let (_go_on, held) = mpsc::channel::<()>();
+    lock(&p.replica).hold_next_load = Some((started, held));
+    act(&p.guest, 7);
+    p.primary.checkpoint().expect("a checkpoint");
+    loading
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the checkpoint's load");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while p.primary.status().state != State::Unprotected {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the primary still waits: {:?}",
+            p.primary.status()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let s = p.primary.status();
+    assert!(
+        s.error
+            .as_deref()
+            .is_some_and(|e| e.contains("no ack for checkpoint")),
+        "{s:?}"
+    );
+    assert_eq!(p.primary.metrics().held_frames, 0, "output still held");
+}
+
 #[test]
 fn a_mismatched_secondary_is_refused_with_the_differences_named() {
     let o = Options {
