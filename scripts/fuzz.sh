@@ -15,7 +15,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 seconds="${1:-60}"
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(virtio_blk mmio restore snapshot)
+[ ${#targets[@]} -gt 0 ] || targets=(virtio_blk mmio restore snapshot packet)
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "fuzz: cargo-fuzz missing: scripts/install-deps.sh (or cargo install cargo-fuzz)" >&2

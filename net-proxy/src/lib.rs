@@ -1,7 +1,9 @@
 //! The network proxy of a COLO pair. Here: the primary's output buffer,
 //! which holds the guest's frames per epoch until the checkpoint that
 //! covers them is safe on the secondary (Remus mode), and the frames that
-//! announce a guest's MAC after a failover.
+//! announce a guest's MAC after a failover. For COLO mode's compare proxy:
+//! the parser that classifies a guest's frames and keys their connections.
 
 pub mod announce;
 pub mod output;
+pub mod packet;

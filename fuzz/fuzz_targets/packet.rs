@@ -1,0 +1,21 @@
+//! Fuzz target: any bytes as an Ethernet frame from a guest through the compare
+//! proxy's parser: never a panic, and what it returns lies inside the frame.
+#![no_main]
+
+use net_proxy::packet::{parse, Packet};
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    let payload = match parse(data) {
+        Ok(Packet::Tcp { payload, key, .. }) | Ok(Packet::Udp { payload, key }) => {
+            assert_eq!(key.canonical(), key.reversed().canonical());
+            payload
+        }
+        Ok(Packet::Icmp { payload, .. }) => payload,
+        Ok(Packet::Fragment { .. } | Packet::Other { .. }) | Err(_) => return,
+    };
+    let frame = data.as_ptr_range();
+    assert!(
+        payload.is_empty()
+            || (frame.start <= payload.as_ptr() && payload.as_ptr_range().end <= frame.end)
+    );
+});
