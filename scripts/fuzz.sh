@@ -8,7 +8,8 @@
 # toolchain runs it with RUSTC_BOOTSTRAP=1 (sanitizer flags are unstable).
 # Corpora grow in fuzz/corpus/<target>/ (not committed); a crash lands in
 # fuzz/artifacts/<target>/: fix it, then copy the input to
-# fuzz/regressions/<target>/, which `cargo test -p devices` replays.
+# fuzz/regressions/<target>/, which `cargo test -p devices` (net-proxy for
+# packet) replays.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 

@@ -5,14 +5,11 @@
 use net_proxy::packet::{parse, Packet};
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    let payload = match parse(data) {
-        Ok(Packet::Tcp { payload, key, .. }) | Ok(Packet::Udp { payload, key }) => {
-            assert_eq!(key.canonical(), key.reversed().canonical());
-            payload
-        }
-        Ok(Packet::Icmp { payload, .. }) => payload,
-        Ok(Packet::Fragment { .. } | Packet::Other { .. }) | Err(_) => return,
-    };
+    let Ok(packet) = parse(data) else { return };
+    if let Packet::Tcp { key, .. } | Packet::Udp { key, .. } = &packet {
+        assert_eq!(key.canonical(), key.reversed().canonical());
+    }
+    let payload = packet.payload();
     let frame = data.as_ptr_range();
     assert!(
         payload.is_empty()

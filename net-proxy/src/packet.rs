@@ -198,6 +198,19 @@ pub enum Packet<'a> {
     },
 }
 
+impl<'a> Packet<'a> {
+    /// The bytes compared as payload (empty for fragments and others,
+    /// which are compared as whole frames).
+    pub fn payload(&self) -> &'a [u8] {
+        match self {
+            Packet::Tcp { payload, .. }
+            | Packet::Udp { payload, .. }
+            | Packet::Icmp { payload, .. } => payload,
+            Packet::Fragment { .. } | Packet::Other { .. } => &[],
+        }
+    }
+}
+
 /// Parses an Ethernet II frame (without FCS). See the module doc.
 pub fn parse(frame: &[u8]) -> Result<Packet<'_>, ParseError> {
     let sliced = SlicedPacket::from_ethernet(frame)?;
@@ -870,15 +883,6 @@ mod tests {
         part.is_empty() || (range.start <= part.as_ptr() && part.as_ptr_range().end <= range.end)
     }
 
-    fn payload<'a>(p: &Packet<'a>) -> &'a [u8] {
-        match p {
-            Packet::Tcp { payload, .. }
-            | Packet::Udp { payload, .. }
-            | Packet::Icmp { payload, .. } => payload,
-            Packet::Fragment { .. } | Packet::Other { .. } => &[],
-        }
-    }
-
     /// The packet without its payload, to compare a truncated parse.
     fn header_of(p: &Packet<'_>) -> Packet<'static> {
         match p.clone() {
@@ -909,6 +913,20 @@ mod tests {
             },
             Packet::Fragment { key } => Packet::Fragment { key },
             Packet::Other { ethertype } => Packet::Other { ethertype },
+        }
+    }
+
+    /// Inputs that once made the `packet` fuzz target fail
+    /// (fuzz/regressions/packet/, see fuzz/regressions/README.md).
+    #[test]
+    fn fuzz_regressions_stay_fixed() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/regressions/packet");
+        for entry in std::fs::read_dir(dir).into_iter().flatten() {
+            let frame = std::fs::read(entry.expect("dir entry").path()).expect("regression input");
+            if let Ok(p) = parse(&frame) {
+                assert!(within(&frame, p.payload()));
+            }
         }
     }
 
@@ -1062,7 +1080,7 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic(frame in prop::collection::vec(any::<u8>(), 0..200)) {
             if let Ok(p) = parse(&frame) {
-                prop_assert!(within(&frame, payload(&p)));
+                prop_assert!(within(&frame, p.payload()));
             }
         }
 
@@ -1077,7 +1095,7 @@ mod tests {
                 frame[i] = byte;
             }
             if let Ok(p) = parse(&frame) {
-                prop_assert!(within(&frame, payload(&p)));
+                prop_assert!(within(&frame, p.payload()));
             }
         }
 
@@ -1094,7 +1112,7 @@ mod tests {
             for len in 0..frame.len() {
                 if let Ok(p) = parse(&frame[..len]) {
                     prop_assert_eq!(header_of(&p), header_of(&full), "cut at {}", len);
-                    prop_assert!(payload(&full).starts_with(payload(&p)), "cut at {}", len);
+                    prop_assert!(full.payload().starts_with(p.payload()), "cut at {}", len);
                 }
             }
         }
