@@ -25,21 +25,11 @@ pub const MAX_MEM_MIB: u64 = 1 << 20;
 /// Default kernel command line.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 
-/// Default checkpoint interval of a replicated VM, in milliseconds.
-///
-/// In Remus mode a reply the guest sends waits on the primary until the
-/// checkpoint that covers it is safe on the secondary: up to one interval
-/// plus the checkpoint itself. A checkpoint pauses the guest for about
-/// 1 ms plus the time to copy its dirty pages. 20 ms keeps the added
-/// latency near the 25 ms interval of the Remus paper while the pauses
-/// cost the guest a few percent of its time.
-pub const DEFAULT_CHECKPOINT_MS: u64 = 20;
-/// Checkpoint intervals accepted (by `--checkpoint-ms` and `PATCH /colo`).
-pub const CHECKPOINT_MS_RANGE: std::ops::RangeInclusive<u64> = 1..=60_000;
-/// Default interval between heartbeats to the peer, in milliseconds.
-pub const DEFAULT_HEARTBEAT_MS: u64 = 100;
-/// Default time without a heartbeat after which the peer counts as gone.
-pub const DEFAULT_HEARTBEAT_TIMEOUT_MS: u64 = 1000;
+// The replication defaults and the interval range are the engine's.
+pub use colo::control::CHECKPOINT_MS_RANGE;
+pub use colo::primary::{
+    DEFAULT_CHECKPOINT_MS, DEFAULT_HEARTBEAT_MS, DEFAULT_HEARTBEAT_TIMEOUT_MS,
+};
 /// Heartbeat intervals and timeouts accepted.
 pub const HEARTBEAT_MS_RANGE: std::ops::RangeInclusive<u64> = 1..=60_000;
 

@@ -112,6 +112,14 @@ fn digest(hash: crate::vm::StateHash) -> colo::vm::StateDigest {
     }
 }
 
+/// Disk `disk` of a role's list, or an error naming it (the engine's
+/// index comes from the peer's messages).
+fn nth_disk<T>(disks: &[T], disk: usize) -> std::io::Result<&T> {
+    disks.get(disk).ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("no disk {disk}"))
+    })
+}
+
 /// A failed VM operation in `colo`'s terms, with its causes.
 fn op_err(e: impl std::error::Error) -> colo::vm::VmOpError {
     colo::vm::VmOpError(crate::vm::error_chain(&e))

@@ -18,22 +18,20 @@ use std::time::Instant;
 use block_replication::primary::Forwarder;
 use colo::control::{Cause, Role};
 use colo::fault::{self, Point};
+use colo::primary::DEFAULT_HELD_BYTES_MAX;
 use colo::vm::{Capture, DiskWrite, DiskWriteSink, Identity, PageBatch, VmOpError};
 use devices::lock;
 use devices::ratelimit::LogLimit;
 use devices::virtio::{Block, BlockBackend, FileBackend, NetBackend, Tap};
 use net_proxy::output::{OutputBuffer, Push};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion};
 
 use crate::config::VmConfig;
-use crate::vm::checkpoint::PAGE_SIZE;
+use crate::vm::checkpoint::{self, PAGE_SIZE};
 use crate::vm::memory::GuestMemory;
 use crate::vm::{Backends, RunState, RunningVm, VmError, VmHandle};
 
 use super::{op_err, open_console, open_disk, open_tap, virtio_block, virtio_net};
-
-/// Held output beyond which a checkpoint is taken at once.
-pub const HELD_BYTES_MAX: u64 = 4 << 20;
 
 /// Pages per batch the live pre-copy hands out.
 const BATCH_PAGES: usize = 1024;
@@ -190,7 +188,7 @@ pub fn backends(config: &VmConfig) -> Result<(Backends, Parts), VmError> {
     for (i, net) in config.nets.iter().enumerate() {
         let tap = open_tap(i, net)?;
         let out = Arc::new(NicOutput {
-            buffer: Mutex::new(OutputBuffer::new(HELD_BYTES_MAX)),
+            buffer: Mutex::new(OutputBuffer::new(DEFAULT_HELD_BYTES_MAX)),
             tap: Mutex::new(tap.try_clone().map_err(io_err("a tap descriptor"))?),
             trigger: trigger.clone(),
         });
@@ -246,7 +244,7 @@ pub fn start(
         verify: replication.verify,
         heartbeat_ms: replication.heartbeat_ms,
         heartbeat_timeout_ms: replication.heartbeat_timeout_ms,
-        held_bytes_max: HELD_BYTES_MAX,
+        held_bytes_max: DEFAULT_HELD_BYTES_MAX,
     };
     let handle = colo::primary::start(
         engine_config,
@@ -397,11 +395,7 @@ impl colo::vm::PrimaryVm for Guest {
         };
         for chunk in pages.chunks(BATCH_PAGES) {
             let mut data = vec![0u8; chunk.len() * PAGE_SIZE as usize];
-            for (&addr, page) in chunk.iter().zip(data.chunks_exact_mut(PAGE_SIZE as usize)) {
-                self.mem
-                    .read_slice(page, GuestAddress(addr))
-                    .map_err(op_err)?;
-            }
+            checkpoint::read_pages(&self.mem, chunk, &mut data).map_err(op_err)?;
             out(PageBatch {
                 addrs: chunk.to_vec(),
                 data,
@@ -459,9 +453,7 @@ struct Disks(Vec<Arc<DiskFwd>>);
 
 impl Disks {
     fn disk(&self, disk: usize) -> io::Result<&Arc<DiskFwd>> {
-        self.0
-            .get(disk)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("no disk {disk}")))
+        super::nth_disk(&self.0, disk)
     }
 }
 

@@ -18,10 +18,9 @@ use colo::control::Role;
 use colo::fault::{self, Point};
 use colo::vm::{DiskWrite, Identity, PageBatch, StateDigest, VmOpError};
 use devices::virtio::{BackendSwap, Block, BlockBackend, NetBackend, Tap};
-use vm_memory::{Bytes, GuestAddress};
 
 use crate::config::VmConfig;
-use crate::vm::checkpoint::{PageBuffer, PAGE_SIZE};
+use crate::vm::checkpoint::{self, PageBuffer};
 use crate::vm::machine::{Layout, MachineState};
 use crate::vm::memory::GuestMemory;
 use crate::vm::{Backends, RunningVm, VmError, VmHandle};
@@ -154,28 +153,7 @@ impl colo::vm::ReplicaVm for Replica {
     }
 
     fn write_pages(&mut self, pages: &PageBatch) -> Result<(), VmOpError> {
-        if !pages.is_well_formed() {
-            return Err(VmOpError::new(
-                "a page batch whose bytes do not match its pages",
-            ));
-        }
-        for (&addr, page) in pages
-            .addrs
-            .iter()
-            .zip(pages.data.chunks_exact(PAGE_SIZE as usize))
-        {
-            if addr % PAGE_SIZE != 0
-                || addr
-                    .checked_add(PAGE_SIZE)
-                    .is_none_or(|end| end > self.layout.mem_size)
-            {
-                return Err(VmOpError(format!("page {addr:#x} is outside guest memory")));
-            }
-            self.mem
-                .write_slice(page, GuestAddress(addr))
-                .map_err(op_err)?;
-        }
-        Ok(())
+        checkpoint::write_pages(&self.mem, &pages.addrs, &pages.data).map_err(op_err)
     }
 
     fn load(&mut self, pages: PageBatch, state: Vec<u8>) -> Result<(), VmOpError> {
@@ -261,9 +239,7 @@ struct Disks {
 
 impl Disks {
     fn file(&self, disk: usize) -> io::Result<&(File, u64)> {
-        self.files
-            .get(disk)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("no disk {disk}")))
+        super::nth_disk(&self.files, disk)
     }
 }
 

@@ -277,13 +277,7 @@ impl PageBuffer {
 
     /// A buffer of `addrs` and their bytes (`PAGE_SIZE` each, in order).
     pub fn from_parts(addrs: Vec<u64>, data: Vec<u8>) -> Result<Self, CheckpointError> {
-        if data.len() as u64 != addrs.len() as u64 * PAGE_SIZE {
-            return Err(CheckpointError::Pages(format!(
-                "{} bytes for {} pages",
-                data.len(),
-                addrs.len()
-            )));
-        }
+        check_room(&addrs, data.len())?;
         Ok(Self { addrs, data })
     }
 
@@ -386,6 +380,68 @@ pub(super) fn check_pages(mem: &GuestMemory, addrs: &[u64]) -> Result<(), Checkp
     Ok(())
 }
 
+/// `addrs.len()` pages of room in `out`, or a refusal.
+fn check_room(addrs: &[u64], bytes: usize) -> Result<(), CheckpointError> {
+    if bytes as u64 == addrs.len() as u64 * PAGE_SIZE {
+        return Ok(());
+    }
+    Err(CheckpointError::Pages(format!(
+        "{bytes} bytes for {} pages",
+        addrs.len()
+    )))
+}
+
+/// Copies the pages at `addrs` (checked) into `out` (`addrs.len()`
+/// pages, in the list's order), one read per run of consecutive pages.
+/// On a running VM a page the guest writes meanwhile may be torn (live
+/// pre-copy sends it again).
+pub fn read_pages(mem: &GuestMemory, addrs: &[u64], out: &mut [u8]) -> Result<(), CheckpointError> {
+    check_pages(mem, addrs)?;
+    check_room(addrs, out.len())?;
+    let mut i = 0;
+    while i < addrs.len() {
+        // A run of consecutive pages is one read (vm-memory crosses
+        // region boundaries itself; every page was checked above).
+        let start = addrs[i];
+        let mut n = 1;
+        while addrs
+            .get(i + n)
+            .is_some_and(|&a| a == start + n as u64 * PAGE_SIZE)
+        {
+            n += 1;
+        }
+        let bytes = &mut out[i * PAGE_SIZE as usize..(i + n) * PAGE_SIZE as usize];
+        mem.read_slice(bytes, GuestAddress(start))
+            .map_err(|source| CheckpointError::Memory {
+                addr: start,
+                source,
+            })?;
+        i += n;
+    }
+    Ok(())
+}
+
+/// Writes `data` (`addrs.len()` pages) at `addrs`, all checked first: for
+/// memory nothing runs on yet (a replica filled before its first load).
+pub fn write_pages(mem: &GuestMemory, addrs: &[u64], data: &[u8]) -> Result<(), CheckpointError> {
+    check_pages(mem, addrs)?;
+    check_room(addrs, data.len())?;
+    write_checked_pages(mem, addrs, data)
+}
+
+/// Writes pages whose addresses and length were checked.
+fn write_checked_pages(
+    mem: &GuestMemory,
+    addrs: &[u64],
+    data: &[u8],
+) -> Result<(), CheckpointError> {
+    for (&addr, page) in addrs.iter().zip(data.chunks_exact(PAGE_SIZE as usize)) {
+        mem.write_slice(page, GuestAddress(addr))
+            .map_err(|source| CheckpointError::Memory { addr, source })?;
+    }
+    Ok(())
+}
+
 /// Copies the listed pages into `sink`.
 pub(super) fn copy_pages(
     mem: &GuestMemory,
@@ -457,12 +513,7 @@ impl Target<'_> {
 
     /// Writes validated pages into guest memory.
     pub(super) fn write_pages(&self, pages: &PageBuffer) -> Result<(), CheckpointError> {
-        for (addr, data) in pages.iter() {
-            self.mem
-                .write_slice(data, GuestAddress(addr))
-                .map_err(|source| CheckpointError::Memory { addr, source })?;
-        }
-        Ok(())
+        write_checked_pages(self.mem, pages.addrs(), pages.data())
     }
 
     /// Applies a validated state: the VM-wide state, the vCPUs (through
@@ -609,41 +660,11 @@ impl RunningVm {
         copy_pages(&self.mem, addrs, sink)
     }
 
-    /// Copies the pages at `addrs` into `out` (`addrs.len()` pages, in the
-    /// list's order), one copy per run of consecutive pages: the fast path
-    /// of a checkpoint's pause, into a buffer the caller keeps warm.
+    /// [`read_pages`] on the paused VM: the fast path of a checkpoint's
+    /// pause, into a buffer the caller keeps warm.
     pub fn copy_pages_to(&self, addrs: &[u64], out: &mut [u8]) -> Result<(), CheckpointError> {
         self.require_paused("copying pages")?;
-        check_pages(&self.mem, addrs)?;
-        if out.len() as u64 != addrs.len() as u64 * PAGE_SIZE {
-            return Err(CheckpointError::Pages(format!(
-                "{} bytes of room for {} pages",
-                out.len(),
-                addrs.len()
-            )));
-        }
-        let mut i = 0;
-        while i < addrs.len() {
-            // A run of consecutive pages is one read (vm-memory crosses
-            // region boundaries itself; every page was checked above).
-            let start = addrs[i];
-            let mut n = 1;
-            while addrs
-                .get(i + n)
-                .is_some_and(|&a| a == start + n as u64 * PAGE_SIZE)
-            {
-                n += 1;
-            }
-            let bytes = &mut out[i * PAGE_SIZE as usize..(i + n) * PAGE_SIZE as usize];
-            self.mem
-                .read_slice(bytes, GuestAddress(start))
-                .map_err(|source| CheckpointError::Memory {
-                    addr: start,
-                    source,
-                })?;
-            i += n;
-        }
-        Ok(())
+        read_pages(&self.mem, addrs, out)
     }
 
     /// Copies all guest memory into `sink`, in address order.
