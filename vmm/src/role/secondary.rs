@@ -23,6 +23,7 @@ use crate::config::VmConfig;
 use crate::vm::checkpoint::{self, PageBuffer};
 use crate::vm::machine::{Layout, MachineState};
 use crate::vm::memory::GuestMemory;
+use crate::vm::state::VcpuState;
 use crate::vm::{Backends, RunningVm, VmError, VmHandle};
 
 use super::{op_err, open_console, open_disk, open_tap, virtio_block, virtio_net};
@@ -117,6 +118,7 @@ pub fn start(
         layout: vm.layout().clone(),
         identity,
         nics: parts.nics,
+        loaded: Vec::new(),
     };
     let capacities = parts.files.iter().map(|f| f.1).collect();
     let disks = Disks {
@@ -145,6 +147,9 @@ struct Replica {
     layout: Layout,
     identity: Identity,
     nics: Vec<Nic>,
+    /// The vCPU states of the last checkpoint loaded, to name what differs
+    /// when its hash does not match.
+    loaded: Vec<VcpuState>,
 }
 
 impl colo::vm::ReplicaVm for Replica {
@@ -161,6 +166,7 @@ impl colo::vm::ReplicaVm for Replica {
             .map_err(|e| VmOpError(format!("the checkpoint's state does not decode: {e}")))?;
         let pages = PageBuffer::from_parts(pages.addrs, pages.data).map_err(op_err)?;
         let layout = self.layout.clone();
+        self.loaded = state.vcpus.clone();
         self.handle
             .run(move |vm: &mut RunningVm| vm.load(&layout, &state, &pages))
             .map_err(op_err)?
@@ -168,11 +174,25 @@ impl colo::vm::ReplicaVm for Replica {
     }
 
     fn digest(&mut self) -> Result<StateDigest, VmOpError> {
-        let hash = self
+        let (hash, vcpus) = self
             .handle
-            .run(|vm: &mut RunningVm| vm.state_hash())
+            .run(|vm: &mut RunningVm| {
+                let st = vm.save_state()?;
+                Ok::<_, VmError>((vm.state_hash_of(&st)?, st.vcpus))
+            })
             .map_err(op_err)?
             .map_err(op_err)?;
+        // What re-reads differently from what was loaded: the engine only
+        // compares hashes, this names the fields when they differ.
+        for (i, (sent, now)) in self.loaded.iter().zip(&vcpus).enumerate() {
+            let fields = sent.differences(now);
+            if !fields.is_empty() {
+                tracing::warn!(
+                    "vcpu{i} re-reads differently after the load: {}",
+                    fields.join(", ")
+                );
+            }
+        }
         Ok(super::digest(hash))
     }
 

@@ -395,6 +395,52 @@ impl VcpuState {
         }
         s
     }
+
+    /// What differs between the hashed views ([`VcpuState::timeless`]) of
+    /// two states: field names, LAPIC registers by offset, MSRs by index.
+    /// A diagnosis for a state hash that differs after a load.
+    pub fn differences(&self, other: &VcpuState) -> Vec<String> {
+        fn same<T: Serialize>(a: &T, b: &T) -> bool {
+            postcard::to_allocvec(a).ok() == postcard::to_allocvec(b).ok()
+        }
+        let (a, b) = (self.timeless(), other.timeless());
+        let mut out = Vec::new();
+        let fields: [(&str, bool); 10] = [
+            ("cpuid", same(&a.cpuid, &b.cpuid)),
+            ("tsc_khz", a.tsc_khz == b.tsc_khz),
+            ("mp_state", same(&a.mp_state, &b.mp_state)),
+            ("events", same(&a.events, &b.events)),
+            ("regs", same(&a.regs, &b.regs)),
+            ("sregs", same(&a.sregs, &b.sregs)),
+            ("xsave", a.xsave == b.xsave),
+            ("xcrs", same(&a.xcrs, &b.xcrs)),
+            ("debugregs", same(&a.debugregs, &b.debugregs)),
+            ("msrs", a.msrs.len() == b.msrs.len()),
+        ];
+        out.extend(
+            fields
+                .iter()
+                .filter(|(_, eq)| !eq)
+                .map(|(f, _)| f.to_string()),
+        );
+        for (reg, (x, y)) in a
+            .lapic
+            .regs
+            .chunks(16)
+            .zip(b.lapic.regs.chunks(16))
+            .enumerate()
+        {
+            if x != y {
+                out.push(format!("lapic {:#05x}", reg * 16));
+            }
+        }
+        for ((i, x), (_, y)) in a.msrs.iter().zip(&b.msrs) {
+            if x != y {
+                out.push(format!("msr {i:#x}: {x:#x} vs {y:#x}"));
+            }
+        }
+        out
+    }
 }
 
 impl VmState {
@@ -413,6 +459,34 @@ impl VmState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn differences_name_the_fields() {
+        let kvm_fd = Kvm::new().unwrap();
+        let vm = kvm_fd.create_vm().unwrap();
+        vm.create_irq_chip().unwrap();
+        let fd = vm.create_vcpu(0).unwrap();
+        let ctx = VcpuContext::new(&kvm_fd).unwrap();
+        let a = save_vcpu(&fd, &ctx).unwrap();
+        assert_eq!(a.differences(&a.clone()), Vec::<String>::new());
+        let mut b = a.clone();
+        b.regs.rip ^= 1;
+        b.lapic.regs[0x200] ^= 1; // IRR
+        if let Some(m) = b.msrs.iter_mut().find(|m| m.0 != MSR_IA32_TSC) {
+            m.1 ^= 1;
+        }
+        let d = a.differences(&b);
+        assert!(d.contains(&"regs".to_string()), "{d:?}");
+        assert!(d.contains(&"lapic 0x200".to_string()), "{d:?}");
+        assert!(
+            d.iter().any(|f| f.starts_with("msr ")) || a.msrs.is_empty(),
+            "{d:?}"
+        );
+        // What the hash leaves out is no difference.
+        let mut c = a.clone();
+        c.lapic.regs[LAPIC_PPR] ^= 1;
+        assert_eq!(a.differences(&c), Vec::<String>::new());
+    }
 
     /// On a KVM with Hyper-V emulation (Debian's, the nested tier) the raw
     /// list holds Hyper-V MSRs that tick while the VM is paused.
