@@ -438,12 +438,16 @@ fn data(shared: Arc<Shared>, mut stream: TcpStream, mut staging: Staging) {
         let msg = match wire::read_message(&mut stream) {
             Ok(m) => m,
             Err(e) if e.is_disconnect() => {
-                // With a heartbeat connection, it decides: a primary that
-                // drops us says goodbye there before closing; a dead one
-                // just closes it.
-                if lock(&shared.heartbeat).is_none() {
-                    shared.primary_lost(format!("data connection: {}", chain(&e)));
-                }
+                // The heartbeat decides: a primary that drops us says
+                // goodbye there before closing; a dead one just closes
+                // it. Its connection may not have been accepted yet (it
+                // can trail the data connection), so no heartbeat yet
+                // decides nothing either: the watchdog ends a session
+                // whose heartbeat never comes.
+                tracing::info!(
+                    "colo: the primary closed the data connection ({}); the heartbeat decides",
+                    chain(&e)
+                );
                 return;
             }
             Err(e) => return shared.broken(&mut stream, chain(&e)),

@@ -228,6 +228,47 @@ fn a_checkpoint_loaded_as_the_primary_says_goodbye_leaves_the_secondary_stopped(
     assert_eq!(lock(&p.replica).take_overs, 1);
 }
 
+/// The heartbeat decides whether a primary is gone, even when its
+/// connection reaches the secondary after the data connection closed: a
+/// primary that shuts down says goodbye there, and an auto-failover
+/// secondary must stop, not take over.
+#[test]
+fn a_goodbye_on_a_late_heartbeat_connection_is_heard() {
+    let p = pair(Options {
+        failover: Failover::Auto,
+        hold_heartbeat: true,
+        heartbeat_timeout_ms: 5_000,
+        checkpoint_ms: 60_000,
+        ..Options::default()
+    });
+    p.protected();
+    let Pair {
+        primary,
+        secondary,
+        relay,
+        replica,
+        ..
+    } = p;
+    let relay = relay.expect("a relay");
+    drop(primary);
+    wait_for("the data connection's close to reach the secondary", || {
+        relay.data_closed.load(Ordering::SeqCst)
+    });
+    relay.hold_later.store(false, Ordering::SeqCst);
+    wait_for("the secondary to end replication", || {
+        secondary.status().state != State::Protected
+    });
+    let s = secondary.status();
+    assert_eq!(s.state, State::Stopped, "{s:?}");
+    assert!(
+        s.error
+            .as_deref()
+            .is_some_and(|e| e.contains("the primary is shutting down")),
+        "{s:?}"
+    );
+    assert_eq!(lock(&replica).take_overs, 0, "took over unasked");
+}
+
 /// A secondary stuck applying a checkpoint, its heartbeat still answering,
 /// must not hold the guest's output forever: the primary gives up on the
 /// ack (after max(5 s, 10 heartbeat timeouts)), releases everything and

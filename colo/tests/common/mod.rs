@@ -568,20 +568,28 @@ impl OutputControl for FakeOutput {
 }
 
 /// A TCP relay between primary and secondary that can flip a byte of the
-/// data connection, freeze (stop forwarding, keep the sockets), or cut.
+/// data connection, freeze (stop forwarding, keep the sockets), cut, or
+/// hold back the connections after the first (the heartbeat): accepted
+/// from the primary, not yet passed on to the secondary.
 pub struct Relay {
     pub flip: AtomicBool,
     pub frozen: AtomicBool,
+    pub hold_later: AtomicBool,
+    /// The primary closed the data connection and the relay passed the
+    /// close on to the secondary.
+    pub data_closed: AtomicBool,
     cut: AtomicBool,
     conns: Mutex<Vec<TcpStream>>,
 }
 
 impl Relay {
     /// Relays connections to `target`; returns the relay and its address.
-    fn start(target: SocketAddr) -> (Arc<Relay>, SocketAddr) {
+    fn start(target: SocketAddr, hold_later: bool) -> (Arc<Relay>, SocketAddr) {
         let relay = Arc::new(Relay {
             flip: AtomicBool::new(false),
             frozen: AtomicBool::new(false),
+            hold_later: AtomicBool::new(hold_later),
+            data_closed: AtomicBool::new(false),
             cut: AtomicBool::new(false),
             conns: Mutex::new(Vec::new()),
         });
@@ -591,6 +599,9 @@ impl Relay {
         std::thread::spawn(move || {
             for (i, from) in l.incoming().enumerate() {
                 let Ok(from) = from else { return };
+                while i > 0 && r.hold_later.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
                 let Ok(to) = TcpStream::connect(target) else {
                     return;
                 };
@@ -641,6 +652,9 @@ fn pump(r: Arc<Relay>, from: &TcpStream, to: &TcpStream, flips: bool) {
             }
         }
         let _ = to.shutdown(Shutdown::Write);
+        if flips {
+            r.data_closed.store(true, Ordering::SeqCst);
+        }
     });
 }
 
@@ -665,6 +679,9 @@ pub struct Options {
     pub held_bytes_max: u64,
     /// Connect the primary through a [`Relay`].
     pub relay: bool,
+    /// Start the relay holding back the heartbeat connection
+    /// ([`Relay::hold_later`]).
+    pub hold_heartbeat: bool,
     /// The secondary's heartbeat timeout (the primary's is 100 ms more).
     pub heartbeat_timeout_ms: u64,
 }
@@ -677,6 +694,7 @@ impl Default for Options {
             checkpoint_ms: 5,
             held_bytes_max: primary::DEFAULT_HELD_BYTES_MAX,
             relay: false,
+            hold_heartbeat: false,
             heartbeat_timeout_ms: 500,
         }
     }
@@ -746,7 +764,8 @@ pub struct FakeOutputLogs {
     pub early: Arc<Mutex<Vec<u64>>>,
 }
 
-/// Starts a pair; the primary connects through a relay when `o.relay`.
+/// Starts a pair; the primary connects through a relay when `o.relay`
+/// or `o.hold_heartbeat`.
 pub fn pair(o: Options) -> Pair {
     let l = listener();
     let target = l.local_addr().expect("addr");
@@ -757,8 +776,8 @@ pub fn pair(o: Options) -> Pair {
             "no checkpoint loaded yet: nothing to take over from".into()
         ))
     );
-    let (relay, peer) = if o.relay {
-        let (relay, addr) = Relay::start(target);
+    let (relay, peer) = if o.relay || o.hold_heartbeat {
+        let (relay, addr) = Relay::start(target, o.hold_heartbeat);
         (Some(relay), addr)
     } else {
         (None, target)
