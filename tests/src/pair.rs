@@ -1002,7 +1002,20 @@ impl Drop for Workload {
 
 /// A TCP connection with the client's patience.
 fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
-    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+    // A loaded machine can leave the client's ARP request unanswered for
+    // the kernel's three probes (a Remus guest's reply waits for a
+    // checkpoint): the kernel then says "no route to host". A client
+    // tries again, for as long as a user would.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let stream = loop {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(10)) {
+            Ok(s) => break s,
+            Err(e) if e.kind() == io::ErrorKind::HostUnreachable && Instant::now() < deadline => {
+                thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => return Err(e),
+        }
+    };
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(Duration::from_millis(200)))?;
     Ok(stream)
