@@ -397,31 +397,43 @@ impl VcpuState {
     }
 
     /// What differs between the hashed views ([`VcpuState::timeless`]) of
-    /// two states: field names, LAPIC registers by offset, MSRs by index.
+    /// two states: field names (with both values for the small ones), LAPIC
+    /// registers by offset and both values, MSRs by index.
     /// A diagnosis for a state hash that differs after a load.
     pub fn differences(&self, other: &VcpuState) -> Vec<String> {
         fn same<T: Serialize>(a: &T, b: &T) -> bool {
             postcard::to_allocvec(a).ok() == postcard::to_allocvec(b).ok()
         }
+        /// The field's name, and both values where they are short enough
+        /// to log.
+        fn named<T: Serialize + std::fmt::Debug>(name: &str, a: &T, b: &T) -> Option<String> {
+            (!same(a, b)).then(|| format!("{name} ({a:?} vs {b:?})"))
+        }
         let (a, b) = (self.timeless(), other.timeless());
         let mut out = Vec::new();
-        let fields: [(&str, bool); 10] = [
+        let plain: [(&str, bool); 4] = [
             ("cpuid", same(&a.cpuid, &b.cpuid)),
             ("tsc_khz", a.tsc_khz == b.tsc_khz),
-            ("mp_state", same(&a.mp_state, &b.mp_state)),
-            ("events", same(&a.events, &b.events)),
-            ("regs", same(&a.regs, &b.regs)),
-            ("sregs", same(&a.sregs, &b.sregs)),
             ("xsave", a.xsave == b.xsave),
-            ("xcrs", same(&a.xcrs, &b.xcrs)),
-            ("debugregs", same(&a.debugregs, &b.debugregs)),
             ("msrs", a.msrs.len() == b.msrs.len()),
         ];
         out.extend(
-            fields
+            plain
                 .iter()
                 .filter(|(_, eq)| !eq)
                 .map(|(f, _)| f.to_string()),
+        );
+        out.extend(
+            [
+                named("mp_state", &a.mp_state, &b.mp_state),
+                named("events", &a.events, &b.events),
+                named("regs", &a.regs, &b.regs),
+                named("sregs", &a.sregs, &b.sregs),
+                named("xcrs", &a.xcrs, &b.xcrs),
+                named("debugregs", &a.debugregs, &b.debugregs),
+            ]
+            .into_iter()
+            .flatten(),
         );
         for (reg, (x, y)) in a
             .lapic
@@ -431,7 +443,15 @@ impl VcpuState {
             .enumerate()
         {
             if x != y {
-                out.push(format!("lapic {:#05x}", reg * 16));
+                let word = |r: &[std::os::raw::c_char]| {
+                    u32::from_le_bytes([r[0] as u8, r[1] as u8, r[2] as u8, r[3] as u8])
+                };
+                out.push(format!(
+                    "lapic {:#05x} ({:#010x} vs {:#010x})",
+                    reg * 16,
+                    word(x),
+                    word(y)
+                ));
             }
         }
         for ((i, x), (_, y)) in a.msrs.iter().zip(&b.msrs) {
@@ -476,8 +496,8 @@ mod tests {
             m.1 ^= 1;
         }
         let d = a.differences(&b);
-        assert!(d.contains(&"regs".to_string()), "{d:?}");
-        assert!(d.contains(&"lapic 0x200".to_string()), "{d:?}");
+        assert!(d.iter().any(|f| f.starts_with("regs (")), "{d:?}");
+        assert!(d.iter().any(|f| f.starts_with("lapic 0x200 (0x")), "{d:?}");
         assert!(
             d.iter().any(|f| f.starts_with("msr ")) || a.msrs.is_empty(),
             "{d:?}"
