@@ -565,6 +565,8 @@ fn post_dial_moves_the_dialled_connection_and_refuses_bad_addresses() {
         "10.77.0.1",
         "10.77.0.1:0",
         "10.77.0.1:99999",
+        "0.0.0.0:80",
+        "224.0.0.1:80",
         "nonsense:80",
     ] {
         assert_eq!(post(bad).0, 400, "POST /dial {bad:?}");

@@ -61,12 +61,15 @@ pub fn parse_cidr(s: &str) -> Option<([u8; 4], u8)> {
     Some((parse_ipv4(addr)?, len))
 }
 
-/// Parses `a.b.c.d:port` (port not 0), ignoring surrounding whitespace
-/// (an HTTP body may end in a newline).
+/// Parses `a.b.c.d:port`, a unicast address (not 0.0.0.0/8, multicast or
+/// broadcast) and a port not 0, ignoring surrounding whitespace (an HTTP
+/// body may end in a newline): somewhere a TCP connection can go.
 pub fn parse_endpoint(s: &str) -> Option<([u8; 4], u16)> {
     let (addr, port) = s.trim().split_once(':')?;
     let port = port.parse().ok().filter(|&p: &u16| p != 0)?;
-    Some((parse_ipv4(addr)?, port))
+    let addr = parse_ipv4(addr)?;
+    let unicast = addr[0] != 0 && addr[0] < 224;
+    unicast.then_some((addr, port))
 }
 
 #[cfg(test)]
@@ -123,5 +126,9 @@ mod tests {
         assert_eq!(parse_endpoint("10.77.0:80"), None);
         assert_eq!(parse_endpoint(":80"), None);
         assert_eq!(parse_endpoint("10.77.0.1:80:1"), None);
+        assert_eq!(parse_endpoint("0.0.0.0:80"), None);
+        assert_eq!(parse_endpoint("224.0.0.1:80"), None);
+        assert_eq!(parse_endpoint("255.255.255.255:80"), None);
+        assert_eq!(parse_endpoint("223.1.2.3:80"), Some(([223, 1, 2, 3], 80)));
     }
 }
