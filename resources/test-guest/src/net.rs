@@ -23,15 +23,15 @@
 //! connections alike, so that a COLO pair's sequence-number rewriting is
 //! exercised: every new connection's initial sequence number (accepted or
 //! dialled) and every dialled connection's local port depend on the time
-//! stamp counter (and RDRAND where the CPU has it) when it is made.
-//! smoltcp draws ISNs from a generator it
-//! seeds once (`Config::random_seed`) and offers no way to reseed it, so
-//! the guest skips a random number of its draws first (see
-//! [`colo_test_guest::isn`]): frames are taken from the NIC before smoltcp
-//! sees them, and when one is a SYN, up to `ISN_SKIP_RANGE` draws are
-//! skipped before smoltcp processes it. `deterministic_isn=1`
-//! on the command line turns that off: the old behaviour, where the same
-//! state opens connections with the same ISNs and ports.
+//! stamp counter (and RDRAND where the CPU has it) when it is made. smoltcp
+//! draws ISNs from a generator it seeds once (`Config::random_seed`) and
+//! offers no way to reseed it, so the guest skips a random number of its
+//! draws first (see [`colo_test_guest::isn`]): frames are taken from the
+//! NIC before smoltcp sees them, and when one is a SYN, up to
+//! `ISN_SKIP_RANGE` draws are skipped before smoltcp processes it.
+//! `deterministic_isn=1` on the command line turns that off: the old
+//! behaviour, where the same state opens connections with the same ISNs and
+//! ports.
 
 use alloc::vec;
 use alloc::vec::Vec;
@@ -276,6 +276,8 @@ struct Dial {
     up: bool,
     /// Attempts made, for deterministic ports.
     attempts: u64,
+    /// A failed `connect` to this target was reported.
+    failure_said: bool,
 }
 
 /// How the stack behaves, from the command line.
@@ -394,6 +396,7 @@ impl Net {
             port: 0,
             up: false,
             attempts: 0,
+            failure_said: false,
         };
         let random = Random::new(options.rdtsc_only);
         crate::say!(
@@ -502,6 +505,7 @@ impl Net {
                 .abort();
             self.dial.target = Some(target);
             self.dial.next_attempt_ns = 0;
+            self.dial.failure_said = false;
         }
         let Some(target) = self.dial.target else {
             return false;
@@ -532,8 +536,9 @@ impl Net {
         self.randomise_next_isn();
         let s = self.sockets.get_mut::<tcp::Socket>(self.dial.handle);
         if let Err(e) = s.connect(self.iface.context(), target, self.dial.port) {
-            // Only an unroutable target fails here: say so once.
-            if self.dial.attempts == 1 {
+            // smoltcp refuses only endpoints it cannot use: say so once.
+            if !self.dial.failure_said {
+                self.dial.failure_said = true;
                 crate::say!("dial: cannot connect to {target}: {e:?}");
             }
             return false;
