@@ -1,7 +1,9 @@
 #![allow(clippy::unwrap_used)]
 //! The networked test guest on virtio-net and virtio-blk, reached from the
 //! `client` namespace across the rig's switch: echo, ping, the HTTP
-//! counter, and the key-value store on a real disk file.
+//! counter, the key-value store on a real disk file, `GET /rand` and random
+//! TCP ISNs (two copies of one snapshot differ), and the connection the
+//! guest dials out itself (also across a Remus failover).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
@@ -9,7 +11,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use colo_tests::http::{api_request, Client};
-use colo_tests::net::{guest_ip, Host, Topology};
+use colo_tests::net::{guest_ip, Host, Topology, CLIENT_IP};
 use colo_tests::{guest_artifact, Vmm};
 
 const BOOT: Duration = Duration::from_secs(20);
@@ -27,14 +29,16 @@ fn disk_file(sectors: u64) -> tempfile::NamedTempFile {
     f
 }
 
-fn start_guest(topo: &Topology, disk: Option<(&Path, bool)>, extra: &[&str]) -> Vmm {
+/// Boots the guest on `topo`'s tap with `ip=` and `cmdline` on its command
+/// line, an optional disk and `extra` flags; returns once it is ready.
+fn start_guest(topo: &Topology, disk: Option<(&Path, bool)>, cmdline: &str, extra: &[&str]) -> Vmm {
     let mut args: Vec<String> = vec![
         "--kernel".into(),
         guest_artifact("test-guest").display().to_string(),
         "--net".into(),
         format!("tap={TAP}"),
         "--cmdline".into(),
-        format!("ip={}/24", guest_ip(0)),
+        format!("ip={}/24 {cmdline}", guest_ip(0)),
     ];
     if let Some((path, ro)) = disk {
         args.push("--disk".into());
@@ -54,7 +58,7 @@ impl Guest {
     fn new(disk: Option<(&Path, bool)>) -> Self {
         let topo = Topology::builder().host_b(false).build();
         topo.add_tap(Host::A, TAP);
-        let vmm = start_guest(&topo, disk, &[]);
+        let vmm = start_guest(&topo, disk, "", &[]);
         Self { topo, vmm }
     }
 
@@ -185,7 +189,7 @@ fn key_value_records_survive_a_restart_at_the_expected_offsets() {
     let topo = Topology::builder().host_b(false).build();
     topo.add_tap(Host::A, TAP);
     let api = ["--api-sock", sock.to_str().unwrap()];
-    let vmm = start_guest(&topo, Some((disk.path(), false)), &api);
+    let vmm = start_guest(&topo, Some((disk.path(), false)), "", &api);
     let mut g = Guest { topo, vmm };
     let statuses = g.http(|c| {
         [
@@ -216,7 +220,7 @@ fn key_value_records_survive_a_restart_at_the_expected_offsets() {
         "record 2 at byte {at}"
     );
 
-    g.vmm = start_guest(&g.topo, Some((disk.path(), false)), &[]);
+    g.vmm = start_guest(&g.topo, Some((disk.path(), false)), "", &[]);
     let (a, b, missing) = g.http(|c| {
         (
             c.request("GET", "/kv/alpha", b"").unwrap(),
@@ -249,4 +253,391 @@ fn a_readonly_disk_refuses_guest_writes() {
         before,
         "the read-only disk changed"
     );
+}
+
+/// A raw TCP socket: a copy of every TCP segment the calling thread's
+/// namespace receives from the moment it is opened.
+struct TcpTap(std::os::fd::OwnedFd);
+
+/// A segment's source port, destination port, sequence number and flags.
+type Segment = (u16, u16, u32, u8);
+
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+
+impl TcpTap {
+    fn open() -> Self {
+        use std::os::fd::FromRawFd;
+        // SAFETY: socket takes no pointers; the result is checked below.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_INET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::IPPROTO_TCP,
+            )
+        };
+        assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+        // SAFETY: a descriptor just returned, owned by nothing else.
+        Self(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// The first segment from `from` for which `wanted` holds, waiting up
+    /// to [`BOOT`] for it.
+    fn find(&self, from: std::net::Ipv4Addr, wanted: impl Fn(Segment) -> bool) -> Segment {
+        use std::os::fd::AsRawFd;
+        let deadline = std::time::Instant::now() + BOOT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            assert!(!left.is_zero(), "no such segment from {from}");
+            let mut pfd = libc::pollfd {
+                fd: self.0.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one live pollfd, count 1.
+            if unsafe { libc::poll(&mut pfd, 1, left.as_millis().clamp(1, 1000) as i32) } <= 0 {
+                continue;
+            }
+            let mut buf = [0u8; 2048];
+            // SAFETY: `buf` is live and writable for its whole length.
+            let n = unsafe {
+                libc::recv(
+                    self.0.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            let Ok(n) = usize::try_from(n) else { continue };
+            // A raw IPv4 socket hands over the IP header too.
+            let packet = &buf[..n];
+            let ihl = usize::from(packet[0] & 0x0f) * 4;
+            let Some(tcp) = packet.get(ihl..ihl + 20) else {
+                continue;
+            };
+            let segment = (
+                u16::from_be_bytes([tcp[0], tcp[1]]),
+                u16::from_be_bytes([tcp[2], tcp[3]]),
+                u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]),
+                tcp[13],
+            );
+            if packet[12..16] == from.octets() && wanted(segment) {
+                return segment;
+            }
+        }
+    }
+}
+
+/// Connects from the calling thread's namespace to the guest's `port`;
+/// returns the stream and the guest's initial sequence number, read from
+/// its SYN-ACK.
+fn connect_reading_isn(port: u16) -> (TcpStream, u32) {
+    let tap = TcpTap::open();
+    // One attempt, however long a restored guest takes to run: a second
+    // connection would cost the guest a second ISN.
+    let stream = TcpStream::connect_timeout(&Guest::addr(port), BOOT).unwrap();
+    stream.set_read_timeout(Some(BOOT)).unwrap();
+    let local = stream.local_addr().unwrap().port();
+    let (_, _, isn, _) = tap.find(guest_ip(0), |(from, to, _, flags)| {
+        (from, to) == (port, local) && flags & (SYN | ACK) == SYN | ACK
+    });
+    (stream, isn)
+}
+
+/// What two copies of the guest, restored one after the other from the
+/// same full snapshot, did: each copy's ISNs of three connections to port
+/// 80 and of two it dialled, those two's local ports, and its two
+/// `GET /rand` answers per connection to port 80.
+struct Copies {
+    isns: [Vec<u32>; 2],
+    dial_ports: [Vec<u16>; 2],
+    rand: [Vec<String>; 2],
+    /// `X-Rand-Source` of every `/rand` answer.
+    rand_sources: Vec<String>,
+}
+
+/// Boots the guest with `cmdline`, snapshots it, and restores it twice.
+fn two_copies_of_one_state(cmdline: &str) -> Copies {
+    let topo = Topology::builder().host_b(false).build();
+    topo.add_tap(Host::A, TAP);
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("full.snap");
+    let sock = dir.path().join("api.sock");
+    let api = |method: &str, path: &str, body: &str| {
+        let r = api_request(&sock, method, path, body).unwrap();
+        assert!(r.status < 300, "{method} {path}: {} {}", r.status, r.text());
+    };
+    let sock_arg = ["--api-sock", sock.to_str().unwrap()];
+    let mut vmm = start_guest(&topo, None, cmdline, &sock_arg);
+    // The client and the guest know each other's MAC before the snapshot.
+    assert!(
+        topo.client_ping(guest_ip(0), 1),
+        "the guest does not answer"
+    );
+    api("PUT", "/vm", r#"{"state":"paused"}"#);
+    let body = format!(r#"{{"type":"full","path":"{}"}}"#, snap.display());
+    api("PUT", "/snapshot", &body);
+    vmm.kill();
+
+    let listener = client_listener(&topo);
+    let target = listener.local_addr().unwrap();
+    let mut copies = Copies {
+        isns: [Vec::new(), Vec::new()],
+        dial_ports: [Vec::new(), Vec::new()],
+        rand: [Vec::new(), Vec::new()],
+        rand_sources: Vec::new(),
+    };
+    for copy in 0..2 {
+        std::fs::remove_file(&sock).unwrap();
+        let mut restored = colo_tests::Vmm::spawn_in(
+            topo.host(Host::A),
+            [
+                &sock_arg[..],
+                &[
+                    "--net",
+                    &format!("tap={TAP}"),
+                    "--restore",
+                    snap.to_str().unwrap(),
+                ],
+            ]
+            .concat(),
+        );
+        topo.client().enter(|| {
+            let mut client = None;
+            for _ in 0..3 {
+                let (stream, isn) = connect_reading_isn(80);
+                copies.isns[copy].push(isn);
+                let c = client.insert(Client::new(stream, "guest"));
+                for _ in 0..2 {
+                    let r = c.request("GET", "/rand", b"").unwrap();
+                    assert_eq!(r.status, 200, "{}", r.text());
+                    copies.rand[copy].push(r.text());
+                    copies
+                        .rand_sources
+                        .push(r.header("x-rand-source").unwrap_or("none").to_string());
+                }
+            }
+            // Twice: each POST replaces the dialled connection by a new one.
+            let client = client.as_mut().unwrap();
+            for _ in 0..2 {
+                let tap = TcpTap::open();
+                let r = client
+                    .request("POST", "/dial", target.to_string().as_bytes())
+                    .unwrap();
+                assert_eq!(r.status, 200, "{}", r.text());
+                let (port, _, isn, _) = tap.find(guest_ip(0), |(_, to, _, flags)| {
+                    to == target.port() && flags & (SYN | ACK) == SYN
+                });
+                let (_, peer) = accept_within(&listener, BOOT);
+                assert_eq!(peer.port(), port);
+                copies.isns[copy].push(isn);
+                copies.dial_ports[copy].push(port);
+            }
+        });
+        restored.kill();
+    }
+    copies
+}
+
+impl Copies {
+    /// Every `/rand` answer is 16 bytes in hex, all from `source`, and no
+    /// two are alike.
+    fn assert_rand_answers_differ(&self, source: &str) {
+        assert!(
+            self.rand_sources.iter().all(|s| s == source),
+            "{:?}",
+            self.rand_sources
+        );
+        let all: Vec<&String> = self.rand.iter().flatten().collect();
+        for (i, a) in all.iter().enumerate() {
+            assert_eq!(a.len(), 33, "not 16 bytes in hex and a newline: {a:?}");
+            assert!(a.trim_end().bytes().all(|b| b.is_ascii_hexdigit()), "{a:?}");
+            for b in &all[i + 1..] {
+                assert_ne!(a, b, "GET /rand answered the same twice");
+            }
+        }
+    }
+}
+
+#[test]
+fn copies_of_one_state_answer_rand_and_pick_isns_and_ports_differently() {
+    // The TSC alone, as where the CPU has no RDRAND, must be enough.
+    let copies = two_copies_of_one_state("rand_source=rdtsc");
+    copies.assert_rand_answers_differ("rdtsc");
+    assert_ne!(
+        copies.isns[0], copies.isns[1],
+        "two copies of one state opened connections with the same ISNs"
+    );
+    for isns in &copies.isns {
+        let mut distinct = isns.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), isns.len(), "{isns:?}");
+    }
+    assert_ne!(
+        copies.dial_ports[0], copies.dial_ports[1],
+        "two copies of one state dialled from the same ports"
+    );
+}
+
+#[test]
+fn deterministic_isn_makes_copies_of_one_state_pick_the_same_isns_and_ports() {
+    // The control for the test above: with the switch on, the same state
+    // opens connections alike, so equal ISNs and ports are what that test
+    // would see if they were not random. `/rand` stays random (from RDRAND
+    // where the CPU has it).
+    let copies = two_copies_of_one_state("deterministic_isn=1");
+    assert_eq!(copies.isns[0], copies.isns[1]);
+    assert_eq!(copies.dial_ports[0], copies.dial_ports[1]);
+    let has_rdrand = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap()
+        .contains(" rdrand");
+    copies.assert_rand_answers_differ(if has_rdrand { "rdrand" } else { "rdtsc" });
+}
+
+/// Accepts one connection on `listener`, waiting up to `timeout`.
+fn accept_within(listener: &std::net::TcpListener, timeout: Duration) -> (TcpStream, SocketAddr) {
+    use std::os::fd::AsRawFd;
+    let mut pfd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one live pollfd, count 1.
+    let ready = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
+    assert_eq!(ready, 1, "no connection within {timeout:?}");
+    let (stream, peer) = listener.accept().unwrap();
+    stream.set_read_timeout(Some(BOOT)).unwrap();
+    (stream, peer)
+}
+
+/// Sends `count` messages of varied lengths on `stream`, each once the
+/// previous one came back whole, and checks every byte of every echo.
+fn echo_messages(stream: &mut TcpStream, count: usize) {
+    for i in 0..count {
+        let msg = format!("message {i} {}\n", "x".repeat(i % 97));
+        stream.write_all(msg.as_bytes()).unwrap();
+        let mut got = vec![0; msg.len()];
+        stream.read_exact(&mut got).unwrap();
+        assert_eq!(got, msg.as_bytes(), "echo of message {i}");
+    }
+}
+
+/// A listener in the client namespace, on the client's address.
+fn client_listener(topo: &Topology) -> std::net::TcpListener {
+    topo.client()
+        .enter(|| std::net::TcpListener::bind((CLIENT_IP, 0)).unwrap())
+}
+
+#[test]
+fn the_guest_dials_out_echoes_and_dials_again_when_closed() {
+    let topo = Topology::builder().host_b(false).build();
+    topo.add_tap(Host::A, TAP);
+    let listener = client_listener(&topo);
+    let target = listener.local_addr().unwrap();
+    let _vmm = start_guest(&topo, None, &format!("dial={target}"), &[]);
+
+    // When the client ends a connection, the guest closes its side and
+    // opens a new one, which echoes too.
+    for messages in [1000, 10] {
+        let (mut conn, peer) = accept_within(&listener, BOOT);
+        assert_eq!(peer.ip(), guest_ip(0));
+        assert!(peer.port() >= 49152, "local port {peer} not ephemeral");
+        echo_messages(&mut conn, messages);
+        conn.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        conn.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "{} bytes after the end", rest.len());
+    }
+}
+
+#[test]
+fn post_dial_moves_the_dialled_connection_and_refuses_bad_addresses() {
+    let g = Guest::new(None);
+    let listeners = [client_listener(&g.topo), client_listener(&g.topo)];
+    let targets: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    let post = |body: &str| {
+        g.http(|c| {
+            let r = c.request("POST", "/dial", body.as_bytes()).unwrap();
+            (r.status, r.text())
+        })
+    };
+    for bad in [
+        "",
+        "10.77.0.1",
+        "10.77.0.1:0",
+        "10.77.0.1:99999",
+        "0.0.0.0:80",
+        "224.0.0.1:80",
+        "nonsense:80",
+    ] {
+        assert_eq!(post(bad).0, 400, "POST /dial {bad:?}");
+    }
+    assert_eq!(
+        g.http(|c| c.request("GET", "/dial", b"").unwrap().status),
+        405
+    );
+
+    let (status, text) = post(&format!("{}\n", targets[0]));
+    assert_eq!(
+        (status, text.trim()),
+        (200, format!("dialling {}", targets[0]).as_str())
+    );
+    let (mut first, _) = accept_within(&listeners[0], BOOT);
+    echo_messages(&mut first, 10);
+
+    // A new address replaces the old: that connection ends, one to the
+    // new address echoes.
+    assert_eq!(post(&targets[1].to_string()).0, 200);
+    let (mut second, _) = accept_within(&listeners[1], BOOT);
+    echo_messages(&mut second, 10);
+    let mut rest = Vec::new();
+    let _ = first.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "the old connection still carried {rest:?}");
+    let stats = g.http(|c| c.request("GET", "/stats", b"").unwrap().text());
+    assert!(stats.contains("\"dial_connections\":2"), "{stats}");
+}
+
+#[test]
+fn a_dialled_connection_survives_a_remus_failover() {
+    use colo_tests::pair::{Pair, PairOptions};
+    // A connection the guest opened carries on on the secondary after the
+    // primary is SIGKILLed with a message in flight: nothing lost, nothing
+    // duplicated, and no new connection.
+    let mut pair = Pair::start(PairOptions::default());
+    let listener = client_listener(pair.topo());
+    let target = listener.local_addr().unwrap();
+    let status = pair.topo().client().enter(|| {
+        let stream = TcpStream::connect_timeout(&Guest::addr(80), BOOT).unwrap();
+        stream.set_read_timeout(Some(BOOT)).unwrap();
+        let mut client = Client::new(stream, "guest");
+        client
+            .request("POST", "/dial", target.to_string().as_bytes())
+            .unwrap()
+            .status
+    });
+    assert_eq!(status, 200);
+    // Each round trip waits for a checkpoint (Remus holds the guest's
+    // output until then): a few messages, not thousands.
+    let (mut conn, _) = accept_within(&listener, BOOT);
+    echo_messages(&mut conn, 10);
+
+    let msg = b"in flight when the primary died";
+    conn.write_all(msg).unwrap();
+    pair.kill_primary();
+    pair.failover();
+    let mut got = vec![0; msg.len()];
+    conn.read_exact(&mut got).unwrap();
+    assert_eq!(got, msg);
+    echo_messages(&mut conn, 10);
+
+    let stats = pair.topo().client().enter(|| {
+        let stream = TcpStream::connect_timeout(&Guest::addr(80), BOOT).unwrap();
+        stream.set_read_timeout(Some(BOOT)).unwrap();
+        Client::new(stream, "guest")
+            .request("GET", "/stats", b"")
+            .unwrap()
+            .text()
+    });
+    assert!(stats.contains("\"dial_connections\":1,"), "{stats}");
 }

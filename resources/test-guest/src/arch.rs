@@ -55,6 +55,31 @@ pub fn cpuid(leaf: u32) -> (u32, u32, u32, u32) {
     (r.eax, r.ebx, r.ecx, r.edx)
 }
 
+/// The `rdrand rax` instruction's bytes, as [`rdrand`] emits it: #UD
+/// recognises them (see `invalid_opcode`).
+const RDRAND_RAX: [u8; 4] = [0x48, 0x0f, 0xc7, 0xf0];
+
+/// A random number from the CPU's RDRAND, `None` when it has none to give.
+/// Call it only from ring 3 where CPUID reports RDRAND: there it runs
+/// natively, and should it raise #UD anyway, the kernel makes it fail
+/// (carry clear) instead of stopping the guest.
+pub fn rdrand() -> Option<u64> {
+    let value: u64;
+    let ok: u8;
+    // SAFETY: RDRAND only writes rax and the flags; the bytes are spelt out
+    // so that the #UD handler can recognise exactly this instruction.
+    unsafe {
+        asm!(
+            ".byte 0x48, 0x0f, 0xc7, 0xf0",
+            "setc {ok}",
+            ok = out(reg_byte) ok,
+            out("rax") value,
+            options(nomem, nostack),
+        )
+    };
+    (ok == 1).then_some(value)
+}
+
 /// Halts with interrupts off, for good (from ring 3, by asking the kernel).
 pub fn halt_forever() -> ! {
     if in_user_mode() {
@@ -467,13 +492,22 @@ struct TrapFrame {
 const UD2: [u8; 2] = [0x0f, 0x0b];
 const INVALID_OPCODE: u64 = 6;
 
-/// #UD: a system call when ring 3 executed `ud2`, else a fatal exception.
+const RFLAGS_CF: u64 = 1;
+
+/// #UD: a system call when ring 3 executed `ud2`, a failed [`rdrand`] when
+/// it was that, else a fatal exception.
 extern "C" fn invalid_opcode(frame: &mut TrapFrame) {
     // SAFETY: the faulting instruction's bytes are identity-mapped memory.
-    let bytes = unsafe { core::ptr::read_unaligned(frame.rip as *const [u8; 2]) };
-    if frame.cs & 3 == 3 && bytes == UD2 {
+    let bytes = unsafe { core::ptr::read_unaligned(frame.rip as *const [u8; 4]) };
+    if frame.cs & 3 == 3 && bytes[..2] == UD2 {
         frame.rax = syscall_dispatch(frame.rax, frame.rdi, frame.rsi, frame.rdx);
         frame.rip += UD2.len() as u64;
+        return;
+    }
+    if frame.cs & 3 == 3 && bytes == RDRAND_RAX {
+        frame.rax = 0;
+        frame.rflags &= !RFLAGS_CF;
+        frame.rip += RDRAND_RAX.len() as u64;
         return;
     }
     exception(&ExceptionFrame {

@@ -55,6 +55,18 @@ impl<'a> Cmdline<'a> {
     pub fn get_u64(&self, key: &str) -> Option<Result<u64, &'a str>> {
         self.get(key).map(|v| v.parse().map_err(|_| v))
     }
+
+    /// Value of the switch `key` (its last word): a bare `key`, `key=1`,
+    /// `key=on`, `key=yes` or `key=true` turn it on, `key=0`, `off`, `no` or
+    /// `false` off; `Err` holds any other value.
+    pub fn get_bool(&self, key: &str) -> Option<Result<bool, &'a str>> {
+        let (_, value) = self.words().filter(|(k, _)| *k == key).last()?;
+        Some(match value {
+            None | Some("1" | "on" | "yes" | "true") => Ok(true),
+            Some("0" | "off" | "no" | "false") => Ok(false),
+            Some(other) => Err(other),
+        })
+    }
 }
 
 #[cfg(test)]
@@ -72,6 +84,18 @@ mod tests {
         assert!(c.words().any(|w| w == ("quiet", None)));
         assert_eq!(c.get_u64("missing"), None);
         assert_eq!(Cmdline::new("").words().count(), 0);
+    }
+
+    #[test]
+    fn switches() {
+        let c = Cmdline::new("a b=1 c=off d=maybe e=1 e=0 f=0 f");
+        assert_eq!(c.get_bool("a"), Some(Ok(true)));
+        assert_eq!(c.get_bool("b"), Some(Ok(true)));
+        assert_eq!(c.get_bool("c"), Some(Ok(false)));
+        assert_eq!(c.get_bool("d"), Some(Err("maybe")));
+        assert_eq!(c.get_bool("e"), Some(Ok(false)));
+        assert_eq!(c.get_bool("f"), Some(Ok(true)));
+        assert_eq!(c.get_bool("g"), None);
     }
 
     #[test]

@@ -108,14 +108,31 @@ pub fn respond(
     body: &[u8],
     keep_alive: bool,
 ) {
+    respond_with(out, status, reason, content_type, &[], body, keep_alive);
+}
+
+/// Appends a complete response with extra `headers` (name, value) to `out`.
+pub fn respond_with(
+    out: &mut Vec<u8>,
+    status: u16,
+    reason: &str,
+    content_type: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    keep_alive: bool,
+) {
     use core::fmt::Write;
     let mut head = alloc::string::String::new();
     let _ = write!(
         head,
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n",
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: {}\r\n",
         body.len(),
         if keep_alive { "keep-alive" } else { "close" }
     );
+    for (name, value) in headers {
+        let _ = write!(head, "{name}: {value}\r\n");
+    }
+    head.push_str("\r\n");
     out.extend_from_slice(head.as_bytes());
     out.extend_from_slice(body);
 }
@@ -172,6 +189,20 @@ mod tests {
         assert_eq!(
             out,
             b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nConnection: close\r\n\r\n42"
+        );
+        out.clear();
+        respond_with(
+            &mut out,
+            200,
+            "OK",
+            "text/plain",
+            &[("X-A", "b")],
+            b"",
+            true,
+        );
+        assert_eq!(
+            out,
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 0\r\nConnection: keep-alive\r\nX-A: b\r\n\r\n"
         );
     }
 }

@@ -8,8 +8,11 @@ extern crate alloc;
 
 pub mod bootparams;
 pub mod cmdline;
+pub mod entropy;
 pub mod http;
+pub mod isn;
 pub mod kv;
 pub mod mptable;
 pub mod netconf;
 pub mod pattern;
+pub mod wire;

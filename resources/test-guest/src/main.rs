@@ -14,6 +14,9 @@
 //! | `crash=triple_fault` | triple-fault right after ready |
 //! | `crash=page_fault` | take a page fault (reported by the handler) |
 //! | `ip=A.B.C.D/N`, `gw=A.B.C.D` | address of the first NIC, default route |
+//! | `dial=A.B.C.D:PORT` | connect out to that address and echo on the connection (see `net`) |
+//! | `rand_source=rdtsc` | random numbers from the TSC alone, even where RDRAND works (default `auto`: RDRAND if it works) |
+//! | `deterministic_isn=1` | TCP sequence numbers and dialled ports follow from the guest's state, not from the TSC (see `net`) |
 //! | `blk_bench_ops=N` | time N random 4 KiB reads and writes on the first disk (destroys it) |
 //! | `pio_loop` | stay in ring 0 checking port I/O with side effects (see `pio_loop`) |
 //! | `stall_probe` | after ready, submit one read to the second disk and never wait for it (a disk the VMM cannot serve must not stop the network) |
@@ -40,6 +43,7 @@ mod heap;
 mod net;
 mod pio_loop;
 mod power;
+mod random;
 mod serial;
 mod store;
 mod time;
@@ -267,7 +271,32 @@ extern "C" fn user_main() -> ! {
             return None;
         };
         let gw = cmdline.get("gw").and_then(netconf::parse_ipv4);
-        match net::Net::new(t, ip, gw, store, time::now_ns()) {
+        let options = net::Options {
+            deterministic_isn: match cmdline.get_bool("deterministic_isn") {
+                Some(Ok(on)) => on,
+                Some(Err(text)) => {
+                    say!("ignoring deterministic_isn={text}: not 0 or 1");
+                    false
+                }
+                None => false,
+            },
+            dial: cmdline.get("dial").and_then(|text| {
+                let target = netconf::parse_endpoint(text);
+                if target.is_none() {
+                    say!("ignoring dial={text}: not IP:PORT");
+                }
+                target
+            }),
+            rdtsc_only: match cmdline.get("rand_source") {
+                None | Some("auto") => false,
+                Some("rdtsc") => true,
+                Some(other) => {
+                    say!("ignoring rand_source={other}: not auto or rdtsc");
+                    false
+                }
+            },
+        };
+        match net::Net::new(t, ip, gw, store, &options, time::now_ns()) {
             Ok(n) => Some(n),
             Err(e) => {
                 say!("net: {e:?}");

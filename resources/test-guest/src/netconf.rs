@@ -1,6 +1,6 @@
 //! Device and network settings from the kernel command line:
 //! `virtio_mmio.device=4K@0xd0000000:5` (as the VMM writes them, the Linux
-//! syntax), `ip=10.77.0.10/24` and `gw=10.77.0.1`.
+//! syntax), `ip=10.77.0.10/24`, `gw=10.77.0.1` and `dial=10.77.0.1:9000`.
 
 use crate::cmdline::Cmdline;
 
@@ -61,6 +61,17 @@ pub fn parse_cidr(s: &str) -> Option<([u8; 4], u8)> {
     Some((parse_ipv4(addr)?, len))
 }
 
+/// Parses `a.b.c.d:port`, a unicast address (not 0.0.0.0/8, multicast or
+/// broadcast) and a port not 0, ignoring surrounding whitespace (an HTTP
+/// body may end in a newline): somewhere a TCP connection can go.
+pub fn parse_endpoint(s: &str) -> Option<([u8; 4], u16)> {
+    let (addr, port) = s.trim().split_once(':')?;
+    let port = port.parse().ok().filter(|&p: &u16| p != 0)?;
+    let addr = parse_ipv4(addr)?;
+    let unicast = addr[0] != 0 && addr[0] < 224;
+    unicast.then_some((addr, port))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,5 +116,19 @@ mod tests {
         assert_eq!(parse_ipv4("1.2.3"), None);
         assert_eq!(parse_ipv4("1.2.3.4.5"), None);
         assert_eq!(parse_ipv4("1.2.3.256"), None);
+        assert_eq!(
+            parse_endpoint("10.77.0.1:9000\r\n"),
+            Some(([10, 77, 0, 1], 9000))
+        );
+        assert_eq!(parse_endpoint("10.77.0.1:0"), None);
+        assert_eq!(parse_endpoint("10.77.0.1:65536"), None);
+        assert_eq!(parse_endpoint("10.77.0.1"), None);
+        assert_eq!(parse_endpoint("10.77.0:80"), None);
+        assert_eq!(parse_endpoint(":80"), None);
+        assert_eq!(parse_endpoint("10.77.0.1:80:1"), None);
+        assert_eq!(parse_endpoint("0.0.0.0:80"), None);
+        assert_eq!(parse_endpoint("224.0.0.1:80"), None);
+        assert_eq!(parse_endpoint("255.255.255.255:80"), None);
+        assert_eq!(parse_endpoint("223.1.2.3:80"), Some(([223, 1, 2, 3], 80)));
     }
 }
