@@ -313,9 +313,12 @@ impl Rewriter {
             }
         }
         c.last_seen = now;
-        let offset = c.offset;
-        self.touch(key);
-        offset
+        // To the end of its class in the eviction order.
+        self.order.remove(&c.slot);
+        c.slot = (c.class(), self.next_stamp);
+        self.next_stamp += 1;
+        self.order.insert(c.slot, key);
+        c.offset
     }
 
     /// Starts (or starts over) a connection.
@@ -338,23 +341,12 @@ impl Rewriter {
                 fin_out: false,
                 fin_in: false,
                 rst: false,
-                slot: (Class::Learning, 0),
+                slot: (Class::Learning, self.next_stamp),
                 last_seen: now,
             },
         );
-        self.order.insert((Class::Learning, 0), key);
-        self.touch(key);
-    }
-
-    /// Moves the connection to the end of its class in the eviction order.
-    fn touch(&mut self, key: FlowKey) {
-        let Some(c) = self.conns.get_mut(&key) else {
-            return;
-        };
-        self.order.remove(&c.slot);
-        c.slot = (c.class(), self.next_stamp);
+        self.order.insert((Class::Learning, self.next_stamp), key);
         self.next_stamp += 1;
-        self.order.insert(c.slot, key);
     }
 
     /// Forgets closed connections and half-learnt handshakes idle for
