@@ -2,8 +2,11 @@
 //! which holds the guest's frames per epoch until the checkpoint that
 //! covers them is safe on the secondary (Remus mode), and the frames that
 //! announce a guest's MAC after a failover. For COLO mode's compare proxy:
-//! the parser that classifies a guest's frames and keys their connections.
+//! the parser that classifies a guest's frames and keys their connections,
+//! and the compare proxy that releases a PVM frame once the SVM sent the
+//! same output.
 
 pub mod announce;
+pub mod compare;
 pub mod output;
 pub mod packet;
