@@ -57,10 +57,12 @@
 //! client data the SVM has not received: after a failover that data would
 //! be lost. A pure ACK waits only for (b).
 //!
-//! A second SYN with another ISN on the same flow within an epoch (the
-//! ports reused by a new connection), data after a FIN, or SVM data before
-//! the PVM's SYN of a flow opened by a SYN count as a mismatch: the
-//! checkpoint that follows restarts the comparison on equal VMs.
+//! SVM segments that follow its SYN but come before the PVM's SYN wait
+//! until the PVM's ISN places them. A second SYN with another ISN on the
+//! same flow within an epoch (the ports reused by a new connection), data
+//! after a FIN, or PVM data after the SVM's SYN but before its own count
+//! as a mismatch: the checkpoint that follows restarts the comparison on
+//! equal VMs.
 //!
 //! ## Order
 //!
@@ -239,7 +241,7 @@ struct Datagrams {
 
 #[derive(Debug)]
 enum Flow {
-    Tcp(TcpFlow),
+    Tcp(Box<TcpFlow>),
     Datagrams(Datagrams),
 }
 
@@ -527,7 +529,7 @@ impl Compare {
             return (Key::Untracked, Class::Bytes(0..frame.len()));
         }
         let flow = match class {
-            Class::Tcp(_) => Flow::Tcp(TcpFlow::default()),
+            Class::Tcp(_) => Flow::Tcp(Box::default()),
             Class::Bytes(_) => Flow::Datagrams(Datagrams::default()),
         };
         self.flows.insert(key, flow);

@@ -98,7 +98,18 @@ pub(super) struct TcpFlow {
     /// The highest ACK number the SVM sent (wrapping order).
     svm_ack: Option<u32>,
     held: VecDeque<Held>,
+    /// SVM segments after its SYN that came before the PVM's SYN: their
+    /// positions are known once the PVM's ISN is.
+    early: Vec<Early>,
     diverged: bool,
+}
+
+#[derive(Debug)]
+struct Early {
+    pending: u64,
+    seq: u32,
+    payload: Vec<u8>,
+    fin: bool,
 }
 
 impl TcpFlow {
@@ -157,6 +168,9 @@ impl TcpFlow {
         }
         let start = if flags.contains(TcpFlags::SYN) {
             self.syn(who, seg.seq, queue)?;
+            if who == Who::Pvm {
+                self.replay_early(queue);
+            }
             0
         } else {
             match (self.syn_flow, self.base) {
@@ -167,9 +181,21 @@ impl TcpFlow {
                     self.verified = 0;
                     0
                 }
-                // Only the SVM's SYN so far: its later segments would be
-                // in a sequence space not yet known.
-                (Some(_), None) => return Err(self.diverge()),
+                // Only the SVM's SYN so far: its later segments are in
+                // the PVM's space, not known yet.
+                (Some(_), None) => match who {
+                    Who::Pvm => return Err(self.diverge()),
+                    Who::Svm { pending } => {
+                        queue.retain(pending);
+                        self.early.push(Early {
+                            pending,
+                            seq: seg.seq,
+                            payload: seg.payload.to_vec(),
+                            fin: flags.contains(TcpFlags::FIN),
+                        });
+                        return Ok(None);
+                    }
+                },
                 (Some(_), Some(_)) => self.offset(seg.seq),
             }
         };
@@ -208,6 +234,21 @@ impl TcpFlow {
             Who::Svm { .. } => {}
         }
         Ok(())
+    }
+
+    /// Places the SVM's early segments now that the PVM's ISN is known.
+    fn replay_early(&mut self, queue: &mut SvmQueue) {
+        for early in std::mem::take(&mut self.early) {
+            let who = Who::Svm {
+                pending: early.pending,
+            };
+            let at = self.offset(early.seq);
+            self.insert(who, at, &early.payload, queue);
+            if early.fin {
+                self.fin(who, at + early.payload.len() as i64, queue);
+            }
+            queue.release(early.pending);
+        }
     }
 
     fn fin(&mut self, who: Who, at: i64, queue: &mut SvmQueue) {

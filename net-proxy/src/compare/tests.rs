@@ -328,6 +328,31 @@ fn syn_pair_with_different_isns_matches() {
 }
 
 #[test]
+fn svm_data_before_the_pvms_syn_waits_for_its_isn() {
+    let now = Instant::now();
+    let mut c = compare();
+    // The SVM's SYN-ACK, data and FIN all come before the PVM's SYN-ACK.
+    let svm = [
+        seg(9).syn().svm().frame(&[]),
+        seg(501).svm().frame(b"early"),
+        seg(506).svm().fin().frame(&[]),
+    ];
+    for f in &svm {
+        assert_eq!(c.secondary(EPOCH, f, now), nothing());
+    }
+    assert_eq!(c.stats().queue_depth, 3);
+    let pvm = [
+        seg(500).syn().frame(&[]),
+        seg(501).frame(b"ear"),
+        seg(504).fin().frame(b"ly"),
+    ];
+    for f in &pvm {
+        assert_eq!(c.primary(f.clone(), now), released(&[f]));
+    }
+    assert_eq!(c.stats().queue_depth, 0);
+}
+
+#[test]
 fn a_new_syn_on_a_known_flow_is_a_mismatch() {
     let now = Instant::now();
     let mut c = compare();
@@ -716,4 +741,356 @@ fn a_full_connection_table_compares_whole_frames() {
 fn causes_have_metric_names() {
     let names: Vec<&str> = Cause::ALL.iter().map(|c| c.name()).collect();
     assert_eq!(names, ["mismatch", "timeout", "held_bytes"]);
+}
+
+mod properties {
+    use super::*;
+    use crate::packet::TcpFlags;
+    use proptest::prelude::*;
+
+    /// A TCP connection both VMs carry (guest port `100 + index`).
+    #[derive(Debug, Clone)]
+    struct Conn {
+        /// Opened in this epoch (SYN-ACKs with these ISNs), or already
+        /// open at `pvm_isn + 1`.
+        syn: bool,
+        pvm_isn: u32,
+        svm_isn: u32,
+        data: Vec<u8>,
+        fin: bool,
+        /// Where each VM cuts the stream into segments (sorted offsets).
+        pvm_cuts: Vec<usize>,
+        svm_cuts: Vec<usize>,
+    }
+
+    fn conn() -> impl Strategy<Value = Conn> {
+        (
+            any::<(bool, u32, u32, bool)>(),
+            prop::collection::vec(any::<u8>(), 0..2500),
+            prop::collection::vec(any::<prop::sample::Index>(), 0..8),
+            prop::collection::vec(any::<prop::sample::Index>(), 0..8),
+        )
+            .prop_map(|((syn, pvm_isn, svm_isn, fin), data, p, s)| {
+                let cuts = |ix: Vec<prop::sample::Index>| {
+                    let mut c: Vec<usize> = ix.iter().map(|i| i.index(data.len() + 1)).collect();
+                    c.sort_unstable();
+                    c.dedup();
+                    c
+                };
+                Conn {
+                    syn,
+                    pvm_isn,
+                    svm_isn,
+                    fin,
+                    pvm_cuts: cuts(p),
+                    svm_cuts: cuts(s),
+                    data,
+                }
+            })
+    }
+
+    /// The frames one VM sends on `c`: SYN-ACK, the data cut at `cuts`,
+    /// then the FIN. Sequence numbers in the PVM's space but the SYN's.
+    fn segments(c: &Conn, port: u16, svm: bool, cuts: &[usize]) -> Vec<Vec<u8>> {
+        let tweak = |s: Seg| if svm { s.svm() } else { s };
+        let first = c.pvm_isn.wrapping_add(1);
+        let mut frames = Vec::new();
+        if c.syn {
+            let isn = if svm { c.svm_isn } else { c.pvm_isn };
+            frames.push(tweak(seg(isn).port(port).syn()).frame(&[]));
+        }
+        let mut bounds = vec![0];
+        bounds.extend(cuts.iter().copied().filter(|&x| x > 0 && x < c.data.len()));
+        bounds.push(c.data.len());
+        for w in bounds.windows(2) {
+            if w[1] > w[0] {
+                let s = seg(first.wrapping_add(w[0] as u32)).port(port);
+                frames.push(tweak(s).frame(&c.data[w[0]..w[1]]));
+            }
+        }
+        if c.fin {
+            let s = seg(first.wrapping_add(c.data.len() as u32))
+                .port(port)
+                .fin();
+            frames.push(tweak(s).frame(&[]));
+        }
+        frames
+    }
+
+    /// Pops the queues in the order `picks` chooses (each queue keeps its
+    /// own order); what is left after the picks goes in queue order.
+    fn interleave<T>(mut queues: Vec<VecDeque<T>>, picks: &[u8]) -> Vec<(usize, T)> {
+        let mut out = Vec::new();
+        let mut picks = picks.iter().cycle();
+        loop {
+            let open: Vec<usize> = (0..queues.len())
+                .filter(|&q| !queues[q].is_empty())
+                .collect();
+            if open.is_empty() {
+                return out;
+            }
+            let q = open[usize::from(*picks.next().unwrap_or(&0)) % open.len()];
+            out.extend(queues[q].pop_front().map(|x| (q, x)));
+        }
+    }
+
+    /// The guest port (TCP) or source port (UDP) a frame belongs to.
+    fn port_of(frame: &[u8]) -> u16 {
+        match packet::parse(frame) {
+            Ok(Packet::Tcp { key, .. } | Packet::Udp { key, .. }) => key.src_port,
+            _ => 0,
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        /// Both VMs send the same connections and datagrams, each cut and
+        /// interleaved its own way (the SVM sometimes repeating a
+        /// segment): no checkpoint, every PVM frame released exactly once,
+        /// in its connection's order.
+        #[test]
+        fn the_same_output_releases_everything_in_order(
+            conns in prop::collection::vec(conn(), 1..4),
+            datagrams in prop::collection::vec(prop::collection::vec(prop::collection::vec(any::<u8>(), 0..40), 0..4), 0..3),
+            picks in prop::collection::vec(any::<u8>(), 1..64),
+            repeats in prop::collection::vec(any::<bool>(), 1..16),
+        ) {
+            let now = Instant::now();
+            let mut c = compare();
+            let mut queues: Vec<VecDeque<(bool, Vec<u8>)>> = Vec::new();
+            let mut sent: HashMap<u16, Vec<Vec<u8>>> = HashMap::new();
+            for (i, conn) in conns.iter().enumerate() {
+                let port = 100 + i as u16;
+                let pvm = segments(conn, port, false, &conn.pvm_cuts);
+                sent.insert(port, pvm.clone());
+                queues.push(pvm.into_iter().map(|f| (true, f)).collect());
+                let mut svm = VecDeque::new();
+                for (j, f) in segments(conn, port, true, &conn.svm_cuts).into_iter().enumerate() {
+                    if repeats[j % repeats.len()] {
+                        svm.push_back((false, f.clone()));
+                    }
+                    svm.push_back((false, f));
+                }
+                queues.push(svm);
+            }
+            for (i, payloads) in datagrams.iter().enumerate() {
+                let port = 2000 + i as u16;
+                let pvm: Vec<Vec<u8>> = payloads.iter().map(|p| udp(port, 64, p)).collect();
+                sent.insert(port, pvm.clone());
+                queues.push(pvm.into_iter().map(|f| (true, f)).collect());
+                queues.push(payloads.iter().map(|p| (false, udp(port, 1, p))).collect());
+            }
+            let mut got: HashMap<u16, Vec<Vec<u8>>> = HashMap::new();
+            for (_, (primary, frame)) in interleave(queues, &picks) {
+                let out = if primary {
+                    c.primary(frame, now)
+                } else {
+                    c.secondary(EPOCH, &frame, now)
+                };
+                prop_assert_eq!(out.checkpoint, None);
+                for f in out.release {
+                    got.entry(port_of(&f)).or_default().push(f);
+                }
+            }
+            sent.retain(|_, frames| !frames.is_empty());
+            prop_assert_eq!(got, sent);
+            let stats = c.stats();
+            prop_assert_eq!((stats.held_frames, stats.held_bytes, stats.queue_depth), (0, 0, 0));
+            prop_assert_eq!(stats.matched, stats.compared);
+        }
+
+        /// One byte of the SVM's stream differs: a mismatch, and no PVM
+        /// frame holding or following that byte is released.
+        #[test]
+        fn a_flipped_byte_is_a_mismatch_and_nothing_after_it_leaves(
+            conn in conn(),
+            at in any::<prop::sample::Index>(),
+            xor in 1u8..,
+            picks in prop::collection::vec(any::<u8>(), 1..64),
+        ) {
+            prop_assume!(!conn.data.is_empty());
+            let now = Instant::now();
+            let flip = at.index(conn.data.len());
+            let mut svm_conn = conn.clone();
+            svm_conn.data[flip] ^= xor;
+            let pvm = segments(&conn, 80, false, &conn.pvm_cuts);
+            let svm = segments(&svm_conn, 80, true, &conn.svm_cuts);
+            let queues = vec![
+                pvm.into_iter().map(|f| (true, f)).collect(),
+                svm.into_iter().map(|f| (false, f)).collect(),
+            ];
+            let mut c = compare();
+            let mut causes = Vec::new();
+            let first = conn.pvm_isn.wrapping_add(1);
+            for (_, (primary, frame)) in interleave(queues, &picks) {
+                let out = if primary {
+                    c.primary(frame, now)
+                } else {
+                    c.secondary(EPOCH, &frame, now)
+                };
+                causes.extend(out.checkpoint);
+                for f in out.release {
+                    let Ok(Packet::Tcp { seq, payload, flags, .. }) = packet::parse(&f) else {
+                        return Err(TestCaseError::fail("released a non-TCP frame"));
+                    };
+                    if flags.contains(TcpFlags::SYN) {
+                        continue;
+                    }
+                    let end = seq.wrapping_sub(first) as usize + payload.len();
+                    prop_assert!(end <= flip, "released bytes up to {} past the flip at {}", end, flip);
+                    prop_assert!(!flags.contains(TcpFlags::FIN));
+                }
+            }
+            prop_assert_eq!(causes, vec![Cause::Mismatch]);
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Primary(Vec<u8>),
+        /// Epoch relative to the compared one (-1 stale, +1 future).
+        Secondary(i8, Vec<u8>),
+        Poll(u8),
+        Checkpoint,
+        Committed(u8),
+        ReleaseAll,
+    }
+
+    /// Frames near what guests send (TCP and UDP on a few ports and
+    /// sequence numbers, any flags), with random bytes mixed in.
+    fn frame() -> impl Strategy<Value = Vec<u8>> {
+        let tcp = (
+            0u16..3,
+            0u32..64,
+            any::<u16>(),
+            0u32..4,
+            prop::collection::vec(0u8..3, 0..40),
+        )
+            .prop_map(|(port, seq, flags, ack, payload)| {
+                let s = Seg {
+                    syn: flags & 1 != 0,
+                    fin: flags & 2 != 0,
+                    rst: flags & 4 == 4 && flags & 8 != 0,
+                    ack: (flags & 16 != 0).then_some(ack),
+                    ..seg(seq.wrapping_mul(16)).port(port)
+                };
+                s.frame(&payload)
+            });
+        let udp =
+            (0u16..3, prop::collection::vec(0u8..2, 0..8)).prop_map(|(port, p)| udp(port, 64, &p));
+        prop_oneof![
+            4 => tcp,
+            1 => udp,
+            1 => prop::collection::vec(any::<u8>(), 0..80),
+        ]
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            8 => frame().prop_map(Op::Primary),
+            8 => ((-1i8..=1), frame()).prop_map(|(e, f)| Op::Secondary(e, f)),
+            2 => any::<u8>().prop_map(Op::Poll),
+            1 => Just(Op::Checkpoint),
+            1 => any::<u8>().prop_map(Op::Committed),
+            1 => Just(Op::ReleaseAll),
+        ]
+    }
+
+    proptest! {
+        /// Any frames and calls: no panic; queued SVM bytes and the table
+        /// stay within their bounds; every PVM frame comes out exactly
+        /// once in the end; a held frame always has a deadline until a
+        /// checkpoint is asked for, and poll past it asks.
+        #[test]
+        fn any_frames_keep_the_bounds(ops in prop::collection::vec(op(), 0..150)) {
+            let config = CompareConfig {
+                timeout: Duration::from_millis(20),
+                held_bytes_max: 3000,
+                max_connections: 4,
+            };
+            let t0 = Instant::now();
+            let mut now = t0;
+            let mut c = Compare::new(config, EPOCH);
+            let mut asked = false;
+            let (mut sent, mut out) = (0u64, 0u64);
+            // Frames of the compared epoch in and out, and waiting ones.
+            let (mut epoch_in, mut epoch_out) = (0u64, 0u64);
+            let mut waiting: VecDeque<(u64, u64)> = VecDeque::new();
+            let mut passing = false;
+            for op in ops {
+                let outcome = match op {
+                    Op::Primary(f) => {
+                        sent += 1;
+                        epoch_in += 1;
+                        c.primary(f, now)
+                    }
+                    Op::Secondary(rel, f) => {
+                        let epoch = c.epoch().wrapping_add_signed(i64::from(rel));
+                        c.secondary(epoch, &f, now)
+                    }
+                    Op::Poll(ms) => {
+                        now += Duration::from_millis(u64::from(ms));
+                        let deadline = c.next_deadline();
+                        let o = c.poll(now);
+                        if deadline.is_some_and(|d| d <= now) {
+                            prop_assert!(o.checkpoint.is_some(), "poll past the deadline asked nothing");
+                        }
+                        o
+                    }
+                    Op::Checkpoint => {
+                        if !passing {
+                            waiting.push_back((c.epoch(), epoch_in - epoch_out));
+                        }
+                        c.checkpoint(c.epoch());
+                        asked = false;
+                        epoch_in = 0;
+                        epoch_out = 0;
+                        Outcome::default()
+                    }
+                    Op::Committed(back) => {
+                        let epoch = c.epoch().saturating_sub(u64::from(back % 3));
+                        let frames = c.committed(epoch).len() as u64;
+                        let mut expected = 0;
+                        while waiting.front().is_some_and(|(e, _)| *e <= epoch) {
+                            expected += waiting.pop_front().map_or(0, |(_, n)| n);
+                        }
+                        prop_assert_eq!(frames, expected);
+                        out += frames;
+                        Outcome::default()
+                    }
+                    Op::ReleaseAll => {
+                        out += c.release_all().len() as u64;
+                        waiting.clear();
+                        passing = true;
+                        epoch_in = 0;
+                        epoch_out = 0;
+                        Outcome::default()
+                    }
+                };
+                if passing {
+                    epoch_in = 0;
+                } else {
+                    epoch_out += outcome.release.len() as u64;
+                }
+                out += outcome.release.len() as u64;
+                if outcome.checkpoint.is_some() {
+                    prop_assert!(!asked, "a second cause in one epoch");
+                    asked = true;
+                }
+                let stats = c.stats();
+                prop_assert!(stats.queue_bytes <= config.held_bytes_max);
+                prop_assert!(stats.connections <= config.max_connections as u64);
+                let held_now = epoch_in - epoch_out;
+                let held_waiting: u64 = waiting.iter().map(|(_, n)| n).sum();
+                prop_assert_eq!(stats.held_frames, held_now + held_waiting);
+                if held_now > 0 && !asked && !passing {
+                    prop_assert!(c.next_deadline().is_some(), "a held frame without a deadline");
+                }
+            }
+            out += c.release_all().len() as u64;
+            prop_assert_eq!(out, sent);
+            prop_assert_eq!(c.stats().held_bytes, 0);
+        }
+    }
 }
