@@ -79,8 +79,8 @@
 //!
 //! Everything either VM sends is input. A PVM frame held longer than
 //! [`CompareConfig::timeout`], or an SVM frame that no PVM output matched
-//! within it, asks for a checkpoint ([`Cause::Timeout`]); so does a held
-//! PVM byte count above [`CompareConfig::held_bytes_max`]
+//! within it, asks for a checkpoint ([`Cause::Timeout`]); so do more held
+//! PVM bytes of the compared epoch than [`CompareConfig::held_bytes_max`]
 //! ([`Cause::HeldBytes`]). SVM frames queue within the same byte bound
 //! (each costs its length plus [`SVM_FRAME_OVERHEAD`]): one beyond it is
 //! dropped and asks for a checkpoint. At most
@@ -122,8 +122,10 @@ pub struct CompareConfig {
     /// How long a PVM frame may wait for its SVM twin, and an SVM frame
     /// for its PVM twin, before a checkpoint is asked for.
     pub timeout: Duration,
-    /// Held PVM bytes above this (and the bound of queued SVM frames) ask
-    /// for a checkpoint.
+    /// Held PVM bytes of the compared epoch above this ask for a
+    /// checkpoint (frames of closed epochs waiting for `committed` do not
+    /// count: their checkpoint is already on its way); also the bound of
+    /// queued SVM frames.
     pub held_bytes_max: u64,
     /// Keys tracked per epoch; beyond, frames are compared whole.
     pub max_connections: usize,
@@ -307,8 +309,9 @@ impl SvmQueue {
         }
     }
 
+    /// The first entry's arrival: entries are numbered in arrival order.
     fn oldest(&self) -> Option<Instant> {
-        self.entries.values().map(|e| e.since).min()
+        self.entries.values().next().map(|e| e.since)
     }
 
     fn clear(&mut self) {
@@ -568,7 +571,7 @@ impl Compare {
         if !self.comparing || self.asked {
             return;
         }
-        if self.held_bytes + self.waiting.held_bytes() > self.config.held_bytes_max {
+        if self.held_bytes > self.config.held_bytes_max {
             self.ask(Cause::HeldBytes, out);
         } else if self.next_deadline().is_some_and(|deadline| deadline <= now) {
             self.ask(Cause::Timeout, out);

@@ -635,6 +635,12 @@ fn held_bytes_over_the_bound_ask_for_a_checkpoint() {
     let stats = c.stats();
     assert!(stats.held_bytes > 1000);
     assert_eq!(stats.held_bytes_checkpoints, 1);
+    // Closed epochs waiting for their commit do not count against the
+    // next epoch: no checkpoint storm while the secondary loads.
+    c.checkpoint(EPOCH);
+    assert_eq!(c.primary(seg(1001).frame(b"next"), now), nothing());
+    assert_eq!(c.poll(now), nothing());
+    assert_eq!(c.committed(EPOCH).len(), 2);
 
     // A flood from the SVM: queued within the bound, the rest dropped.
     let mut c = Compare::new(config, EPOCH);
