@@ -62,16 +62,22 @@
 //! same flow within an epoch (the ports reused by a new connection), data
 //! after a FIN, or PVM data after the SVM's SYN but before its own count
 //! as a mismatch: the checkpoint that follows restarts the comparison on
-//! equal VMs.
+//! equal VMs. A connection seen without a SYN whose first segment of the
+//! epoch is a retransmission on one side but new data on the other has no
+//! common start: it waits for the timeout.
 //!
 //! ## Order
 //!
 //! Released frames keep the PVM's order within a connection (a frame that
 //! matched waits behind an earlier one of the same connection that did
 //! not). Across connections a matched frame does not wait for an unmatched
-//! one, as in QEMU: the connections reach different peers, whose view does
-//! not depend on the order between them, and one slow or divergent
-//! connection would otherwise delay them all.
+//! one, as in QEMU: each connection is its own ordered stream for its
+//! peer, no protocol orders frames across connections (the network
+//! reorders them anyway), and one slow or divergent connection would
+//! otherwise delay them all. After a mismatch the connection compares
+//! nothing more and holds its later frames until the checkpoint; other
+//! connections keep releasing what matched (output the SVM produced too,
+//! so a failover loses none of it).
 //! [`Compare::committed`] and [`Compare::release_all`] release in the
 //! PVM's order.
 //!
