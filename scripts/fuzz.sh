@@ -9,14 +9,15 @@
 # Corpora grow in fuzz/corpus/<target>/ (not committed); a crash lands in
 # fuzz/artifacts/<target>/: fix it, then copy the input to
 # fuzz/regressions/<target>/, which `cargo test -p devices` (net-proxy for
-# packet and rewrite) replays.
+# packet and rewrite) replays; every run here replays them too (compare's
+# only here).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 seconds="${1:-60}"
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(virtio_blk mmio restore snapshot packet rewrite)
+[ ${#targets[@]} -gt 0 ] || targets=(virtio_blk mmio restore snapshot packet rewrite compare)
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "fuzz: cargo-fuzz missing: scripts/install-deps.sh (or cargo install cargo-fuzz)" >&2
