@@ -733,6 +733,11 @@ mod tests {
         epochs: Vec<Epoch>,
         /// SVM writes after the last commit, then a failover.
         failover: Option<Vec<(usize, u64, u8)>>,
+        /// The commit of this epoch (index) fails with an I/O error on its
+        /// first base write, after its journal is durable; the next
+        /// epoch's commit (or a retry, for the last) replays that journal
+        /// before writing its own.
+        flaky: Option<usize>,
     }
 
     fn scenario() -> impl Strategy<Value = Scenario> {
@@ -757,8 +762,13 @@ mod tests {
         (
             proptest::collection::vec((svm(), pvm), 1..4),
             proptest::option::of(svm()),
+            proptest::option::of(0usize..4),
         )
-            .prop_map(|(epochs, failover)| Scenario { epochs, failover })
+            .prop_map(|(epochs, failover, flaky)| Scenario {
+                epochs,
+                failover,
+                flaky,
+            })
     }
 
     /// The bases after each batch (commit or failover), the initial ones
@@ -802,10 +812,28 @@ mod tests {
             for (disk, offset, data) in pvm {
                 d.stage(epoch, *disk, *offset, data.clone()).unwrap();
             }
+            let mut carried = false;
+            if let (Some(true), Some((disk, ..))) = (s.flaky.map(|f| f == i), pvm.first()) {
+                World::lock(w).fail_next_write(*disk);
+                let failed = d.commit(epoch, &mut |_, _| {}).is_err();
+                if World::lock(w).crashed() {
+                    return done;
+                }
+                assert!(failed, "the injected error");
+                // Its journal is durable: a recovery would finish it. The
+                // next epoch's commit carries it (the last one is retried).
+                done += 1;
+                carried = true;
+                if i + 1 < s.epochs.len() {
+                    continue;
+                }
+            }
             if d.commit(epoch, &mut |_, _| {}).is_err() {
                 return done;
             }
-            done += 1;
+            if !carried {
+                done += 1;
+            }
         }
         if let Some(svm) = &s.failover {
             svm_writes(&mut d, svm);
@@ -870,7 +898,7 @@ mod tests {
                     World::lock(&w).crash_at(crash, torn);
                     let done = play(&w, &s);
                     prop_assert!(World::lock(&w).crashed());
-                    let whole = [&states[done], &states[done + 1]];
+                    let whole = [&states[done], &states[(done + 1).min(states.len() - 1)]];
                     let after = World::lock(&w).reboot(loss);
                     // A second crash during recovery, at each of its operations.
                     let again = World::lock(&after).reboot(Loss::None);
