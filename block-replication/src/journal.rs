@@ -230,7 +230,11 @@ impl Journal {
     /// order; see the module docs. `progress(done, total)` is called after
     /// each image write. Returns how many writes it applied. On an error
     /// nothing is claimed: the caller keeps the batch and may retry it, or
-    /// a later batch that includes it.
+    /// a later batch that includes it. But once its journal was durable
+    /// the batch will reach the images: the next `write_through` (or
+    /// [`Journal::recover`], after a crash) replays it first, even if the
+    /// caller has given it up since (a commit whose checkpoint the replica
+    /// already loaded is the disk that goes with its memory).
     pub fn write_through<'a, I>(
         &mut self,
         entry: Entry,
