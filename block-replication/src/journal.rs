@@ -15,6 +15,10 @@
 //! 3. The writes go to the images, in order; every image touched is synced.
 //! 4. The journal is truncated to nothing and synced.
 //!
+//! A batch without writes, with no failed batch waiting, skips all four.
+//! The cost, against writing in place: the data twice and two more
+//! fsyncs per batch (`cargo bench -p block-replication --bench commit`).
+//!
 //! What a crash leaves, found by [`Journal::recover`] at the next open:
 //! - before 2's sync completes: a journal without a valid end record, or
 //!   failing a CRC (some of its unsynced writes lost). It is discarded:
@@ -250,6 +254,11 @@ impl Journal {
                 disk,
                 disks: images.len(),
             });
+        }
+        // No writes and no failed batch waiting: nothing to journal (an
+        // idle guest's epochs cost no sync).
+        if writes.clone().next().is_none() && self.file.size().map_err(JournalError::Read)? == 0 {
+            return Ok(0);
         }
         // A failed batch's complete journal goes to the images first; an
         // incomplete one (its write or sync failed) is dropped.
@@ -726,6 +735,24 @@ mod tests {
         let g = World::lock(&w);
         assert_eq!(g.contents(0), [1, 3, 2, 3, 2, 5, 6, 7]);
         assert!(g.contents(1).is_empty());
+    }
+
+    /// An epoch without writes (most, between checkpoints of an idle
+    /// guest) costs no journal write and no sync.
+    #[test]
+    fn an_empty_batch_touches_nothing() {
+        let w = world(1, 4);
+        let (mut j, _) = journal(&w, 1);
+        let before = World::lock(&w).ops();
+        let n = j
+            .write_through(
+                Entry::Commit(1),
+                std::iter::empty(),
+                &mut refs(&mut fakes(&w, 1)),
+                &mut |_, _| {},
+            )
+            .unwrap();
+        assert_eq!((n, World::lock(&w).ops()), (0, before));
     }
 
     #[test]
