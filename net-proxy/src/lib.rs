@@ -12,3 +12,5 @@ pub mod compare;
 pub mod output;
 pub mod packet;
 pub mod rewrite;
+#[cfg(test)]
+mod testing;

@@ -354,6 +354,7 @@ fn tcp_flags(tcp: &etherparse::TcpSlice<'_>) -> TcpFlags {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::build;
     use etherparse::{
         ether_type, ip_number, EtherType, Ethernet2Header, IpFragOffset, IpHeaders, IpNumber,
         Ipv4Extensions, Ipv4Header, Ipv6Extensions, Ipv6FragmentHeader, Ipv6Header,
@@ -369,25 +370,6 @@ mod tests {
     const V4_B: [u8; 4] = [10, 0, 0, 2];
     const V6_A: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
     const V6_B: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
-
-    /// Serialises a builder step (each has its own type) with `payload`.
-    macro_rules! build {
-        ($step:expr, $payload:expr) => {{
-            let step = $step;
-            let payload: &[u8] = $payload;
-            let mut frame = Vec::with_capacity(step.size(payload.len()));
-            step.write(&mut frame, payload).expect("build frame");
-            frame
-        }};
-        ($step:expr, $ip_number:expr, $payload:expr) => {{
-            let step = $step;
-            let payload: &[u8] = $payload;
-            let mut frame = Vec::with_capacity(step.size(payload.len()));
-            step.write(&mut frame, $ip_number, payload)
-                .expect("build frame");
-            frame
-        }};
-    }
 
     fn vlan_id(id: u16) -> VlanId {
         VlanId::try_new(id).expect("vlan id")

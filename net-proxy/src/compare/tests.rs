@@ -1,4 +1,5 @@
 use super::*;
+use crate::testing::build;
 use etherparse::{ArpHardwareId, ArpOperation, ArpPacket, EtherType, PacketBuilder};
 
 const GUEST_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
@@ -10,17 +11,6 @@ const CLIENT6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
 /// The client's sequence number both guests acknowledge by default.
 const ACK: u32 = 5000;
 const EPOCH: u64 = 7;
-
-/// Serialises a builder step with `payload`.
-macro_rules! build {
-    ($step:expr, $payload:expr) => {{
-        let step = $step;
-        let payload: &[u8] = $payload;
-        let mut frame = Vec::with_capacity(step.size(payload.len()));
-        step.write(&mut frame, payload).expect("build frame");
-        frame
-    }};
-}
 
 /// A TCP segment from the guest (port `port`) to the client (40000).
 #[derive(Debug, Clone, Copy)]

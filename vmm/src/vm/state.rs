@@ -496,13 +496,19 @@ impl VmState {
 mod tests {
     use super::*;
 
-    #[test]
-    fn differences_name_the_fields() {
+    /// A VM with an in-kernel irqchip and one vCPU (the VM must outlive it).
+    fn one_vcpu() -> (VmFd, VcpuFd, VcpuContext) {
         let kvm_fd = Kvm::new().unwrap();
         let vm = kvm_fd.create_vm().unwrap();
         vm.create_irq_chip().unwrap();
         let fd = vm.create_vcpu(0).unwrap();
         let ctx = VcpuContext::new(&kvm_fd).unwrap();
+        (vm, fd, ctx)
+    }
+
+    #[test]
+    fn differences_name_the_fields() {
+        let (_vm, fd, ctx) = one_vcpu();
         let a = save_vcpu(&fd, &ctx).unwrap();
         assert_eq!(a.differences(&a.clone()), Vec::<String>::new());
         let mut b = a.clone();
@@ -531,11 +537,7 @@ mod tests {
     /// the load (seen under load); saved in canonical form, it does not.
     #[test]
     fn a_queued_exception_is_saved_as_a_load_reads_it_back() {
-        let kvm_fd = Kvm::new().unwrap();
-        let vm = kvm_fd.create_vm().unwrap();
-        vm.create_irq_chip().unwrap();
-        let fd = vm.create_vcpu(0).unwrap();
-        let ctx = VcpuContext::new(&kvm_fd).unwrap();
+        let (_vm, fd, ctx) = one_vcpu();
         let mut reported = save_vcpu(&fd, &ctx).unwrap();
         reported.events.exception.injected = 1;
         reported.events.exception.pending = 1;
