@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, KVM tests included: what CI (.ci/run) and developers run.
 #
-#   scripts/test.sh            everything: deps, guest build, lint, tests
+#   scripts/test.sh            everything: deps, guest build, lint, tests, demo, fuzz
 #   scripts/test.sh -- ARGS    extra arguments for `cargo test`
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -35,5 +35,7 @@ step "tests"
 # The test guest's pure logic, on the host.
 cargo test --manifest-path resources/test-guest/Cargo.toml --lib --locked
 cargo test --workspace --locked "${extra[@]}"
+step "demo (the README's first command: a pair, a client, SIGKILL, failover; fails if the client lost or doubled anything)"
+scripts/demo.sh
 step "fuzz (20 s per target; longer runs: scripts/fuzz.sh SECONDS)"
 scripts/fuzz.sh 20
