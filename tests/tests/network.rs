@@ -418,7 +418,11 @@ fn two_copies_of_one_state(cmdline: &str) -> Copies {
                 }
             }
             // Twice: each POST replaces the dialled connection by a new one.
+            // The accepted connections stay open: one the test closed would
+            // be dialled again by the guest, and that SYN could be the one
+            // the tap sees next.
             let client = client.as_mut().unwrap();
+            let mut accepted = Vec::new();
             for _ in 0..2 {
                 let tap = TcpTap::open();
                 let r = client
@@ -428,8 +432,9 @@ fn two_copies_of_one_state(cmdline: &str) -> Copies {
                 let (port, _, isn, _) = tap.find(guest_ip(0), |(_, to, _, flags)| {
                     to == target.port() && flags & (SYN | ACK) == SYN
                 });
-                let (_, peer) = accept_within(&listener, BOOT);
+                let (stream, peer) = accept_within(&listener, BOOT);
                 assert_eq!(peer.port(), port);
+                accepted.push(stream);
                 copies.isns[copy].push(isn);
                 copies.dial_ports[copy].push(port);
             }
