@@ -190,6 +190,32 @@ impl Histogram {
     }
 }
 
+/// COLO mode's network counts: the primary's compare proxy and mirror,
+/// the secondary's rewriter and mirror. Counters since replication
+/// began; gauges now.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProxyStats {
+    /// Primary: PVM frames compared (counter).
+    pub compared_frames: u64,
+    /// Primary: PVM frames released because the SVM sent the same (counter).
+    pub matched_frames: u64,
+    /// Primary: PVM frames held now (gauge).
+    pub held_frames: u64,
+    /// Primary: SVM frames waiting for their PVM twin; secondary: client
+    /// frames waiting for the SVM (gauge).
+    pub queue_depth: u64,
+    /// Primary: connections the compare tracks now (gauge).
+    pub connections: u64,
+    /// Secondary: connections whose sequence numbers are rewritten now
+    /// (gauge).
+    pub rewritten_connections: u64,
+    /// Frames sent to the peer on the mirror connection (counter).
+    pub mirrored_frames: u64,
+    /// Frames dropped because the mirror connection was behind, or (SVM)
+    /// of an epoch already loaded (counter).
+    pub dropped_frames: u64,
+}
+
 /// `GET /metrics`' COLO series.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Metrics {
@@ -204,6 +230,8 @@ pub struct Metrics {
     pub held_bytes: u64,
     pub failovers: u64,
     pub state: Option<State>,
+    /// COLO mode's network counts.
+    pub proxy: ProxyStats,
 }
 
 /// Why a command was refused or failed.

@@ -249,7 +249,11 @@ impl Shared {
         replica.over = true;
         self.end(State::Stopped, Some(format!("failed over: {why}")));
         let r = &mut *replica;
-        r.disks.discard_uncommitted();
+        if let Err(e) = r.disks.take_over() {
+            let text = format!("taking over the disks failed: {e}");
+            lock(&self.status).error = Some(text.clone());
+            return Err(CommandError::Failed(text));
+        }
         r.vm.take_over().map_err(|e| {
             let text = format!("taking over failed: {e}");
             lock(&self.status).error = Some(text.clone());

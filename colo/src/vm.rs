@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::control::{Cause, ProxyStats};
 use crate::PAGE_SIZE;
 
 /// What must be equal on both sides before anything is replicated.
@@ -199,16 +200,59 @@ pub trait PrimaryVm: Send {
     fn resume(&mut self) -> Result<(), VmOpError>;
 }
 
-/// The primary's held output (Remus: every frame the guest sends waits for
-/// the checkpoint of its epoch).
+/// A network frame on the peer link's mirror connection (COLO mode).
+///
+/// Primary -> secondary: a frame a guest NIC received from its tap (a
+/// client's frame), tagged with the PVM's epoch when it received it: the
+/// SVM that loaded checkpoint N runs in epoch N + 1 and is given exactly
+/// the frames of epoch N + 1 (older ones are in the checkpoint's state,
+/// later ones wait for the next checkpoint).
+/// Secondary -> primary: a frame the SVM sent, already in the PVM's TCP
+/// sequence space (the rewriter), tagged with the epoch the SVM ran in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerFrame {
+    pub epoch: u64,
+    /// The NIC's index in guest order.
+    pub nic: u16,
+    pub data: Vec<u8>,
+}
+
+/// Where frames go to the peer (the engine's mirror connection).
+/// Callable from any thread (device threads) and never blocks: when the
+/// connection is behind by more than its bound, the frame is dropped and
+/// an error returned. (A client frame the SVM never gets makes it diverge;
+/// the compare then sees a mismatch or a timeout and a checkpoint realigns
+/// the two VMs.)
+pub type FrameSink = std::sync::Arc<dyn Fn(PeerFrame) -> io::Result<()> + Send + Sync>;
+
+/// The secondary asks the primary for a checkpoint (COLO: the SVM's disk
+/// overlay nears its bound, [`Cause::HeldBytes`]). Callable from any
+/// thread, never blocks.
+pub type CheckpointAsk = std::sync::Arc<dyn Fn(Cause) + Send + Sync>;
+
+/// The primary's output: held per epoch (Remus: every frame the guest
+/// sends waits for the checkpoint of its epoch) or compared with the SVM's
+/// (COLO: a frame goes out once the SVM sent the same; a difference asks
+/// for a checkpoint, and the frames held at it wait for its ack).
 pub trait OutputControl: Send {
     /// Checkpoint `epoch` is safe on the secondary: release every frame
     /// of epochs ≤ `epoch`.
     fn release(&mut self, epoch: u64);
-    /// Replication ended: release everything held and stop holding.
+    /// Replication ended: release everything held, stop holding (and
+    /// comparing, and mirroring).
     fn release_all(&mut self);
     /// Frames and bytes held now.
     fn held(&self) -> (u64, u64);
+    /// COLO: from now on mirror every frame the guest's NICs receive to
+    /// `sink`, tagged with the epoch the guest is in. Called once per
+    /// session, before the stop-and-copy.
+    fn mirror(&mut self, _sink: FrameSink) {}
+    /// COLO: a frame the SVM sent.
+    fn secondary_frame(&mut self, _frame: PeerFrame) {}
+    /// COLO: the compare's counts.
+    fn proxy_stats(&self) -> ProxyStats {
+        ProxyStats::default()
+    }
 }
 
 /// One write the primary's guest made, forwarded to the secondary.
@@ -248,7 +292,8 @@ pub trait PrimaryDisks: Send {
     fn stop(&mut self);
 }
 
-/// The secondary's guest: a paused replica.
+/// The secondary's guest: a paused replica (Remus) or the SVM, which runs
+/// between checkpoints on the client frames the primary mirrors (COLO).
 pub trait ReplicaVm: Send {
     fn identity(&self) -> Identity;
     /// Initial sync: writes pages straight into the replica's memory (it
@@ -259,15 +304,43 @@ pub trait ReplicaVm: Send {
     /// A refusal leaves it untouched.
     /// Takes the checkpoint by value: the pages go into guest memory
     /// without another copy.
+    ///
+    /// COLO: the SVM may be running; it is paused first. `pages` are the
+    /// pages the PVM dirtied since the previous checkpoint: they go into
+    /// the state cache (PVM memory as of the last checkpoint), then every
+    /// page the PVM or the SVM dirtied is copied from the cache into the
+    /// SVM, then the state is loaded. The SVM stays paused until
+    /// [`ReplicaVm::run`].
     fn load(&mut self, pages: PageBatch, state: Vec<u8>) -> Result<(), VmOpError>;
     /// The paused replica's state hash.
     fn digest(&mut self) -> Result<StateDigest, VmOpError>;
     /// Failover: attach every NIC to its tap, announce the guest's MACs,
-    /// resume the replica from the last loaded checkpoint.
+    /// resume the replica from the last loaded checkpoint (Remus), or let
+    /// the SVM run on from where it is (COLO; the rewriter stays in the
+    /// NICs' path).
     fn take_over(&mut self) -> Result<(), VmOpError>;
+    /// COLO: connects the SVM's NICs to the peer link. The SVM's frames
+    /// go to `out`, rewritten into the PVM's sequence space and tagged
+    /// with the epoch the SVM runs in; `ask` asks the primary for a
+    /// checkpoint. Returns where the primary's mirrored client frames go
+    /// (the SVM's NICs, see [`PeerFrame`]). Called once, before the
+    /// first [`ReplicaVm::load`].
+    fn colo_net(&mut self, _out: FrameSink, _ask: CheckpointAsk) -> Result<FrameSink, VmOpError> {
+        Err(VmOpError("COLO mode is not supported here".into()))
+    }
+    /// COLO: the SVM runs from checkpoint `epoch`, just loaded, in epoch
+    /// `epoch + 1`.
+    fn run(&mut self, _epoch: u64) -> Result<(), VmOpError> {
+        Err(VmOpError("COLO mode is not supported here".into()))
+    }
+    /// COLO: the rewriter's and the mirror's counts.
+    fn proxy_stats(&self) -> ProxyStats {
+        ProxyStats::default()
+    }
 }
 
-/// The secondary's disks.
+/// The secondary's disks. COLO: the SVM's own writes go to an overlay
+/// (its reads see the overlay over the images) which each commit drops.
 pub trait ReplicaDisks: Send {
     /// Capacity in bytes of each disk, guest order.
     fn capacities(&self) -> Vec<u64>;
@@ -280,10 +353,13 @@ pub trait ReplicaDisks: Send {
     /// Holds a forwarded write until its epoch commits.
     fn stage(&mut self, write: DiskWrite) -> io::Result<()>;
     /// Applies every held write of epochs ≤ `epoch`, in the order they
-    /// came, and makes them durable.
+    /// came, and makes them durable. COLO: called with the SVM paused;
+    /// drops the overlay first.
     fn commit(&mut self, epoch: u64) -> io::Result<()>;
-    /// Failover: drops the held writes of epochs not committed.
-    fn discard_uncommitted(&mut self);
+    /// Failover: drops the held writes of epochs not committed; COLO:
+    /// also merges the SVM's overlay into the images (the SVM's disk is
+    /// the truth from now on). An error fails the failover.
+    fn take_over(&mut self) -> io::Result<()>;
 }
 
 #[cfg(test)]

@@ -496,10 +496,11 @@ impl ReplicaDisks for FakeReplicaDisks {
         Ok(())
     }
 
-    fn discard_uncommitted(&mut self) {
+    fn take_over(&mut self) -> std::io::Result<()> {
         let mut r = lock(&self.0);
         r.discarded += r.staged.len();
         r.staged.clear();
+        Ok(())
     }
 }
 

@@ -278,6 +278,7 @@ pub(crate) mod tests {
                 held_bytes: 6000,
                 failovers: 1,
                 state: Some(State::Protected),
+                proxy: Default::default(),
             }),
             ..Default::default()
         };

@@ -809,6 +809,7 @@ mod tests {
                 held_bytes: 120,
                 failovers: 0,
                 state: Some(colo::control::State::Protected),
+                proxy: Default::default(),
             }
         }
         fn failover(&self) -> Result<(), CommandError> {

@@ -318,8 +318,9 @@ impl colo::vm::ReplicaDisks for Disks {
             .map_err(io::Error::other)
     }
 
-    fn discard_uncommitted(&mut self) {
+    fn take_over(&mut self) -> io::Result<()> {
         let dropped = self.held.discard_uncommitted();
         tracing::info!(dropped, "dropped the disk writes of uncommitted epochs");
+        Ok(())
     }
 }
