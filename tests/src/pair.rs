@@ -90,9 +90,15 @@ pub enum SecondaryDisk {
     GarbageEvery(u64),
 }
 
+/// vmm's default checkpoint interval in COLO mode (periodic checkpoints
+/// only; mismatches take the others).
+pub const COLO_CHECKPOINT_MS: u64 = 2000;
+
 /// How to start a [`Pair`].
 #[derive(Clone, Debug)]
 pub struct PairOptions {
+    /// `--mode` on both sides: "remus" (the default here) or "colo".
+    pub mode: &'static str,
     pub mem_mib: u64,
     pub vcpus: u8,
     pub disk_bytes: u64,
@@ -121,6 +127,7 @@ pub struct PairOptions {
 impl Default for PairOptions {
     fn default() -> Self {
         Self {
+            mode: "remus",
             mem_mib: 64,
             vcpus: 1,
             disk_bytes: 16 << 20,
@@ -141,6 +148,25 @@ impl Default for PairOptions {
 }
 
 impl PairOptions {
+    /// The default pair in COLO mode.
+    pub fn colo() -> Self {
+        Self::default().in_mode("colo")
+    }
+
+    /// The same pair in `mode` ("remus" or "colo"); COLO with vmm's
+    /// default interval of periodic checkpoints.
+    pub fn in_mode(self, mode: &'static str) -> Self {
+        let checkpoint_ms = match mode {
+            "colo" => COLO_CHECKPOINT_MS,
+            _ => self.checkpoint_ms,
+        };
+        Self {
+            mode,
+            checkpoint_ms,
+            ..self
+        }
+    }
+
     /// The default pair with the guest dirtying `mib_per_s` MiB/s.
     pub fn dirtying(mib_per_s: u64) -> Self {
         Self {
@@ -305,6 +331,8 @@ impl Pair {
             &format!("tap={TAP_B}"),
             "--api-sock",
             &path("b.sock"),
+            "--mode",
+            opts.mode,
         ]);
         if opts.secondary_disk != SecondaryDisk::Missing {
             b.extend(args(&["--disk", &path("b.img")]));
@@ -358,6 +386,8 @@ impl Pair {
             &path("a.sock"),
             "--checkpoint-ms",
             &opts.checkpoint_ms.to_string(),
+            "--mode",
+            opts.mode,
         ]);
         if opts.verify {
             a.push("--verify-checkpoints".into());

@@ -7,6 +7,10 @@
 //! the guest's own memory self-check keeps passing. A dead secondary
 //! leaves the primary `unprotected` and serving.
 //!
+//! Every test runs in both modes: `remus::*` (the replica is paused, the
+//! output waits for checkpoints) and `colo::*` (the replica runs, the
+//! output is compared; issue 10's acceptance).
+//!
 //! `COLO_SEED=n` replays the random kill points; `COLO_KILL_POINTS=n`
 //! tries more (or fewer) of them.
 
@@ -21,6 +25,23 @@ use colo_tests::pair::{seed, self_checks, Pair, PairOptions, Rng, Side, STATE_TI
 
 /// The guest's memory workload during every test here.
 const DIRTY_MIB_PER_S: u64 = 64;
+
+/// COLO's periodic checkpoint interval in these tests: far below the
+/// default (2 s), so that the kill points and fault points also fall into
+/// checkpoints, not only between them.
+const COLO_CHECKPOINT_MS: u64 = 200;
+
+/// The pair every test starts from, in `mode`.
+fn base(mode: &'static str) -> PairOptions {
+    let opts = PairOptions::dirtying(DIRTY_MIB_PER_S).in_mode(mode);
+    match mode {
+        "colo" => PairOptions {
+            checkpoint_ms: COLO_CHECKPOINT_MS,
+            ..opts
+        },
+        _ => opts,
+    }
+}
 
 /// After the survivor took over (or ran on alone): the client makes
 /// progress on every channel, then everything it saw is checked, and the
@@ -60,10 +81,15 @@ fn client_survives(pair: &mut Pair, w: colo_tests::pair::Workload, survivor: Sid
 /// One fresh pair; the primary is SIGKILLed once the client has had
 /// `echoes` echo replies and `delay` more; then failover (by request, or
 /// by the secondary itself with `auto`).
-fn kill_primary_and_fail_over(echoes: u64, delay: Duration, auto: bool) -> Duration {
+fn kill_primary_and_fail_over(
+    mode: &'static str,
+    echoes: u64,
+    delay: Duration,
+    auto: bool,
+) -> Duration {
     let mut pair = Pair::start(PairOptions {
         failover_auto: auto,
-        ..PairOptions::dirtying(DIRTY_MIB_PER_S)
+        ..base(mode)
     });
     let w = pair.workload();
     let w = w.expect_progress(echoes, 1, 1, pair.topo().client(), || pair.logs());
@@ -79,8 +105,7 @@ fn kill_primary_and_fail_over(echoes: u64, delay: Duration, auto: bool) -> Durat
     client_survives(&mut pair, w, Side::Secondary)
 }
 
-#[test]
-fn the_primary_killed_at_random_points_fails_over_without_client_visible_loss() {
+fn killed_at_random_points(mode: &'static str) {
     let seed = seed(0xc010_0009);
     let points = env_count("COLO_KILL_POINTS", 20);
     let mut rng = Rng::new(seed);
@@ -91,26 +116,24 @@ fn the_primary_killed_at_random_points_fails_over_without_client_visible_loss() 
         eprintln!(
             "kill point {i}/{points}: after {echoes} echo replies + {delay:?} (COLO_SEED={seed})"
         );
-        gaps.push(kill_primary_and_fail_over(echoes, delay, false));
+        gaps.push(kill_primary_and_fail_over(mode, echoes, delay, false));
     }
     gaps.sort();
     eprintln!(
-        "client-visible failover (longest echo gap): min {:?}, median {:?}, max {:?}",
+        "{mode}: client-visible failover (longest echo gap): min {:?}, median {:?}, max {:?}",
         gaps[0],
         gaps[gaps.len() / 2],
         gaps[gaps.len() - 1]
     );
 }
 
-#[test]
-fn the_secondary_fails_over_by_itself_with_failover_auto() {
-    let gap = kill_primary_and_fail_over(50, Duration::ZERO, true);
-    eprintln!("client-visible failover with --failover auto: {gap:?}");
+fn fails_over_by_itself(mode: &'static str) {
+    let gap = kill_primary_and_fail_over(mode, 50, Duration::ZERO, true);
+    eprintln!("{mode}: client-visible failover with --failover auto: {gap:?}");
 }
 
-#[test]
-fn a_killed_secondary_leaves_the_primary_unprotected_and_serving() {
-    let mut pair = Pair::start(PairOptions::dirtying(DIRTY_MIB_PER_S));
+fn killed_secondary(mode: &'static str) {
+    let mut pair = Pair::start(base(mode));
     let w = pair.workload();
     let w = w.expect_progress(50, 5, 5, pair.topo().client(), || pair.logs());
     pair.kill_secondary();
@@ -124,9 +147,9 @@ fn a_killed_secondary_leaves_the_primary_unprotected_and_serving() {
 
 /// `COLO_FAULT=<side>:<point>:<nth>` makes `side` die at `point`: the
 /// survivor serves on and nothing the client saw is lost.
-fn dies_at(side: Side, point: &str, nth: u32) {
+fn dies_at(mode: &'static str, side: Side, point: &str, nth: u32) {
     let spec = format!("{}:{point}:{nth}", side.name());
-    let mut pair = Pair::start(PairOptions::dirtying(DIRTY_MIB_PER_S).fault(&spec));
+    let mut pair = Pair::start(base(mode).fault(&spec));
     let w = pair.workload();
     let exit = pair.vmm(side).wait_exit(FAULT_TIMEOUT);
     assert_eq!(
@@ -156,9 +179,10 @@ fn dies_at(side: Side, point: &str, nth: u32) {
     client_survives(&mut pair, w, survivor);
 }
 
-/// Checkpoints before a fault fires (up to 50 a second): time for the
-/// client to get going first.
+/// Checkpoints before a fault fires (Remus: up to 50 a second; COLO: 5 a
+/// second and the workload's own): time for the client to get going first.
 const NTH: u32 = 40;
+const COLO_NTH: u32 = 8;
 
 /// Epochs with disk writes before `mid_disk_apply` fires: the guest writes
 /// only for the client's kv stores, one per round trip, and a round trip
@@ -169,31 +193,60 @@ const NTH_WRITE: u32 = 5;
 /// less often than every 20 ms.
 const FAULT_TIMEOUT: Duration = Duration::from_secs(90);
 
-macro_rules! fault_tests {
-    ($($name:ident: $side:expr, $point:literal, $nth:expr;)*) => {$(
+/// The suite of one mode, as a module of tests named after it.
+macro_rules! suite {
+    ($mode:ident, $nth:expr) => {
+        mod $mode {
+            use super::*;
+
+            const MODE: &str = stringify!($mode);
+
+            #[test]
+            fn the_primary_killed_at_random_points_fails_over_without_client_visible_loss() {
+                killed_at_random_points(MODE);
+            }
+
+            #[test]
+            fn the_secondary_fails_over_by_itself_with_failover_auto() {
+                fails_over_by_itself(MODE);
+            }
+
+            #[test]
+            fn a_killed_secondary_leaves_the_primary_unprotected_and_serving() {
+                killed_secondary(MODE);
+            }
+
+            suite!(@faults
+                primary_dies_after_pause: Side::Primary, "after_pause", $nth;
+                primary_dies_mid_memory: Side::Primary, "mid_memory", $nth;
+                primary_dies_after_state: Side::Primary, "after_state", $nth;
+                primary_dies_after_ack: Side::Primary, "after_ack", $nth;
+                secondary_dies_mid_memory: Side::Secondary, "mid_memory", $nth;
+                secondary_dies_after_state: Side::Secondary, "after_state", $nth;
+                secondary_dies_before_ack: Side::Secondary, "before_ack", $nth;
+                secondary_dies_after_ack: Side::Secondary, "after_ack", $nth;
+                secondary_dies_mid_disk_apply: Side::Secondary, "mid_disk_apply", NTH_WRITE;
+            );
+        }
+    };
+    (@faults $($name:ident: $side:expr, $point:literal, $nth:expr;)*) => {$(
         #[test]
         fn $name() {
-            dies_at($side, $point, $nth);
+            dies_at(MODE, $side, $point, $nth);
         }
     )*};
 }
 
-fault_tests! {
-    primary_dies_after_pause: Side::Primary, "after_pause", NTH;
-    primary_dies_mid_memory: Side::Primary, "mid_memory", NTH;
-    primary_dies_after_state: Side::Primary, "after_state", NTH;
-    primary_dies_after_ack: Side::Primary, "after_ack", NTH;
-    secondary_dies_mid_memory: Side::Secondary, "mid_memory", NTH;
-    secondary_dies_after_state: Side::Secondary, "after_state", NTH;
-    secondary_dies_before_ack: Side::Secondary, "before_ack", NTH;
-    secondary_dies_after_ack: Side::Secondary, "after_ack", NTH;
-    secondary_dies_mid_disk_apply: Side::Secondary, "mid_disk_apply", NTH_WRITE;
-}
+suite!(remus, NTH);
+suite!(colo, COLO_NTH);
 
 /// Live migration, the README's lossless order: pause the primary, take a
 /// checkpoint, check that the replica holds exactly the paused state (state
 /// hashes equal), shut the primary down, fail over: the guest carries on on
 /// host-b with the client's connection, nothing it did lost.
+///
+/// Remus mode only: a COLO replica runs on while the primary is paused, so
+/// its state is the paused primary's only at the moment of a load.
 #[test]
 fn a_paused_primary_migrates_to_the_secondary_with_nothing_lost() {
     let mut pair = Pair::start(PairOptions::dirtying(DIRTY_MIB_PER_S));

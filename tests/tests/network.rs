@@ -619,11 +619,23 @@ fn post_dial_moves_the_dialled_connection_and_refuses_bad_addresses() {
 
 #[test]
 fn a_dialled_connection_survives_a_remus_failover() {
+    dialled_connection_survives_a_failover("remus");
+}
+
+/// Issue 10: the rewriter learns the offset of a connection the guest
+/// opened (from the server's SYN-ACK), with no checkpoint per connection,
+/// and keeps translating after the failover.
+#[test]
+fn a_dialled_connection_survives_a_colo_failover() {
+    dialled_connection_survives_a_failover("colo");
+}
+
+fn dialled_connection_survives_a_failover(mode: &'static str) {
     use colo_tests::pair::{Pair, PairOptions};
     // A connection the guest opened carries on on the secondary after the
     // primary is SIGKILLed with a message in flight: nothing lost, nothing
     // duplicated, and no new connection.
-    let mut pair = Pair::start(PairOptions::default());
+    let mut pair = Pair::start(PairOptions::default().in_mode(mode));
     let listener = client_listener(pair.topo());
     let target = listener.local_addr().unwrap();
     let status = pair.topo().client().enter(|| {

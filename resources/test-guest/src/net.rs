@@ -657,6 +657,9 @@ impl App {
                 let mut bytes = [0u8; RAND_BYTES];
                 self.random.fill(&mut bytes);
                 let mut body = entropy::hex(&bytes);
+                // On the console too: a COLO test compares the answer the
+                // client got with what each VM drew.
+                crate::say!("rand {body}");
                 body.push('\n');
                 http::respond_with(
                     out,
