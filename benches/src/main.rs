@@ -68,9 +68,10 @@ fn main() -> ExitCode {
             net::blk(runs.max(1) * 100);
             ExitCode::SUCCESS
         }
-        Some("remus") => {
+        Some(mode @ ("remus" | "colo")) => {
+            let mode = if mode == "colo" { "colo" } else { "remus" };
             let part = args.get(1).filter(|a| !a.starts_with("--"));
-            if remus::run(part.map(String::as_str), runs.max(1)) {
+            if remus::run(mode, part.map(String::as_str), runs.max(1)) {
                 ExitCode::SUCCESS
             } else {
                 usage()
@@ -82,8 +83,9 @@ fn main() -> ExitCode {
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: colo-bench boot|net|blk|snapshot|remus [{}] [--runs N]",
-        remus::PARTS.join("|")
+        "usage: colo-bench boot|net|blk|snapshot|remus [{}]|colo [{}] [--runs N]",
+        remus::PARTS.join("|"),
+        remus::COLO_PARTS.join("|")
     );
     ExitCode::from(2)
 }

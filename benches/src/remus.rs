@@ -23,6 +23,11 @@
 //!   secondary's RSS beyond guest memory once protected.
 //!
 //! Without a part, all four run. As root (network namespaces).
+//!
+//! `colo-bench colo [pause|net|causes|failover]` runs the same parts on a
+//! COLO pair (issue 10), where `net` compares standalone, COLO and Remus
+//! at 20 ms, and `causes` counts checkpoints per 1000 requests by cause
+//! for deterministic and non-deterministic requests.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -46,20 +51,27 @@ use crate::{ms, parse_smaps, percentile};
 /// The parts, in the order `remus` without a part runs them.
 pub const PARTS: [&str; 4] = ["pause", "net", "failover", "sync"];
 
-/// Runs `part` (all of them when `None`); false for an unknown part.
-pub fn run(part: Option<&str>, runs: usize) -> bool {
-    match part {
-        None => {
-            pause(runs.clamp(1, 9));
-            net(runs);
-            failover(runs.clamp(1, 5));
-            sync(runs.clamp(1, 3));
-        }
-        Some("pause") => pause(runs.clamp(1, 9)),
-        Some("net") => net(runs),
-        Some("failover") => failover(runs.clamp(1, 5)),
-        Some("sync") => sync(runs.clamp(1, 3)),
+/// The parts of `colo`, in the order `colo` without a part runs them.
+pub const COLO_PARTS: [&str; 4] = ["pause", "net", "causes", "failover"];
+
+/// Runs `part` of `mode` ("remus" or "colo"; all parts when `None`);
+/// false for an unknown part.
+pub fn run(mode: &'static str, part: Option<&str>, runs: usize) -> bool {
+    let parts: &[&str] = if mode == "colo" { &COLO_PARTS } else { &PARTS };
+    let chosen: Vec<&str> = match part {
+        None => parts.to_vec(),
+        Some(p) if parts.contains(&p) => vec![p],
         Some(_) => return false,
+    };
+    for part in chosen {
+        match (mode, part) {
+            (_, "pause") => pause(mode, runs.clamp(1, 9)),
+            ("colo", "net") => colo_net(runs),
+            (_, "net") => net(runs),
+            (_, "causes") => causes(runs),
+            (_, "failover") => failover(mode, runs.clamp(1, 5)),
+            _ => sync(runs.clamp(1, 3)),
+        }
     }
     true
 }
@@ -93,9 +105,9 @@ fn rss_beyond_mib(pid: u32, mem_mib: u64) -> (f64, f64) {
 
 const PAUSE_MEM_MIB: u64 = 512;
 
-fn pause(runs: usize) {
+fn pause(mode: &'static str, runs: usize) {
     println!(
-        "remus pause: requested checkpoints with N MiB dirty ({PAUSE_MEM_MIB} MiB guest, \
+        "{mode} pause: requested checkpoints with N MiB dirty ({PAUSE_MEM_MIB} MiB guest, \
          --checkpoint-ms 60000, median of {runs}) vs a memcpy of N MiB"
     );
     println!(
@@ -116,7 +128,7 @@ fn pause(runs: usize) {
             guest_args: format!("workload_mib={mib} dirty_mib_per_s={}", (mib * 4).max(64)),
             checkpoint_ms: 60_000,
             verify: false,
-            ..PairOptions::default()
+            ..PairOptions::default().in_mode(mode)
         });
         dirty_since_now(&pair, mib);
         let (mut pauses, mut transfers, mut sent) = (Vec::new(), Vec::new(), Vec::new());
@@ -265,7 +277,9 @@ fn rounds(runs: usize, interval_ms: u64) -> usize {
     (runs * 300 / interval_ms.max(1) as usize).clamp(50, runs.max(1) * 100)
 }
 
-fn net(runs: usize) {
+/// The baseline of `net`: a standalone guest on the same tap in the same
+/// host namespace: (rounds, p50, p99, MiB/s).
+fn standalone_net(runs: usize) -> (usize, Duration, Duration, f64) {
     let guest = SocketAddr::from((guest_ip(GUEST_INDEX), 7));
     // The standalone guest: the same tap in the same host namespace.
     let topo = Topology::builder().host_b(false).build();
@@ -284,21 +298,27 @@ fn net(runs: usize) {
     vmm.wait_for_serial("colo-test-guest: ready", STATE_TIMEOUT);
     let n = rounds(runs, 0);
     let ((p50, p99), tput) = topo.client().enter(|| (rtt(guest, n), throughput(guest)));
-    drop(vmm);
-    drop(topo);
+    (n, p50, p99, tput)
+}
 
+/// Prints `net`'s table head and its baseline row; returns the printer of
+/// the other rows (ratios against the baseline).
+fn net_table(
+    mode: &str,
+    (n, p50, p99, tput): (usize, Duration, Duration, f64),
+) -> impl Fn(&str, usize, Duration, Duration, f64) {
     println!(
-        "remus net: {} B TCP round trips and echo throughput ({} s) from the client namespace",
+        "{mode} net: {} B TCP round trips and echo throughput ({} s) from the client namespace",
         ECHO_LEN,
         STREAM_FOR.as_secs()
     );
     println!(
-        "  {:<22} {:>7} {:>10} {:>10} {:>8} {:>8} {:>9} {:>7}",
+        "  {:<26} {:>7} {:>10} {:>10} {:>8} {:>8} {:>9} {:>7}",
         "guest", "rounds", "p50 ms", "p99 ms", "p50 x", "p99 x", "MiB/s", "tput x"
     );
-    let row = |name: &str, n: usize, r50: Duration, r99: Duration, t: f64| {
+    let row = move |name: &str, n: usize, r50: Duration, r99: Duration, t: f64| {
         println!(
-            "  {name:<22} {n:>7} {:>10.3} {:>10.3} {:>8.1} {:>8.1} {t:>9.2} {:>7.3}",
+            "  {name:<26} {n:>7} {:>10.3} {:>10.3} {:>8.2} {:>8.2} {t:>9.2} {:>7.3}",
             ms(r50),
             ms(r99),
             r50.as_secs_f64() / p50.as_secs_f64(),
@@ -307,6 +327,12 @@ fn net(runs: usize) {
         );
     };
     row("standalone (baseline)", n, p50, p99, tput);
+    row
+}
+
+fn net(runs: usize) {
+    let guest = SocketAddr::from((guest_ip(GUEST_INDEX), 7));
+    let row = net_table("remus", standalone_net(runs));
 
     let intervals = [5u64, 20, 100];
     let pair = Pair::start(PairOptions {
@@ -323,6 +349,92 @@ fn net(runs: usize) {
             .client()
             .enter(|| (rtt(guest, n), throughput(guest)));
         row(&format!("remus --checkpoint-ms {ms}"), n, r50, r99, t);
+    }
+}
+
+/// Standalone vs COLO (default periodic interval) vs Remus at 20 ms.
+fn colo_net(runs: usize) {
+    let guest = SocketAddr::from((guest_ip(GUEST_INDEX), 7));
+    let row = net_table("colo", standalone_net(runs));
+    for (name, opts) in [
+        ("colo", PairOptions::colo()),
+        ("remus --checkpoint-ms 20", PairOptions::default()),
+    ] {
+        let pair = Pair::start(PairOptions {
+            verify: false,
+            ..opts
+        });
+        let n = rounds(runs, if name == "colo" { 0 } else { 20 });
+        let before = metric(&pair, "colo_checkpoints_total{cause=\"mismatch\"}");
+        let ((r50, r99), t) = pair
+            .topo()
+            .client()
+            .enter(|| (rtt(guest, n), throughput(guest)));
+        row(name, n, r50, r99, t);
+        if name == "colo" {
+            let mismatches = metric(&pair, "colo_checkpoints_total{cause=\"mismatch\"}") - before;
+            println!("  (colo: {mismatches} mismatch checkpoints during the run)");
+        }
+    }
+}
+
+/// The checkpoint causes, as `GET /metrics` labels them.
+const CAUSES: [&str; 5] = ["mismatch", "timeout", "periodic", "held_bytes", "requested"];
+
+fn checkpoints_by_cause(pair: &Pair) -> Vec<f64> {
+    CAUSES
+        .iter()
+        .map(|c| metric(pair, &format!("colo_checkpoints_total{{cause=\"{c}\"}}")))
+        .collect()
+}
+
+/// COLO checkpoints per 1000 requests by cause: deterministic requests
+/// (`GET /count`, 64-byte echoes) and a mix in which every 10th request
+/// is `GET /rand` (a different answer from each VM).
+fn causes(runs: usize) {
+    let requests = 1000 * runs.clamp(1, 5);
+    println!(
+        "colo causes: checkpoints per 1000 requests by cause ({requests} requests per row, \
+         one keep-alive connection, default periodic interval)"
+    );
+    print!("  {:<28} {:>9}", "requests", "req/s");
+    for c in CAUSES {
+        print!(" {c:>10}");
+    }
+    println!();
+    let pair = Pair::start(PairOptions {
+        verify: false,
+        ..PairOptions::colo()
+    });
+    let http = SocketAddr::from((guest_ip(GUEST_INDEX), 80));
+    let echo = SocketAddr::from((guest_ip(GUEST_INDEX), 7));
+    for name in ["GET /count", "64 B echo", "GET /count, every 10th /rand"] {
+        let before = checkpoints_by_cause(&pair);
+        let t = Instant::now();
+        pair.topo().client().enter(|| {
+            if name == "64 B echo" {
+                rtt(echo, requests);
+                return;
+            }
+            let s = TcpStream::connect_timeout(&http, STATE_TIMEOUT).expect("connect");
+            s.set_read_timeout(Some(STATE_TIMEOUT)).expect("timeout");
+            let mut client = colo_tests::http::Client::new(s, "guest");
+            for i in 0..requests {
+                let path = if name.contains("rand") && i % 10 == 9 {
+                    "/rand"
+                } else {
+                    "/count"
+                };
+                let r = client.request("GET", path, b"").expect("request");
+                assert_eq!(r.status, 200, "{}", r.text());
+            }
+        });
+        let rate = requests as f64 / t.elapsed().as_secs_f64();
+        print!("  {name:<28} {rate:>9.0}");
+        for (a, b) in checkpoints_by_cause(&pair).iter().zip(&before) {
+            print!(" {:>10.1}", (a - b) * 1000.0 / requests as f64);
+        }
+        println!();
     }
 }
 
@@ -438,6 +550,7 @@ enum Death {
 /// after the primary was reaped (no reply after that can come from it),
 /// and to the secondary's `failed_over` (polled every millisecond).
 fn failover_once(
+    mode: &'static str,
     death: Death,
     auto: bool,
     heartbeat_timeout_ms: Option<u64>,
@@ -446,7 +559,7 @@ fn failover_once(
         failover_auto: auto,
         heartbeat_timeout_ms,
         verify: false,
-        ..PairOptions::dirtying(64)
+        ..PairOptions::dirtying(64).in_mode(mode)
     });
     let pinger = Pinger::start(&pair);
     let deadline = Instant::now() + STATE_TIMEOUT;
@@ -485,10 +598,11 @@ fn failover_once(
     (taken_over, first - killed)
 }
 
-fn failover(runs: usize) {
+fn failover(mode: &'static str, runs: usize) {
+    let interval = PairOptions::default().in_mode(mode).checkpoint_ms;
     println!(
-        "remus failover: the primary's death to the first echo answered on the same \
-         connection (64 MiB guest dirtying 64 MiB/s, --checkpoint-ms 20; {runs} pairs each)"
+        "{mode} failover: the primary's death to the first echo answered on the same \
+         connection (64 MiB guest dirtying 64 MiB/s, --checkpoint-ms {interval}; {runs} pairs each)"
     );
     println!("  kill: SIGKILL (host-a's kernel closes the peer connections); crash: host-a's");
     println!("  cable cut at the switch, then SIGKILL (only the heartbeat timeout tells)");
@@ -526,7 +640,7 @@ fn failover(runs: usize) {
     ];
     for (name, death, auto, timeout) in modes {
         let (mut over, mut echo): (Vec<_>, Vec<_>) = (0..runs)
-            .map(|_| failover_once(death, auto, timeout))
+            .map(|_| failover_once(mode, death, auto, timeout))
             .unzip();
         let over = percentile(&mut over, 0.5);
         let p50 = percentile(&mut echo, 0.5);
