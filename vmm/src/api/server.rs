@@ -792,6 +792,7 @@ mod tests {
             sync_pages: 32768,
             sync_disk_bytes: 1 << 20,
             error: None,
+            compare_timeout_ms: None,
         }
     }
 
