@@ -442,16 +442,19 @@ mod tests {
     }
 
     fn setup(timeout: Duration) -> Setup {
+        setup_with(CompareConfig {
+            timeout,
+            ..CompareConfig::default()
+        })
+    }
+
+    fn setup_with(config: CompareConfig) -> Setup {
         let wires = [Wire::default(), Wire::default()];
         let (tx, asked) = mpsc::channel();
         let trigger: Trigger = Arc::default();
         let _ = trigger.set(Box::new(move |cause| {
             let _ = tx.send(cause);
         }));
-        let config = CompareConfig {
-            timeout,
-            ..CompareConfig::default()
-        };
         let outs: Vec<Box<dyn FrameOut>> = wires
             .iter()
             .map(|w| Box::new(w.clone()) as Box<dyn FrameOut>)
@@ -557,6 +560,20 @@ mod tests {
         assert_eq!(s.nics.timeout(), Duration::from_millis(1));
         let cause = s.asked.recv_timeout(Duration::from_secs(30));
         assert_eq!(cause, Ok(Cause::Timeout));
+    }
+
+    #[test]
+    fn too_many_held_bytes_ask_for_a_checkpoint() {
+        let s = setup_with(CompareConfig {
+            timeout: NEVER,
+            held_bytes_max: 100,
+            ..CompareConfig::default()
+        });
+        s.nics.close_epoch(0);
+        s.nics.primary(0, &frame(1));
+        assert!(s.asked.try_recv().is_err());
+        s.nics.primary(0, &frame(2));
+        assert_eq!(s.asked.try_recv(), Ok(Cause::HeldBytes));
     }
 
     /// The mirror's frames, collected.
