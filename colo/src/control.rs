@@ -120,6 +120,9 @@ pub struct Status {
     pub sync_disk_bytes: u64,
     /// Why replication stopped, when it did.
     pub error: Option<String>,
+    /// COLO mode's network counts (None in Remus mode), as in
+    /// [`Metrics::proxy`].
+    pub proxy: Option<ProxyStats>,
 }
 
 impl Status {
@@ -137,6 +140,7 @@ impl Status {
             sync_pages: 0,
             sync_disk_bytes: 0,
             error: None,
+            proxy: None,
         }
     }
 }
