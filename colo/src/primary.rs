@@ -620,6 +620,10 @@ impl Engine {
                 }
                 Ok(Message::Error { text }) => format!("the secondary ended replication: {text}"),
                 Ok(other) => format!("unexpected {} on the mirror connection", other.kind()),
+                // The secondary ends the mirror connection with the others
+                // and says why on those: the data connection and the
+                // heartbeat decide.
+                Err(WireError::Closed) => return,
                 Err(e) => format!("mirror connection: {}", chain(&e)),
             };
             if !shared.stop.is_set() {

@@ -88,6 +88,8 @@ struct Shared {
     conns: Conns,
     /// The heartbeat connection's writing half (pongs, a last error).
     heartbeat: Mutex<Option<TcpStream>>,
+    /// The data connection's writing half (hashes, acks, a last error).
+    data_out: Mutex<Option<TcpStream>>,
     /// Replication ended (error, loss, goodbye or failover).
     ended: AtomicBool,
     session: AtomicU64,
@@ -138,6 +140,7 @@ pub fn start(
         }),
         conns: Conns::default(),
         heartbeat: Mutex::new(None),
+        data_out: Mutex::new(None),
         ended: AtomicBool::new(false),
         session: AtomicU64::new(0),
         last_ping: AtomicU64::new(0),
@@ -268,10 +271,9 @@ impl Shared {
         true
     }
 
-    /// Replication broke (bad data, failed apply): tell the primary (on
-    /// the data connection when its thread broke, and on the heartbeat
-    /// connection), stop. The replica keeps its last loaded checkpoint.
-    fn broken(&self, data: Option<&mut TcpStream>, why: String) {
+    /// Replication broke (bad data, failed apply): tell the primary,
+    /// stop. The replica keeps its last loaded checkpoint.
+    fn broken(&self, why: String) {
         // Claimed first: the primary's reaction to the error (closing)
         // must not read here as the primary being lost.
         if !self.claim_end() {
@@ -281,7 +283,7 @@ impl Shared {
         // On both connections: the primary reads it whichever it reads
         // first, before the end of the stream.
         let msg = Message::Error { text: why.clone() };
-        if let Some(data) = data {
+        if let Some(data) = &mut *lock(&self.data_out) {
             let _ = wire::write_message(data, &msg);
         }
         if let Some(hb) = &mut *lock(&self.heartbeat) {
@@ -406,6 +408,7 @@ fn accept(shared: Arc<Shared>, listener: TcpListener) {
                 shared.session.store(hello.session.max(1), Ordering::SeqCst);
                 shared.last_ping.store(shared.now_ms(), Ordering::SeqCst);
                 shared.conns.add(&stream);
+                *lock(&shared.data_out) = stream.try_clone().ok();
                 {
                     let mut status = lock(&shared.status);
                     status.peer = Some(peer);
@@ -465,7 +468,7 @@ fn accept(shared: Arc<Shared>, listener: TcpListener) {
                 mirror = true;
                 shared.conns.add(&stream);
                 if let Err(why) = start_mirror(&shared, stream) {
-                    shared.broken(None, why);
+                    shared.broken(why);
                 }
             }
             Ok(other) => {
@@ -524,7 +527,7 @@ fn mirror_in(shared: Arc<Shared>, mut stream: TcpStream) {
             Err(e) if e.is_disconnect() => return,
             Err(e) => format!("mirror connection: {}", chain(&e)),
         };
-        return shared.broken(None, why);
+        return shared.broken(why);
     }
 }
 
@@ -577,8 +580,8 @@ fn watchdog(shared: Arc<Shared>) {
 
 /// The data connection: disk hashes out, then everything staged in.
 fn data(shared: Arc<Shared>, mut stream: TcpStream, mut staging: Staging) {
-    if let Err(e) = send_hashes(&shared, &mut stream) {
-        return shared.broken(Some(&mut stream), format!("sending disk hashes: {e}"));
+    if let Err(e) = send_hashes(&shared) {
+        return shared.broken(format!("sending disk hashes: {e}"));
     }
     loop {
         let msg = match wire::read_message(&mut stream) {
@@ -596,7 +599,7 @@ fn data(shared: Arc<Shared>, mut stream: TcpStream, mut staging: Staging) {
                 );
                 return;
             }
-            Err(e) => return shared.broken(Some(&mut stream), chain(&e)),
+            Err(e) => return shared.broken(chain(&e)),
         };
         if shared.ended.load(Ordering::SeqCst) {
             return;
@@ -610,15 +613,23 @@ fn data(shared: Arc<Shared>, mut stream: TcpStream, mut staging: Staging) {
         }
         let staged = match staging.feed(msg) {
             Ok(s) => s,
-            Err(e) => return shared.broken(Some(&mut stream), e.0),
+            Err(e) => return shared.broken(e.0),
         };
-        if let Err(why) = apply(&shared, &mut stream, staged) {
-            return shared.broken(Some(&mut stream), why);
+        if let Err(why) = apply(&shared, staged) {
+            return shared.broken(why);
         }
     }
 }
 
-fn send_hashes(shared: &Shared, stream: &mut TcpStream) -> Result<(), String> {
+/// Writes `msg` on the data connection.
+fn send(shared: &Shared, msg: &Message) -> Result<(), String> {
+    match &mut *lock(&shared.data_out) {
+        Some(data) => wire::write_message(data, msg).map_err(|e| chain(&e)),
+        None => Err("the data connection is gone".into()),
+    }
+}
+
+fn send_hashes(shared: &Shared) -> Result<(), String> {
     let started = Instant::now();
     let count = lock(&shared.replica).disks.capacities().len();
     for disk in 0..count {
@@ -633,7 +644,7 @@ fn send_hashes(shared: &Shared, stream: &mut TcpStream) -> Result<(), String> {
                 first: (i * HASHES_PER_MESSAGE) as u64,
                 hashes: chunk.to_vec(),
             };
-            wire::write_message(stream, &msg).map_err(|e| chain(&e))?;
+            send(shared, &msg)?;
         }
     }
     tracing::info!(
@@ -644,7 +655,7 @@ fn send_hashes(shared: &Shared, stream: &mut TcpStream) -> Result<(), String> {
 }
 
 /// Does what a staged message asks; an error ends replication.
-fn apply(shared: &Shared, stream: &mut TcpStream, staged: Staged) -> Result<(), String> {
+fn apply(shared: &Shared, staged: Staged) -> Result<(), String> {
     let mut replica = lock(&shared.replica);
     if replica.over {
         return Ok(());
@@ -710,8 +721,8 @@ fn apply(shared: &Shared, stream: &mut TcpStream, staged: Staged) -> Result<(), 
             }
             drop(status);
             fault::point(Role::Secondary, Point::BeforeAck);
-            wire::write_message(stream, &Message::Ack { epoch })
-                .map_err(|e| format!("acking checkpoint {epoch}: {}", chain(&e)))?;
+            send(shared, &Message::Ack { epoch })
+                .map_err(|e| format!("acking checkpoint {epoch}: {e}"))?;
             fault::point(Role::Secondary, Point::AfterAck);
         }
     }
