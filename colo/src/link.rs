@@ -228,10 +228,14 @@ impl Mirror {
         self.outbox.push_within(msg, self.bound).map(drop)
     }
 
-    /// Writes the queue to `to` until closed or a write fails; frames
-    /// are queued from now on.
-    pub fn drain(&self, to: &mut impl io::Write) -> io::Result<()> {
+    /// The connection is there (a writer is about to drain): frames are
+    /// queued from now on.
+    pub fn open(&self) {
         self.connected.store(true, Ordering::SeqCst);
+    }
+
+    /// Writes the queue to `to` until closed or a write fails.
+    pub fn drain(&self, to: &mut impl io::Write) -> io::Result<()> {
         self.outbox.drain(to)
     }
 
@@ -326,7 +330,7 @@ mod tests {
         assert_eq!(mirror.counts(), (0, 1));
         // Connected, but nothing drains (the writer is stuck on the
         // socket): three fit, the rest are dropped at once.
-        mirror.connected.store(true, Ordering::SeqCst);
+        mirror.open();
         for n in 1..=3 {
             mirror.frame(frame(n)).expect("within the bound");
         }
@@ -357,7 +361,7 @@ mod tests {
         assert_eq!(mirror.counts(), (3, 9));
         // A stuck connection fails the writer; nothing else waits.
         let stuck = Mirror::new(one);
-        stuck.connected.store(true, Ordering::SeqCst);
+        stuck.open();
         stuck.frame(frame(1)).expect("fits");
         assert!(stuck.drain(&mut Stuck).is_err());
     }

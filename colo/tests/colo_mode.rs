@@ -279,6 +279,26 @@ fn the_secondary_refuses_a_foreign_mirror_and_stops_on_an_oversized_frame() {
     assert_eq!(lock(&colo).inbound, vec![f]);
     assert_eq!(lock(&colo).events, vec![Ev::ColoNet]);
 
+    // The SVM's side asks once per epoch, in order with its frames.
+    let (ask, out) = {
+        let c = lock(&colo);
+        (c.ask.clone().expect("ask"), c.out.clone().expect("out"))
+    };
+    ask(Cause::HeldBytes);
+    ask(Cause::HeldBytes);
+    let svm = frame(1, 6);
+    out(svm.clone()).expect("queued");
+    assert_eq!(
+        wire::read_message(&mut mirror).expect("a request"),
+        Message::CheckpointRequest {
+            cause: Cause::HeldBytes
+        }
+    );
+    assert_eq!(
+        wire::read_message(&mut mirror).expect("the frame"),
+        Message::Frame(svm)
+    );
+
     // A second mirror connection is refused.
     let mut second = open(addr, &Message::MirrorHello { session: 42 });
     assert!(matches!(
