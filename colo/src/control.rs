@@ -122,6 +122,7 @@ pub struct Status {
     pub error: Option<String>,
     /// COLO mode's network counts (None in Remus mode), as in
     /// [`Metrics::proxy`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy: Option<ProxyStats>,
 }
 
