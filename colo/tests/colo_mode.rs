@@ -189,8 +189,11 @@ fn a_failed_run_ends_replication_without_its_ack() {
     assert_eq!(lock(&p.replica).take_overs, 0);
 }
 
-#[test]
-fn a_flipped_byte_on_the_mirror_connection_ends_replication() {
+/// A pair, protected, then one byte of the next frame on the mirror
+/// connection flipped, primary -> secondary or (`back`) the other way.
+/// Returns the two sides' errors once the secondary stopped and the
+/// primary runs alone, output released and the replica not taken over.
+fn flip_a_mirrored_frame(back: bool) -> (String, String) {
     let p = pair(Options {
         relay: true,
         ..colo()
@@ -198,21 +201,50 @@ fn a_flipped_byte_on_the_mirror_connection_ends_replication() {
     let relay = p.relay.clone().expect("a relay");
     p.protected();
     checkpoint(&p, 1);
-    let mirror = lock(&p.colo).mirror_sink.clone().expect("mirror");
-    relay.flip_mirror.store(true, Ordering::SeqCst);
-    mirror(frame(2, 1)).expect("queued");
-    wait_state(&*p.secondary, State::Stopped);
-    let err = p.secondary.status().error.expect("an error");
-    assert!(err.contains("mirror connection: CRC"), "{err}");
+    let (mirror, out) = {
+        let c = lock(&p.colo);
+        (
+            c.mirror_sink.clone().expect("mirror"),
+            c.out.clone().expect("out"),
+        )
+    };
+    if back {
+        relay.flip_mirror_back.store(true, Ordering::SeqCst);
+        out(frame(2, 1)).expect("queued");
+    } else {
+        relay.flip_mirror.store(true, Ordering::SeqCst);
+        mirror(frame(2, 1)).expect("queued");
+    }
     wait_state(&*p.primary, State::Unprotected);
-    let perr = p.primary.status().error.expect("an error");
-    assert!(perr.contains("the secondary ended replication"), "{perr}");
+    wait_state(&*p.secondary, State::Stopped);
     assert!(lock(&p.releases).contains(&Release::All));
+    let c = lock(&p.colo);
     assert!(
-        lock(&p.colo).inbound.is_empty(),
-        "a corrupt frame reached the SVM"
+        c.inbound.is_empty() && c.from_secondary.is_empty(),
+        "a corrupt frame got through"
     );
     assert_eq!(lock(&p.replica).take_overs, 0);
+    let error = |side: &dyn Control| side.status().error.expect("an error");
+    (error(&*p.primary), error(&*p.secondary))
+}
+
+#[test]
+fn a_flipped_byte_on_the_mirror_connection_ends_replication() {
+    // The secondary reads it: it stops and tells the primary.
+    let (primary, secondary) = flip_a_mirrored_frame(false);
+    assert!(secondary.contains("mirror connection: CRC"), "{secondary}");
+    assert!(
+        primary.contains("the secondary ended replication"),
+        "{primary}"
+    );
+    // The primary reads it: it runs alone and says goodbye, so the
+    // secondary stops rather than taking over.
+    let (primary, secondary) = flip_a_mirrored_frame(true);
+    assert!(primary.contains("mirror connection: CRC"), "{primary}");
+    assert!(
+        secondary.contains("the primary ended replication"),
+        "{secondary}"
+    );
 }
 
 /// A frame with both CRCs right around any payload.

@@ -673,8 +673,9 @@ impl OutputControl for FakeOutput {
 pub struct Relay {
     pub flip: AtomicBool,
     /// Flip a byte of the mirror connection (the third), primary ->
-    /// secondary.
+    /// secondary, or secondary -> primary.
     pub flip_mirror: AtomicBool,
+    pub flip_mirror_back: AtomicBool,
     pub frozen: AtomicBool,
     pub hold_later: AtomicBool,
     /// The primary closed the data connection and the relay passed the
@@ -690,6 +691,7 @@ impl Relay {
         let relay = Arc::new(Relay {
             flip: AtomicBool::new(false),
             flip_mirror: AtomicBool::new(false),
+            flip_mirror_back: AtomicBool::new(false),
             frozen: AtomicBool::new(false),
             hold_later: AtomicBool::new(hold_later),
             data_closed: AtomicBool::new(false),
@@ -712,10 +714,8 @@ impl Relay {
                     s.set_nodelay(true).expect("nodelay");
                     lock(&r.conns).push(s.try_clone().expect("clone"));
                 }
-                // Only the data and mirror connections flip, primary ->
-                // secondary.
-                pump(r.clone(), &from, &to, Some(i));
-                pump(r.clone(), &to, &from, None);
+                pump(r.clone(), &from, &to, i, true);
+                pump(r.clone(), &to, &from, i, false);
             }
         });
         (relay, addr)
@@ -732,9 +732,9 @@ impl Relay {
     }
 }
 
-/// Pumps `from` to `to`; `conn` is the connection's index when it runs
-/// primary -> secondary.
-fn pump(r: Arc<Relay>, from: &TcpStream, to: &TcpStream, conn: Option<usize>) {
+/// Pumps connection `conn` (0 data, 1 heartbeat, 2 mirror) from `from`
+/// to `to`, primary -> secondary when `forward`.
+fn pump(r: Arc<Relay>, from: &TcpStream, to: &TcpStream, conn: usize, forward: bool) {
     let mut from = from.try_clone().expect("clone");
     let mut to = to.try_clone().expect("clone");
     std::thread::spawn(move || {
@@ -750,9 +750,10 @@ fn pump(r: Arc<Relay>, from: &TcpStream, to: &TcpStream, conn: Option<usize>) {
             if r.cut.load(Ordering::SeqCst) {
                 break;
             }
-            let flip = match conn {
-                Some(0) => Some(&r.flip),
-                Some(2) => Some(&r.flip_mirror),
+            let flip = match (conn, forward) {
+                (0, true) => Some(&r.flip),
+                (2, true) => Some(&r.flip_mirror),
+                (2, false) => Some(&r.flip_mirror_back),
                 _ => None,
             };
             if flip.is_some_and(|f| f.swap(false, Ordering::SeqCst)) {
@@ -763,7 +764,7 @@ fn pump(r: Arc<Relay>, from: &TcpStream, to: &TcpStream, conn: Option<usize>) {
             }
         }
         let _ = to.shutdown(Shutdown::Write);
-        if conn == Some(0) {
+        if (conn, forward) == (0, true) {
             r.data_closed.store(true, Ordering::SeqCst);
         }
     });
