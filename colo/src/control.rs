@@ -123,6 +123,10 @@ pub struct Status {
     /// Primary, COLO mode: how long a frame waits for its twin.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compare_timeout_ms: Option<u64>,
+    /// COLO mode's network counts (None in Remus mode), as in
+    /// [`Metrics::proxy`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<ProxyStats>,
 }
 
 impl Status {
@@ -141,6 +145,7 @@ impl Status {
             sync_disk_bytes: 0,
             error: None,
             compare_timeout_ms: None,
+            proxy: None,
         }
     }
 }

@@ -28,12 +28,10 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 // The replication defaults and the interval range are the engine's.
 pub use colo::control::CHECKPOINT_MS_RANGE;
 pub use colo::primary::{
-    DEFAULT_CHECKPOINT_MS, DEFAULT_HEARTBEAT_MS, DEFAULT_HEARTBEAT_TIMEOUT_MS,
+    DEFAULT_CHECKPOINT_MS, DEFAULT_COLO_CHECKPOINT_MS, DEFAULT_HEARTBEAT_MS,
+    DEFAULT_HEARTBEAT_TIMEOUT_MS,
 };
 pub use net_proxy::compare::DEFAULT_COMPARE_TIMEOUT_MS;
-/// The checkpoint interval of `--mode colo` when none is given.
-// TODO(colo-engine): colo::primary::DEFAULT_COLO_CHECKPOINT_MS once merged.
-pub const DEFAULT_COLO_CHECKPOINT_MS: u64 = 2000;
 /// Compare timeouts accepted (`--compare-timeout-ms`, `PATCH /colo`).
 pub const COMPARE_TIMEOUT_MS_RANGE: std::ops::RangeInclusive<u64> = 1..=60_000;
 /// Heartbeat intervals and timeouts accepted.

@@ -832,6 +832,7 @@ mod tests {
             sync_disk_bytes: 1 << 20,
             error: None,
             compare_timeout_ms: None,
+            proxy: None,
         }
     }
 
