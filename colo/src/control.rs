@@ -120,6 +120,13 @@ pub struct Status {
     pub sync_disk_bytes: u64,
     /// Why replication stopped, when it did.
     pub error: Option<String>,
+    /// Primary, COLO mode: how long a frame waits for its twin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compare_timeout_ms: Option<u64>,
+    /// COLO mode's network counts (None in Remus mode), as in
+    /// [`Metrics::proxy`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<ProxyStats>,
 }
 
 impl Status {
@@ -137,6 +144,8 @@ impl Status {
             sync_pages: 0,
             sync_disk_bytes: 0,
             error: None,
+            compare_timeout_ms: None,
+            proxy: None,
         }
     }
 }
@@ -258,4 +267,9 @@ pub trait Control: Send + Sync {
     fn checkpoint(&self) -> Result<(), CommandError>;
     /// Changes the checkpoint interval (Invalid outside 1..=60000).
     fn set_checkpoint_ms(&self, ms: u64) -> Result<(), CommandError>;
+    /// Primary, COLO mode: changes the compare timeout (Invalid outside
+    /// 1..=60000; Conflict in any other mode).
+    fn set_compare_timeout_ms(&self, _ms: u64) -> Result<(), CommandError> {
+        Err(CommandError::Conflict("not in COLO mode".into()))
+    }
 }

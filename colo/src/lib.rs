@@ -17,11 +17,15 @@
 //! Two TCP connections from the primary to the secondary's `--listen`
 //! address, both with `TCP_NODELAY`: the data connection (sync,
 //! checkpoints, disk writes, acks: one ordered stream) and the heartbeat
-//! connection (pings only, so checkpoint data never delays them). Every
-//! message is a [`wire`] frame (magic, type, length, CRC32).
+//! connection (pings only, so checkpoint data never delays them). COLO
+//! mode adds a third, the mirror connection (network frames both ways,
+//! the secondary's checkpoint requests), so frames never wait behind
+//! checkpoint data. Every message is a [`wire`] frame (magic, type,
+//! length, CRC32).
 //!
 //! ```text
-//!  primary (guest running)                        secondary (paused replica)
+//!  primary (guest running)                        secondary (paused replica;
+//!                                                  COLO: the SVM runs)
 //!     |                                                   | Waiting
 //!     |--- data: Hello{version, mode, session, identity} ->|
 //!     |                          compare; on a difference: |
@@ -29,14 +33,17 @@
 //!     |<-------------- Welcome{version, mode, identity} --|
 //!     | compare; on a difference: Refused ---------------->|
 //!     |--- heartbeat: HeartbeatHello{session} ----------->| Syncing
+//!     |--- mirror: MirrorHello{session} (COLO) ---------->| colo_net
 //!     |<------------- DiskHashes{disk, 64 KiB blocks} ----|
 //!     |--- DiskBlock (each block that differs) ---------->| write_direct
 //!     |--- SyncPages (all memory, guest running) -------->| write_pages
 //!     |--- SyncPages (pages dirtied meanwhile) x rounds ->|
+//!     | COLO: output.mirror(sink)                         |
 //!     | pause: stop-and-copy                              |
 //!     |--- DiskBlock (blocks written during the sync) --->|
 //!     |--- Begin(0) Pages(0).. State(0) End(0) ---------->| stage whole,
-//!     | resume; disk writes now forwarded, epoch 1        | load, flush
+//!     | resume; disk writes now forwarded, epoch 1        | load, flush;
+//!     |                                                   | COLO: run(0)
 //!     |<------------------------------------- Ack(0) -----| Protected
 //!     | Protected                                         |
 //!     |--- DiskWrite{epoch N} (any time) ---------------->| hold
@@ -45,8 +52,16 @@
 //!     |--- Begin(N) Pages(N).. State(N) End(N) ---------->| stage whole;
 //!     |                                                   | load, commit N's
 //!     |                                                   | writes, verify
-//!     |<------------------------------------- Ack(N) -----| digest
+//!     |                                                   | digest; COLO:
+//!     |                                                   | run(N)
+//!     |<------------------------------------- Ack(N) -----|
 //!     | release epoch N's held output                     |
+//!     |                                                   |
+//!     |  COLO, any time, on the mirror connection:        |
+//!     |--- Frame{epoch, nic, client frame} -------------->| SVM's NICs
+//!     |<------------------- Frame{epoch, nic, SVM frame} -| (rewritten)
+//!     | compare; a mismatch or timeout: checkpoint        |
+//!     |<------------------- CheckpointRequest{cause} -----| overlay half full
 //!     |                                                   |
 //!     |--- heartbeat: Ping{seq} (every heartbeat_ms) ---->|
 //!     |<---------------------------------- Pong{seq} -----|
@@ -60,7 +75,7 @@
 //!                                                         | manual: wait for
 //!                                                         | `failover`
 //!  secondary dies or errs (Error{text}): release all held output,
-//!  stop forwarding disk writes, run Unprotected.
+//!  stop forwarding disk writes (and mirroring), run Unprotected.
 //!  `failover` on the primary: heartbeat Goodbye{reason}, then close:
 //!  the secondary stops without taking over.
 //! ```
@@ -69,6 +84,16 @@
 //! Ack(N). Disk writes of epoch N+1 may reach the secondary before
 //! Begin(N) (the guest runs on while N is sent); [`staging`] admits
 //! exactly those.
+//!
+//! In COLO mode the secondary's guest (the SVM) runs between checkpoints
+//! on the client frames the primary mirrors, and the primary releases a
+//! frame of its guest (the PVM) once the SVM sent the same: checkpoints
+//! come when the two differ (or a timeout, or held bytes), and at the
+//! latest every [`primary::DEFAULT_COLO_CHECKPOINT_MS`]. A load pauses
+//! the SVM; it runs again from the loaded checkpoint before the ack. On
+//! failover the SVM runs on from where it is. The mirror connection's
+//! queues are bounded on both sides: a frame beyond the bound is dropped
+//! and counted (the compare then sees a mismatch or a timeout).
 
 pub mod control;
 pub mod fault;

@@ -1,13 +1,15 @@
 //! What both engines share: socket set-up, the ordered outgoing queue of
-//! the primary's data connection, page batching and a stoppable wait.
+//! the primary's data connection, the bounded queue of the mirror
+//! connection (COLO), page batching and a stoppable wait.
 
 use std::collections::VecDeque;
 use std::io;
 use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::vm::PageBatch;
+use crate::vm::{PageBatch, PeerFrame};
 use crate::wire::{self, Message};
 use crate::PAGE_SIZE;
 
@@ -19,6 +21,10 @@ pub const BATCH_PAGES: usize = 256;
 
 /// Most hashes per DiskHashes message (8 MiB).
 pub const HASHES_PER_MESSAGE: usize = 1 << 20;
+
+/// Bytes the mirror connection may have queued (or being written) before
+/// a frame is dropped.
+pub const MIRROR_QUEUE_BYTES: usize = 8 << 20;
 
 /// Every peer socket: no Nagle (nothing may wait on a delayed ACK).
 pub fn configure(stream: &TcpStream) -> io::Result<()> {
@@ -95,11 +101,24 @@ fn closed(why: &str) -> io::Error {
 impl Outbox {
     /// Queues `msg`; returns its size on the wire.
     pub fn push(&self, msg: &Message) -> io::Result<usize> {
+        self.push_within(msg, usize::MAX)
+    }
+
+    /// Queues `msg` unless that makes more than `bound` bytes queued or
+    /// being written (then refuses it: never waits); returns its size on
+    /// the wire.
+    pub fn push_within(&self, msg: &Message, bound: usize) -> io::Result<usize> {
         let frame = wire::encode(msg).map_err(io::Error::other)?;
         let len = frame.len();
         let mut inner = lock(&self.inner);
         if let Some(why) = &inner.closed {
             return Err(closed(why));
+        }
+        if inner.bytes.saturating_add(len) > bound {
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!("{} bytes already queued", inner.bytes),
+            ));
         }
         inner.bytes += len;
         inner.frames.push_back(frame);
@@ -155,6 +174,86 @@ impl Outbox {
     }
 }
 
+/// The mirror connection's sending side (COLO): a bounded [`Outbox`] and
+/// its counts. Pushing never blocks: a frame beyond the bound, or before
+/// the connection is there, or after it ended, is dropped and counted.
+pub struct Mirror {
+    outbox: Outbox,
+    bound: usize,
+    /// A writer drains the outbox to the connection.
+    connected: AtomicBool,
+    mirrored: AtomicU64,
+    dropped: AtomicU64,
+}
+
+impl Default for Mirror {
+    fn default() -> Self {
+        Self::new(MIRROR_QUEUE_BYTES)
+    }
+}
+
+impl Mirror {
+    /// A mirror that queues at most `bound` bytes.
+    pub fn new(bound: usize) -> Self {
+        Self {
+            outbox: Outbox::default(),
+            bound,
+            connected: AtomicBool::new(false),
+            mirrored: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    /// Queues a frame for the peer, or drops and counts it.
+    pub fn frame(&self, frame: PeerFrame) -> io::Result<()> {
+        let pushed = if self.connected.load(Ordering::SeqCst) {
+            self.outbox.push_within(&Message::Frame(frame), self.bound)
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "the mirror connection is not open",
+            ))
+        };
+        let counter = match pushed {
+            Ok(_) => &self.mirrored,
+            Err(_) => &self.dropped,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        pushed.map(drop)
+    }
+
+    /// Queues a message that is not a frame (not counted), within the
+    /// bound.
+    pub fn message(&self, msg: &Message) -> io::Result<()> {
+        self.outbox.push_within(msg, self.bound).map(drop)
+    }
+
+    /// The connection is there (a writer is about to drain): frames are
+    /// queued from now on.
+    pub fn open(&self) {
+        self.connected.store(true, Ordering::SeqCst);
+    }
+
+    /// Writes the queue to `to` until closed or a write fails.
+    pub fn drain(&self, to: &mut impl io::Write) -> io::Result<()> {
+        self.outbox.drain(to)
+    }
+
+    /// Ends mirroring: every later frame is dropped, the writer returns.
+    pub fn close(&self, why: &str) {
+        self.connected.store(false, Ordering::SeqCst);
+        self.outbox.close(why);
+    }
+
+    /// (frames mirrored, frames dropped) so far.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.mirrored.load(Ordering::Relaxed),
+            self.dropped.load(Ordering::Relaxed),
+        )
+    }
+}
+
 /// A flag threads wait on: set once, wakes every waiter.
 #[derive(Default)]
 pub struct Stop {
@@ -194,4 +293,76 @@ impl Stop {
 /// Milliseconds as a float, for logs and status.
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(n: u8) -> PeerFrame {
+        PeerFrame {
+            epoch: u64::from(n),
+            nic: 0,
+            data: vec![n; 1000],
+        }
+    }
+
+    /// A writer that takes nothing until told: the connection is behind.
+    struct Stuck;
+
+    impl io::Write for Stuck {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            Err(io::Error::other("stuck"))
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_mirror_drops_beyond_its_bound_and_never_blocks() {
+        let one = wire::encode(&Message::Frame(frame(0)))
+            .expect("encodes")
+            .len();
+        let mirror = Mirror::new(3 * one);
+        // Before the connection: dropped and counted.
+        assert!(mirror.frame(frame(0)).is_err());
+        assert_eq!(mirror.counts(), (0, 1));
+        // Connected, but nothing drains (the writer is stuck on the
+        // socket): three fit, the rest are dropped at once.
+        mirror.open();
+        for n in 1..=3 {
+            mirror.frame(frame(n)).expect("within the bound");
+        }
+        for n in 4..=10 {
+            let err = mirror.frame(frame(n)).expect_err("beyond the bound");
+            assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+        }
+        assert_eq!(mirror.counts(), (3, 8));
+        // What was queued goes out in order once the connection drains.
+        let mut out = Vec::new();
+        let drained = std::thread::scope(|s| {
+            let writer = s.spawn(|| mirror.drain(&mut out));
+            mirror.outbox.wait_below(0).expect("drains");
+            mirror.close("done");
+            writer.join().expect("writer")
+        });
+        assert!(drained.is_err(), "a closed mirror ends its writer");
+        let mut r = out.as_slice();
+        for n in 1..=3 {
+            assert_eq!(
+                wire::read_message(&mut r).expect("a frame"),
+                Message::Frame(frame(n))
+            );
+        }
+        assert!(r.is_empty());
+        // Closed: dropped again.
+        assert!(mirror.frame(frame(11)).is_err());
+        assert_eq!(mirror.counts(), (3, 9));
+        // A stuck connection fails the writer; nothing else waits.
+        let stuck = Mirror::new(one);
+        stuck.open();
+        stuck.frame(frame(1)).expect("fits");
+        assert!(stuck.drain(&mut Stuck).is_err());
+    }
 }

@@ -7,6 +7,20 @@
 //! connection, a reader of the data connection (acks, errors), a pinger
 //! and a pong reader on the heartbeat connection. The others talk to the
 //! engine through one event channel.
+//!
+//! COLO mode adds the mirror connection, opened after the heartbeat
+//! connection: before the stop-and-copy the engine hands the output a
+//! sink ([`OutputControl::mirror`]) that queues the client frames the
+//! PVM receives into a bounded queue (a full queue drops the frame and
+//! counts it; it never blocks a device thread); a writer thread drains
+//! it. A reader thread hands each frame the SVM sent to
+//! [`OutputControl::secondary_frame`] (holding the output's lock
+//! briefly) and turns the secondary's checkpoint requests into
+//! checkpoints, as [`PrimaryHandle::request_checkpoint`] does. The
+//! checkpoint interval is then only the longest time between
+//! checkpoints ([`DEFAULT_COLO_CHECKPOINT_MS`]). When replication ends,
+//! [`OutputControl::release_all`] also stops mirroring and the queue is
+//! closed.
 
 use std::io;
 use std::net::{TcpStream, ToSocketAddrs};
@@ -16,12 +30,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::control::{
-    check_checkpoint_ms, Cause, CommandError, Control, Histogram, Metrics, Mode, Role, State,
-    Status,
+    check_checkpoint_ms, Cause, CommandError, Control, Histogram, Metrics, Mode, ProxyStats, Role,
+    State, Status,
 };
 use crate::fault::{self, Point};
-use crate::link::{self, lock, ms, Conns, Outbox, Stop, SYNC_BLOCK};
-use crate::vm::{Capture, DiskWriteSink, OutputControl, PrimaryDisks, PrimaryVm, VmOpError};
+use crate::link::{self, lock, ms, Conns, Mirror, Outbox, Stop, SYNC_BLOCK};
+use crate::vm::{
+    Capture, DiskWriteSink, FrameSink, OutputControl, PrimaryDisks, PrimaryVm, VmOpError,
+};
 use crate::wire::{self, Hello, Message, WireError};
 
 /// Checkpoint interval unless configured, in milliseconds.
@@ -33,6 +49,15 @@ use crate::wire::{self, Hello, Message, WireError};
 /// latency near the 25 ms interval of the Remus paper while the pauses
 /// cost the guest a few percent of its time.
 pub const DEFAULT_CHECKPOINT_MS: u64 = 20;
+/// Checkpoint interval in COLO mode unless configured, in milliseconds.
+///
+/// In COLO mode the interval is only the longest time between
+/// checkpoints: an output mismatch, a compare timeout and held bytes
+/// over the bound (either side's) take the others. 2 s bounds how far
+/// the SVM diverges from the last checkpoint, i.e. the pages a load
+/// copies from the state cache and the disk overlay it drops, while
+/// costing about one pause per 2 s. (QEMU's default is 20 s.)
+pub const DEFAULT_COLO_CHECKPOINT_MS: u64 = 2000;
 /// Interval between heartbeats to the peer unless configured, in ms.
 pub const DEFAULT_HEARTBEAT_MS: u64 = 100;
 /// Time without a heartbeat after which the peer counts as gone unless
@@ -113,12 +138,32 @@ struct Shared {
     events: Sender<Event>,
     /// Set when the session's helper threads must end.
     stop: Stop,
+    /// COLO: the mirror connection's sending side.
+    mirror: Arc<Mirror>,
 }
 
 impl Shared {
     fn send(&self, e: Event) {
         // The engine gone means replication ended: nothing to tell.
         let _ = self.events.send(e);
+    }
+
+    /// See [`PrimaryHandle::request_checkpoint`].
+    fn request_checkpoint(&self, cause: Cause) {
+        if lock(&self.status).state == State::Protected
+            && !self.requested.swap(true, Ordering::SeqCst)
+        {
+            self.send(Event::Checkpoint(cause));
+        }
+    }
+
+    /// COLO: the output's counts and the mirror's.
+    fn proxy(&self) -> ProxyStats {
+        let mut p = lock(&self.output).proxy_stats();
+        let (mirrored, dropped) = self.mirror.counts();
+        p.mirrored_frames += mirrored;
+        p.dropped_frames += dropped;
+        p
     }
 
     fn set_state(&self, state: State) {
@@ -168,6 +213,7 @@ pub fn start(
         output: Mutex::new(output),
         events,
         stop: Stop::default(),
+        mirror: Arc::new(Mirror::default()),
     });
     let engine = Engine {
         shared: shared.clone(),
@@ -191,11 +237,7 @@ impl PrimaryHandle {
     /// Cheap to call for every frame: requests coalesce until the
     /// engine takes the checkpoint.
     pub fn request_checkpoint(&self, cause: Cause) {
-        if lock(&self.shared.status).state == State::Protected
-            && !self.shared.requested.swap(true, Ordering::SeqCst)
-        {
-            self.shared.send(Event::Checkpoint(cause));
-        }
+        self.shared.request_checkpoint(cause);
     }
 }
 
@@ -207,7 +249,11 @@ impl Drop for PrimaryHandle {
 
 impl Control for PrimaryHandle {
     fn status(&self) -> Status {
-        lock(&self.shared.status).clone()
+        let mut status = lock(&self.shared.status).clone();
+        if status.mode == Mode::Colo {
+            status.proxy = Some(self.shared.proxy());
+        }
+        status
     }
 
     fn metrics(&self) -> Metrics {
@@ -215,6 +261,7 @@ impl Control for PrimaryHandle {
         let mut m = lock(&self.shared.metrics).clone();
         m.held_frames = frames;
         m.held_bytes = bytes;
+        m.proxy = self.shared.proxy();
         m
     }
 
@@ -334,6 +381,7 @@ impl Engine {
         };
         self.shared.stop.set();
         self.outbox.close("replication ended");
+        self.shared.mirror.close("replication ended");
         self.conns.shutdown();
         self.disks.stop();
         lock(&self.shared.output).release_all();
@@ -396,11 +444,20 @@ impl Engine {
             self.shared.config.peer
         );
         self.start_heartbeat(session)?;
+        let colo = self.shared.config.mode == Mode::Colo;
+        if colo {
+            self.start_mirror(session)?;
+        }
         self.disks.track(SYNC_BLOCK);
         let remote = self.read_hashes(&data)?;
         self.start_io(&data)?;
         self.sync_disks(&remote)?;
         self.sync_memory()?;
+        if colo {
+            let mirror = self.shared.mirror.clone();
+            let sink: FrameSink = Arc::new(move |f| mirror.frame(f));
+            lock(&self.shared.output).mirror(sink);
+        }
         self.stop_and_copy()?;
         self.protect()
     }
@@ -470,20 +527,9 @@ impl Engine {
     }
 
     fn start_heartbeat(&mut self, session: u64) -> Result<(), End> {
-        let addr = self
-            .shared
-            .config
-            .peer
-            .to_socket_addrs()
-            .ok()
-            .and_then(|mut a| a.next())
-            .ok_or_else(|| End::Lost("the peer address no longer resolves".into()))?;
-        let hb = TcpStream::connect_timeout(&addr, Duration::from_secs(1))
-            .map_err(lost("heartbeat connection"))?;
-        link::configure(&hb).map_err(lost("heartbeat connection"))?;
+        let hb = self.dial("heartbeat connection")?;
         hb.set_write_timeout(Some(Duration::from_secs(1)))
             .map_err(lost("heartbeat connection"))?;
-        self.conns.add(&hb);
         let mut reader = hb.try_clone().map_err(lost("heartbeat connection"))?;
         let writer = Arc::new(Mutex::new(hb));
         wire::write_message(&mut *lock(&writer), &Message::HeartbeatHello { session })
@@ -545,6 +591,63 @@ impl Engine {
                 }
             }
         })
+    }
+
+    /// COLO: the mirror connection, its writer and its reader.
+    fn start_mirror(&mut self, session: u64) -> Result<(), End> {
+        let mut stream = self.dial("mirror connection")?;
+        wire::write_message(&mut stream, &Message::MirrorHello { session })
+            .map_err(wire_lost("mirror connection"))?;
+        let mut reader = stream.try_clone().map_err(lost("mirror connection"))?;
+        let shared = self.shared.clone();
+        shared.mirror.open();
+        spawn("colo-mirror-tx", move || {
+            if let Err(e) = shared.mirror.drain(&mut stream) {
+                if !shared.stop.is_set() {
+                    shared.send(Event::Lost(format!("mirror connection: {e}")));
+                }
+            }
+        })?;
+        let shared = self.shared.clone();
+        spawn("colo-mirror-rx", move || loop {
+            let lost = match wire::read_message(&mut reader) {
+                Ok(Message::Frame(f)) => {
+                    lock(&shared.output).secondary_frame(f);
+                    continue;
+                }
+                Ok(Message::CheckpointRequest { cause }) => {
+                    shared.request_checkpoint(cause);
+                    continue;
+                }
+                Ok(Message::Error { text }) => format!("the secondary ended replication: {text}"),
+                Ok(other) => format!("unexpected {} on the mirror connection", other.kind()),
+                // The secondary ends the mirror connection with the others
+                // and says why on those: the data connection and the
+                // heartbeat decide.
+                Err(WireError::Closed) => return,
+                Err(e) => format!("mirror connection: {}", chain(&e)),
+            };
+            if !shared.stop.is_set() {
+                shared.send(Event::Lost(lost));
+            }
+            return;
+        })
+    }
+
+    /// A second connection to the peer (heartbeat, mirror).
+    fn dial(&self, what: &str) -> Result<TcpStream, End> {
+        let addr = self
+            .shared
+            .config
+            .peer
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| End::Lost("the peer address no longer resolves".into()))?;
+        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).map_err(lost(what))?;
+        link::configure(&s).map_err(lost(what))?;
+        self.conns.add(&s);
+        Ok(s)
     }
 
     /// The secondary's block hashes of every disk (it sends them first).

@@ -6,6 +6,17 @@
 //! Threads: the acceptor (handshake, then the heartbeat connection), the
 //! data thread (reads, stages, applies, acks), the heartbeat thread
 //! (answers pings) and a watchdog (heartbeat silence).
+//!
+//! COLO mode: the replica is the SVM, which runs between checkpoints.
+//! The acceptor also takes the session's mirror connection and then
+//! connects the SVM's NICs to it once ([`ReplicaVm::colo_net`]): the
+//! SVM's frames go out through a bounded queue (a writer thread drains
+//! it; a full queue drops and counts), its checkpoint requests too (at
+//! most one per epoch), and a mirror reader thread hands the primary's
+//! client frames to the sink `colo_net` returned (without the replica's
+//! lock). After each load (load, commit, verify) the data thread calls
+//! [`ReplicaVm::run`], then acks. Failover is unchanged (disks, then VM;
+//! the SVM runs on from where it is).
 
 use std::io;
 use std::net::{TcpListener, TcpStream};
@@ -14,13 +25,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::control::{
-    check_checkpoint_ms, CommandError, Control, Histogram, Metrics, Mode, Role, State, Status,
+    check_checkpoint_ms, CommandError, Control, Histogram, Metrics, Mode, ProxyStats, Role, State,
+    Status,
 };
 use crate::fault::{self, Point};
-use crate::link::{self, lock, ms, Conns, HASHES_PER_MESSAGE, SYNC_BLOCK};
+use crate::link::{self, lock, ms, Conns, Mirror, HASHES_PER_MESSAGE, SYNC_BLOCK};
 use crate::primary::chain;
 use crate::staging::{Checkpoint, Limits, Staged, Staging};
-use crate::vm::{ReplicaDisks, ReplicaVm};
+use crate::vm::{CheckpointAsk, FrameSink, ReplicaDisks, ReplicaVm};
 use crate::wire::{self, Message, Welcome};
 
 /// What the secondary does when the primary is lost.
@@ -64,6 +76,8 @@ struct Replica {
     loaded: bool,
     /// Failed over: replication must not touch the replica any more.
     over: bool,
+    /// COLO: the SVM's NICs are connected to the mirror.
+    net: bool,
 }
 
 struct Shared {
@@ -74,12 +88,24 @@ struct Shared {
     conns: Conns,
     /// The heartbeat connection's writing half (pongs, a last error).
     heartbeat: Mutex<Option<TcpStream>>,
+    /// The data connection's writing half (hashes, acks, a last error).
+    data_out: Mutex<Option<TcpStream>>,
     /// Replication ended (error, loss, goodbye or failover).
     ended: AtomicBool,
     session: AtomicU64,
     /// Milliseconds after `born` of the last ping (or of the welcome).
     last_ping: AtomicU64,
     born: Instant,
+    /// COLO: the mirror connection's sending side.
+    mirror: Arc<Mirror>,
+    /// COLO: where the primary's client frames go (the SVM's NICs).
+    inbound: Mutex<Option<FrameSink>>,
+    /// COLO: the epoch the SVM runs in, and the last one it asked for a
+    /// checkpoint in.
+    svm_epoch: Arc<AtomicU64>,
+    asked: Arc<AtomicU64>,
+    /// COLO: the replica's counts as of the last load.
+    proxy: Mutex<ProxyStats>,
 }
 
 /// The running secondary engine.
@@ -110,13 +136,20 @@ pub fn start(
             disks,
             loaded: false,
             over: false,
+            net: false,
         }),
         conns: Conns::default(),
         heartbeat: Mutex::new(None),
+        data_out: Mutex::new(None),
         ended: AtomicBool::new(false),
         session: AtomicU64::new(0),
         last_ping: AtomicU64::new(0),
         born: Instant::now(),
+        mirror: Arc::new(Mirror::default()),
+        inbound: Mutex::new(None),
+        svm_epoch: Arc::new(AtomicU64::new(0)),
+        asked: Arc::new(AtomicU64::new(u64::MAX)),
+        proxy: Mutex::new(ProxyStats::default()),
     });
     let s = shared.clone();
     std::thread::Builder::new()
@@ -127,11 +160,17 @@ pub fn start(
 
 impl Control for SecondaryHandle {
     fn status(&self) -> Status {
-        lock(&self.shared.status).clone()
+        let mut status = lock(&self.shared.status).clone();
+        if status.mode == Mode::Colo {
+            status.proxy = Some(self.shared.proxy());
+        }
+        status
     }
 
     fn metrics(&self) -> Metrics {
-        lock(&self.shared.metrics).clone()
+        let mut m = lock(&self.shared.metrics).clone();
+        m.proxy = self.shared.proxy();
+        m
     }
 
     fn failover(&self) -> Result<(), CommandError> {
@@ -163,6 +202,44 @@ impl Shared {
         lock(&self.metrics).state = Some(state);
     }
 
+    /// COLO: the replica's counts (as of its last load) and the mirror's.
+    fn proxy(&self) -> ProxyStats {
+        let mut p = *lock(&self.proxy);
+        let (mirrored, dropped) = self.mirror.counts();
+        p.mirrored_frames += mirrored;
+        p.dropped_frames += dropped;
+        p
+    }
+
+    /// COLO: connects the SVM's NICs to the mirror, once.
+    fn colo_net(&self, replica: &mut Replica) -> Result<(), String> {
+        if replica.net {
+            return Ok(());
+        }
+        let mirror = self.mirror.clone();
+        let out: FrameSink = Arc::new(move |f| mirror.frame(f));
+        let (mirror, epoch, asked) = (
+            self.mirror.clone(),
+            self.svm_epoch.clone(),
+            self.asked.clone(),
+        );
+        let ask: CheckpointAsk = Arc::new(move |cause| {
+            let now = epoch.load(Ordering::SeqCst);
+            if asked.swap(now, Ordering::SeqCst) != now {
+                if let Err(e) = mirror.message(&Message::CheckpointRequest { cause }) {
+                    tracing::debug!("colo: a checkpoint request was dropped: {e}");
+                }
+            }
+        });
+        let inbound = replica
+            .vm
+            .colo_net(out, ask)
+            .map_err(|e| format!("connecting the SVM's NICs: {e}"))?;
+        replica.net = true;
+        *lock(&self.inbound) = Some(inbound);
+        Ok(())
+    }
+
     fn now_ms(&self) -> u64 {
         self.born.elapsed().as_millis() as u64
     }
@@ -189,13 +266,14 @@ impl Shared {
             return false;
         }
         self.conns.shutdown();
+        self.mirror.close("replication ended");
         self.record_end(state, error);
         true
     }
 
     /// Replication broke (bad data, failed apply): tell the primary,
     /// stop. The replica keeps its last loaded checkpoint.
-    fn broken(&self, data: &mut TcpStream, why: String) {
+    fn broken(&self, why: String) {
         // Claimed first: the primary's reaction to the error (closing)
         // must not read here as the primary being lost.
         if !self.claim_end() {
@@ -205,11 +283,14 @@ impl Shared {
         // On both connections: the primary reads it whichever it reads
         // first, before the end of the stream.
         let msg = Message::Error { text: why.clone() };
-        let _ = wire::write_message(data, &msg);
+        if let Some(data) = &mut *lock(&self.data_out) {
+            let _ = wire::write_message(data, &msg);
+        }
         if let Some(hb) = &mut *lock(&self.heartbeat) {
             let _ = wire::write_message(hb, &msg);
         }
         self.conns.finish();
+        self.mirror.close("replication ended");
         self.record_end(State::Stopped, Some(why));
     }
 
@@ -280,6 +361,7 @@ fn refuse(stream: &mut TcpStream, reason: &str) {
 /// connection; refuses any other.
 fn accept(shared: Arc<Shared>, listener: TcpListener) {
     let mut heartbeat = false;
+    let mut mirror = false;
     for stream in listener.incoming() {
         let Ok(mut stream) = stream else { continue };
         if shared.ended.load(Ordering::SeqCst) {
@@ -326,6 +408,7 @@ fn accept(shared: Arc<Shared>, listener: TcpListener) {
                 shared.session.store(hello.session.max(1), Ordering::SeqCst);
                 shared.last_ping.store(shared.now_ms(), Ordering::SeqCst);
                 shared.conns.add(&stream);
+                *lock(&shared.data_out) = stream.try_clone().ok();
                 {
                     let mut status = lock(&shared.status);
                     status.peer = Some(peer);
@@ -372,6 +455,22 @@ fn accept(shared: Arc<Shared>, listener: TcpListener) {
                     .name("colo-hb".into())
                     .spawn(move || answer_pings(s, stream));
             }
+            Ok(Message::MirrorHello { session: id })
+                if session != 0 && !mirror && shared.config.mode == Mode::Colo =>
+            {
+                if id.max(1) != session {
+                    tracing::warn!(
+                        "colo: refusing a mirror connection of another session from {peer}"
+                    );
+                    refuse(&mut stream, "not this session's mirror connection");
+                    continue;
+                }
+                mirror = true;
+                shared.conns.add(&stream);
+                if let Err(why) = start_mirror(&shared, stream) {
+                    shared.broken(why);
+                }
+            }
             Ok(other) => {
                 tracing::warn!(
                     "colo: refusing a connection from {peer} that opened with {}",
@@ -383,6 +482,53 @@ fn accept(shared: Arc<Shared>, listener: TcpListener) {
                 tracing::warn!("colo: ignoring a connection from {peer}: {}", chain(&e));
             }
         }
+    }
+}
+
+/// COLO: connects the SVM's NICs, starts the mirror's writer and reader.
+fn start_mirror(shared: &Arc<Shared>, stream: TcpStream) -> Result<(), String> {
+    let failed = |e: io::Error| format!("mirror connection: {e}");
+    stream.set_read_timeout(None).map_err(failed)?;
+    let mut writer = stream.try_clone().map_err(failed)?;
+    shared.colo_net(&mut lock(&shared.replica))?;
+    shared.mirror.open();
+    let s = shared.clone();
+    std::thread::Builder::new()
+        .name("colo-mirror-tx".into())
+        // A failed write decides nothing: the heartbeat does.
+        .spawn(move || drop(s.mirror.drain(&mut writer)))
+        .map_err(failed)?;
+    let s = shared.clone();
+    std::thread::Builder::new()
+        .name("colo-mirror-rx".into())
+        .spawn(move || mirror_in(s, stream))
+        .map_err(failed)?;
+    Ok(())
+}
+
+/// COLO: the primary's client frames, to the SVM's NICs.
+fn mirror_in(shared: Arc<Shared>, mut stream: TcpStream) {
+    loop {
+        let why = match wire::read_message(&mut stream) {
+            Ok(Message::Frame(f)) => {
+                if shared.ended.load(Ordering::SeqCst) {
+                    return;
+                }
+                // Cloned out: the sink is called without any lock (a load
+                // holds the replica's for milliseconds).
+                let sink = lock(&shared.inbound).clone();
+                if let Some(sink) = sink {
+                    // A full NIC queue drops the frame (counted there).
+                    let _ = sink(f);
+                }
+                continue;
+            }
+            Ok(other) => format!("unexpected {} on the mirror connection", other.kind()),
+            // As for the data connection: the heartbeat decides.
+            Err(e) if e.is_disconnect() => return,
+            Err(e) => format!("mirror connection: {}", chain(&e)),
+        };
+        return shared.broken(why);
     }
 }
 
@@ -435,8 +581,8 @@ fn watchdog(shared: Arc<Shared>) {
 
 /// The data connection: disk hashes out, then everything staged in.
 fn data(shared: Arc<Shared>, mut stream: TcpStream, mut staging: Staging) {
-    if let Err(e) = send_hashes(&shared, &mut stream) {
-        return shared.broken(&mut stream, format!("sending disk hashes: {e}"));
+    if let Err(e) = send_hashes(&shared) {
+        return shared.broken(format!("sending disk hashes: {e}"));
     }
     loop {
         let msg = match wire::read_message(&mut stream) {
@@ -454,7 +600,7 @@ fn data(shared: Arc<Shared>, mut stream: TcpStream, mut staging: Staging) {
                 );
                 return;
             }
-            Err(e) => return shared.broken(&mut stream, chain(&e)),
+            Err(e) => return shared.broken(chain(&e)),
         };
         if shared.ended.load(Ordering::SeqCst) {
             return;
@@ -468,15 +614,23 @@ fn data(shared: Arc<Shared>, mut stream: TcpStream, mut staging: Staging) {
         }
         let staged = match staging.feed(msg) {
             Ok(s) => s,
-            Err(e) => return shared.broken(&mut stream, e.0),
+            Err(e) => return shared.broken(e.0),
         };
-        if let Err(why) = apply(&shared, &mut stream, staged) {
-            return shared.broken(&mut stream, why);
+        if let Err(why) = apply(&shared, staged) {
+            return shared.broken(why);
         }
     }
 }
 
-fn send_hashes(shared: &Shared, stream: &mut TcpStream) -> Result<(), String> {
+/// Writes `msg` on the data connection.
+fn send(shared: &Shared, msg: &Message) -> Result<(), String> {
+    match &mut *lock(&shared.data_out) {
+        Some(data) => wire::write_message(data, msg).map_err(|e| chain(&e)),
+        None => Err("the data connection is gone".into()),
+    }
+}
+
+fn send_hashes(shared: &Shared) -> Result<(), String> {
     let started = Instant::now();
     let count = lock(&shared.replica).disks.capacities().len();
     for disk in 0..count {
@@ -491,7 +645,7 @@ fn send_hashes(shared: &Shared, stream: &mut TcpStream) -> Result<(), String> {
                 first: (i * HASHES_PER_MESSAGE) as u64,
                 hashes: chunk.to_vec(),
             };
-            wire::write_message(stream, &msg).map_err(|e| chain(&e))?;
+            send(shared, &msg)?;
         }
     }
     tracing::info!(
@@ -502,7 +656,7 @@ fn send_hashes(shared: &Shared, stream: &mut TcpStream) -> Result<(), String> {
 }
 
 /// Does what a staged message asks; an error ends replication.
-fn apply(shared: &Shared, stream: &mut TcpStream, staged: Staged) -> Result<(), String> {
+fn apply(shared: &Shared, staged: Staged) -> Result<(), String> {
     let mut replica = lock(&shared.replica);
     if replica.over {
         return Ok(());
@@ -534,7 +688,21 @@ fn apply(shared: &Shared, stream: &mut TcpStream, staged: Staged) -> Result<(), 
         Staged::StateIn => fault::point(Role::Secondary, Point::AfterState),
         Staged::Complete(checkpoint) => {
             let epoch = checkpoint.epoch;
+            let colo = shared.config.mode == Mode::Colo;
+            if colo {
+                // Normally done when the mirror connection came; a
+                // mirror connection still on its way finds it done.
+                shared.colo_net(&mut replica)?;
+            }
             load(&mut replica, checkpoint)?;
+            if colo {
+                replica
+                    .vm
+                    .run(epoch)
+                    .map_err(|e| format!("running the SVM from checkpoint {epoch}: {e}"))?;
+                shared.svm_epoch.store(epoch + 1, Ordering::SeqCst);
+                *lock(&shared.proxy) = replica.vm.proxy_stats();
+            }
             if epoch == 0 {
                 tracing::info!("colo: checkpoint 0 loaded: protected");
             }
@@ -554,8 +722,8 @@ fn apply(shared: &Shared, stream: &mut TcpStream, staged: Staged) -> Result<(), 
             }
             drop(status);
             fault::point(Role::Secondary, Point::BeforeAck);
-            wire::write_message(stream, &Message::Ack { epoch })
-                .map_err(|e| format!("acking checkpoint {epoch}: {}", chain(&e)))?;
+            send(shared, &Message::Ack { epoch })
+                .map_err(|e| format!("acking checkpoint {epoch}: {e}"))?;
             fault::point(Role::Secondary, Point::AfterAck);
         }
     }

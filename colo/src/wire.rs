@@ -25,8 +25,8 @@ use std::io::{self, Read, Write};
 
 use serde::{Deserialize, Serialize};
 
-use crate::control::Mode;
-use crate::vm::{DiskWrite, Identity, PageBatch, StateDigest};
+use crate::control::{Cause, Mode};
+use crate::vm::{DiskWrite, Identity, PageBatch, PeerFrame, StateDigest};
 use crate::PAGE_SIZE;
 
 /// The version of this protocol.
@@ -40,6 +40,11 @@ pub const HEADER_LEN: usize = 18;
 
 /// The largest payload a frame may carry (64 MiB).
 pub const MAX_PAYLOAD: u32 = 64 << 20;
+
+/// The largest network frame the mirror connection carries: a 64 KiB
+/// segment (TSO/GSO) plus room for its headers. A bigger one is refused
+/// as undecodable (no guest NIC makes one).
+pub const MAX_PEER_FRAME: usize = (64 << 10) + 256;
 
 /// The version this process announces: [`PROTOCOL_VERSION`], unless the
 /// environment variable `COLO_TEST_PROTOCOL_VERSION` names another (tests
@@ -146,6 +151,15 @@ pub enum Message {
     Ack { epoch: u64 },
     /// Secondary -> primary: replication ends; the text says why.
     Error { text: String },
+    /// Primary -> secondary: opens the mirror connection of `session`
+    /// (COLO mode).
+    MirrorHello { session: u64 },
+    /// Either way on the mirror connection (COLO mode): a client frame
+    /// the PVM received, or a frame the SVM sent (see [`PeerFrame`]).
+    Frame(PeerFrame),
+    /// Secondary -> primary on the mirror connection (COLO mode): take a
+    /// checkpoint, for `cause`.
+    CheckpointRequest { cause: Cause },
 }
 
 /// Why a frame could not be read or written.
@@ -186,6 +200,7 @@ mod ty {
     pub const PING: u16 = 5;
     pub const PONG: u16 = 6;
     pub const GOODBYE: u16 = 7;
+    pub const MIRROR_HELLO: u16 = 8;
     pub const DISK_HASHES: u16 = 16;
     pub const DISK_BLOCK: u16 = 17;
     pub const SYNC_PAGES: u16 = 18;
@@ -194,8 +209,10 @@ mod ty {
     pub const STATE: u16 = 34;
     pub const CHECKPOINT_END: u16 = 35;
     pub const DISK_WRITE: u16 = 36;
+    pub const FRAME: u16 = 37;
     pub const ACK: u16 = 48;
     pub const ERROR: u16 = 49;
+    pub const CHECKPOINT_REQUEST: u16 = 50;
 }
 
 /// The postcard-encoded small messages, as they travel.
@@ -207,6 +224,11 @@ struct Text {
 #[derive(Serialize, Deserialize)]
 struct Number {
     n: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Request {
+    cause: Cause,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -242,6 +264,9 @@ impl Message {
             Message::DiskWrite(_) => ty::DISK_WRITE,
             Message::Ack { .. } => ty::ACK,
             Message::Error { .. } => ty::ERROR,
+            Message::MirrorHello { .. } => ty::MIRROR_HELLO,
+            Message::Frame(_) => ty::FRAME,
+            Message::CheckpointRequest { .. } => ty::CHECKPOINT_REQUEST,
         }
     }
 }
@@ -265,6 +290,9 @@ fn type_name(code: u16) -> &'static str {
         ty::DISK_WRITE => "disk-write",
         ty::ACK => "ack",
         ty::ERROR => "error",
+        ty::MIRROR_HELLO => "mirror-hello",
+        ty::FRAME => "frame",
+        ty::CHECKPOINT_REQUEST => "checkpoint-request",
         _ => "unknown",
     }
 }
@@ -295,10 +323,12 @@ pub fn encode(msg: &Message) -> Result<Vec<u8>, WireError> {
         | Message::Goodbye { reason: text }
         | Message::Error { text } => put_postcard(&mut out, &Text { text: text.clone() }),
         Message::HeartbeatHello { session: n }
+        | Message::MirrorHello { session: n }
         | Message::Ping { seq: n }
         | Message::Pong { seq: n }
         | Message::CheckpointEnd { epoch: n }
         | Message::Ack { epoch: n } => put_postcard(&mut out, &Number { n: *n }),
+        Message::CheckpointRequest { cause } => put_postcard(&mut out, &Request { cause: *cause }),
         Message::CheckpointBegin {
             epoch,
             pages,
@@ -350,6 +380,12 @@ pub fn encode(msg: &Message) -> Result<Vec<u8>, WireError> {
             out.extend_from_slice(&w.offset.to_le_bytes());
             out.extend_from_slice(&w.data);
         }
+        Message::Frame(f) => {
+            check_frame(f.data.len())?;
+            out.extend_from_slice(&f.epoch.to_le_bytes());
+            out.extend_from_slice(&f.nic.to_le_bytes());
+            out.extend_from_slice(&f.data);
+        }
     }
     let len = out.len() - HEADER_LEN;
     if len > MAX_PAYLOAD as usize {
@@ -378,6 +414,17 @@ fn check_batch(batch: &PageBatch) -> Result<(), WireError> {
                 batch.addrs.len(),
                 batch.data.len()
             ),
+        })
+    }
+}
+
+fn check_frame(len: usize) -> Result<(), WireError> {
+    if len <= MAX_PEER_FRAME {
+        Ok(())
+    } else {
+        Err(WireError::Undecodable {
+            kind: "frame",
+            why: format!("a network frame of {len} bytes (at most {MAX_PEER_FRAME})"),
         })
     }
 }
@@ -533,6 +580,12 @@ fn decode_payload(code: u16, payload: Vec<u8>) -> Result<Message, WireError> {
         ty::HEARTBEAT_HELLO => Message::HeartbeatHello {
             session: number(&payload)?,
         },
+        ty::MIRROR_HELLO => Message::MirrorHello {
+            session: number(&payload)?,
+        },
+        ty::CHECKPOINT_REQUEST => Message::CheckpointRequest {
+            cause: postcard_all::<Request>(kind, &payload)?.cause,
+        },
         ty::PING => Message::Ping {
             seq: number(&payload)?,
         },
@@ -611,6 +664,16 @@ fn decode_payload(code: u16, payload: Vec<u8>) -> Result<Message, WireError> {
                 data: c.rest.to_vec(),
             })
         }
+        ty::FRAME => {
+            let epoch = c.u64("the epoch")?;
+            let nic = c.u16("the NIC")?;
+            check_frame(c.rest.len())?;
+            Message::Frame(PeerFrame {
+                epoch,
+                nic,
+                data: c.rest.to_vec(),
+            })
+        }
         other => return Err(WireError::UnknownType(other)),
     };
     Ok(msg)
@@ -666,6 +729,10 @@ pub(crate) mod tests {
             )
                 .prop_map(|(hash, parts)| StateDigest { hash, parts }),
         )
+    }
+
+    fn cause() -> impl Strategy<Value = Cause> {
+        proptest::sample::select(Cause::ALL.to_vec())
     }
 
     fn bytes() -> impl Strategy<Value = Vec<u8>> {
@@ -730,6 +797,10 @@ pub(crate) mod tests {
                     data
                 })
             ),
+            any::<u64>().prop_map(|session| Message::MirrorHello { session }),
+            (any::<u64>(), any::<u16>(), bytes())
+                .prop_map(|(epoch, nic, data)| Message::Frame(PeerFrame { epoch, nic, data })),
+            cause().prop_map(|cause| Message::CheckpointRequest { cause }),
         ]
     }
 
@@ -844,6 +915,48 @@ pub(crate) mod tests {
             read_message(&mut pages.as_slice()),
             Err(WireError::Undecodable {
                 kind: "sync-pages",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_network_frame_beyond_the_bound_is_undecodable() {
+        let frame = |len: usize| PeerFrame {
+            epoch: 3,
+            nic: 1,
+            data: vec![0xab; len],
+        };
+        // The largest frame travels.
+        let max = Message::Frame(frame(MAX_PEER_FRAME));
+        let bytes = encode(&max).expect("encodes");
+        assert_eq!(read_message(&mut bytes.as_slice()).expect("decodes"), max);
+        // One byte more is refused when sending...
+        assert!(matches!(
+            encode(&Message::Frame(frame(MAX_PEER_FRAME + 1))),
+            Err(WireError::Undecodable { kind: "frame", .. })
+        ));
+        // ...and when received from a hostile peer with both CRCs right.
+        let mut payload = 3u64.to_le_bytes().to_vec();
+        payload.extend_from_slice(&1u16.to_le_bytes());
+        payload.extend(std::iter::repeat_n(0xab, MAX_PEER_FRAME + 1));
+        let raw = raw_frame(ty::FRAME, payload.len() as u32, &payload);
+        assert!(matches!(
+            read_message(&mut raw.as_slice()),
+            Err(WireError::Undecodable { kind: "frame", .. })
+        ));
+        // A frame without its NIC is short.
+        let raw = raw_frame(ty::FRAME, 9, &[0; 9]);
+        assert!(matches!(
+            read_message(&mut raw.as_slice()),
+            Err(WireError::Undecodable { kind: "frame", .. })
+        ));
+        // A request with an unknown cause is refused.
+        let raw = raw_frame(ty::CHECKPOINT_REQUEST, 1, &[9]);
+        assert!(matches!(
+            read_message(&mut raw.as_slice()),
+            Err(WireError::Undecodable {
+                kind: "checkpoint-request",
                 ..
             })
         ));

@@ -372,6 +372,12 @@ impl Compare {
         }
     }
 
+    /// Changes the timeout from now on; frames already waiting get the
+    /// new one too (counted from their arrival).
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.config.timeout = timeout;
+    }
+
     /// The epoch compared now.
     pub fn epoch(&self) -> u64 {
         self.epoch

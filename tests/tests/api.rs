@@ -305,6 +305,7 @@ fn vmmctl_calls_every_endpoint() {
         &["failover"][..],
         &["checkpoint"],
         &["set-checkpoint-ms", "50"],
+        &["set-compare-timeout-ms", "50"],
         &["colo-status"],
     ] {
         let out = vmmctl(&vm.sock, args);
@@ -315,6 +316,12 @@ fn vmmctl_calls_every_endpoint() {
     let out = vmmctl(&vm.sock, &["set-checkpoint-ms", "0"]);
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("HTTP 400: checkpoint_ms 0 is out of range"),
+        "{out:?}"
+    );
+    let out = vmmctl(&vm.sock, &["set-compare-timeout-ms", "60001"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("HTTP 400: compare_timeout_ms 60001 is out of range"),
         "{out:?}"
     );
     let out = vmmctl(&vm.sock, &["status"]);

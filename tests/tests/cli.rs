@@ -115,8 +115,10 @@ fn replication_settings_are_checked_before_any_vm_exists() {
                 k,
                 "--mode",
                 "colo",
+                "--compare-timeout-ms",
+                "0",
             ],
-            "COLO mode is not built yet (issue 10); use --mode remus",
+            "--compare-timeout-ms 0 is out of range: give 1..=60000",
         ),
         (
             &["--kernel", k, "--peer", "127.0.0.1:7000"],

@@ -195,7 +195,17 @@ fn checkpoints_are_requested_and_tuned_over_the_api() {
     ] {
         assert_eq!(patch(bad).status, 400, "{bad}");
     }
+    // The compare timeout is COLO's: a Remus pair refuses it, and the
+    // interval given with it stays.
+    let r = patch(r#"{"compare_timeout_ms":5,"checkpoint_ms":30}"#);
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(r.text().contains("not in COLO mode"), "{}", r.text());
     assert_eq!(pair.status(Side::Primary).raw["checkpoint_ms"], 60000);
+    assert!(pair
+        .status(Side::Primary)
+        .raw
+        .get("compare_timeout_ms")
+        .is_none());
 
     // With the timer out of the way, each request is one checkpoint.
     let requested = r#"colo_checkpoints_total{cause="requested"}"#;

@@ -28,8 +28,12 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 // The replication defaults and the interval range are the engine's.
 pub use colo::control::CHECKPOINT_MS_RANGE;
 pub use colo::primary::{
-    DEFAULT_CHECKPOINT_MS, DEFAULT_HEARTBEAT_MS, DEFAULT_HEARTBEAT_TIMEOUT_MS,
+    DEFAULT_CHECKPOINT_MS, DEFAULT_COLO_CHECKPOINT_MS, DEFAULT_HEARTBEAT_MS,
+    DEFAULT_HEARTBEAT_TIMEOUT_MS,
 };
+pub use net_proxy::compare::DEFAULT_COMPARE_TIMEOUT_MS;
+/// Compare timeouts accepted (`--compare-timeout-ms`, `PATCH /colo`).
+pub const COMPARE_TIMEOUT_MS_RANGE: std::ops::RangeInclusive<u64> = 1..=60_000;
 /// Heartbeat intervals and timeouts accepted.
 pub const HEARTBEAT_MS_RANGE: std::ops::RangeInclusive<u64> = 1..=60_000;
 
@@ -164,13 +168,19 @@ pub struct Cli {
     /// Secondary: the address to wait on for the primary.
     #[arg(long, value_name = "HOST:PORT", help_heading = "Replication")]
     pub listen: Option<String>,
-    /// How the pair replicates [default: remus]; `colo` is not built yet.
+    /// How the pair replicates [default: remus]: `remus` holds the guest's
+    /// output until its checkpoint; `colo` runs a secondary VM in parallel
+    /// and releases output the secondary produced too.
     #[arg(long, value_name = "remus|colo", value_parser = parse_mode, help_heading = "Replication")]
     pub mode: Option<Mode>,
-    /// Milliseconds between checkpoints, 1..=60000 [default: 20]: Remus
-    /// holds the guest's replies up to one interval.
+    /// Milliseconds between checkpoints, 1..=60000 [default: 20 (remus),
+    /// 2000 (colo)]: Remus holds the guest's replies up to one interval.
     #[arg(long, value_name = "N", help_heading = "Replication")]
     pub checkpoint_ms: Option<u64>,
+    /// Primary, COLO mode: milliseconds a frame waits for its twin from
+    /// the other VM before a checkpoint is taken, 1..=60000 [default: 20].
+    #[arg(long, value_name = "N", help_heading = "Replication")]
+    pub compare_timeout_ms: Option<u64>,
     /// Send the state hash with each checkpoint; the secondary compares it
     /// after applying and stops replication on a mismatch.
     #[arg(long, help_heading = "Replication")]
@@ -309,6 +319,7 @@ pub struct FileConfig {
     pub listen: Option<String>,
     pub mode: Option<Mode>,
     pub checkpoint_ms: Option<u64>,
+    pub compare_timeout_ms: Option<u64>,
     pub verify_checkpoints: Option<bool>,
     pub failover: Option<Failover>,
     pub heartbeat_ms: Option<u64>,
@@ -326,6 +337,9 @@ pub struct ReplicationConfig {
     pub mode: Mode,
     /// Milliseconds between checkpoints ([`CHECKPOINT_MS_RANGE`]).
     pub checkpoint_ms: u64,
+    /// Primary, COLO mode: how long a frame waits for its twin
+    /// ([`COMPARE_TIMEOUT_MS_RANGE`]).
+    pub compare_timeout_ms: u64,
     /// Checkpoints carry the state hash; the secondary compares it.
     pub verify: bool,
     /// Take over on heartbeat loss ([`Failover::Auto`]).
@@ -353,6 +367,7 @@ impl ReplicationConfig {
             listen,
             mode: Mode::Remus,
             checkpoint_ms: DEFAULT_CHECKPOINT_MS,
+            compare_timeout_ms: DEFAULT_COMPARE_TIMEOUT_MS,
             verify: false,
             failover_auto: false,
             heartbeat_ms: DEFAULT_HEARTBEAT_MS,
@@ -389,11 +404,11 @@ impl ReplicationConfig {
         if let Some(listen) = &self.listen {
             check_address("--listen", listen)?;
         }
-        if self.mode == Mode::Colo {
-            return Err(ConfigError::ColoModeNotBuilt);
-        }
         if !CHECKPOINT_MS_RANGE.contains(&self.checkpoint_ms) {
             return Err(ConfigError::CheckpointMs(self.checkpoint_ms));
+        }
+        if !COMPARE_TIMEOUT_MS_RANGE.contains(&self.compare_timeout_ms) {
+            return Err(ConfigError::CompareTimeoutMs(self.compare_timeout_ms));
         }
         if !HEARTBEAT_MS_RANGE.contains(&self.heartbeat_ms) {
             return Err(ConfigError::HeartbeatMs(self.heartbeat_ms));
@@ -412,6 +427,7 @@ impl ReplicationConfig {
 
 const PRIMARY_HINT: &str = "a primary connects to its secondary at --peer HOST:PORT";
 const SECONDARY_HINT: &str = "a secondary waits for its primary at --listen HOST:PORT";
+const COMPARE_ON_PRIMARY: &str = "the primary compares the two VMs' output";
 const GUEST_FROM_PRIMARY: &str = "the secondary gets its guest from the primary";
 
 /// Checks that `value` is `HOST:PORT` with a port in 1..=65535 (an IPv6
@@ -581,10 +597,12 @@ pub enum ConfigError {
     SecondarySize,
     #[error("invalid {flag} {value:?}: expected HOST:PORT with a port 1..=65535")]
     BadAddress { flag: &'static str, value: String },
-    #[error("COLO mode is not built yet (issue 10); use --mode remus")]
-    ColoModeNotBuilt,
     #[error("--checkpoint-ms {0} is out of range: give 1..=60000")]
     CheckpointMs(u64),
+    #[error("--compare-timeout-ms {0} is out of range: give 1..=60000")]
+    CompareTimeoutMs(u64),
+    #[error("{flag} is a COLO setting: it needs --mode colo")]
+    ColoOnly { flag: &'static str },
     #[error("--heartbeat-ms {0} is out of range: give 1..=60000")]
     HeartbeatMs(u64),
     #[error(
@@ -780,6 +798,10 @@ fn merge_replication(
                     cli.checkpoint_ms.is_some() || file.checkpoint_ms.is_some(),
                 ),
                 (
+                    "--compare-timeout-ms",
+                    cli.compare_timeout_ms.is_some() || file.compare_timeout_ms.is_some(),
+                ),
+                (
                     "--verify-checkpoints",
                     cli.verify_checkpoints || file.verify_checkpoints.is_some(),
                 ),
@@ -804,15 +826,33 @@ fn merge_replication(
         Role::Primary => colo::control::Role::Primary,
         Role::Secondary => colo::control::Role::Secondary,
     };
+    let compare_timeout_ms = cli.compare_timeout_ms.or(file.compare_timeout_ms);
+    if side == colo::control::Role::Secondary && compare_timeout_ms.is_some() {
+        return Err(ConfigError::NotForRole {
+            flag: "--compare-timeout-ms",
+            role,
+            hint: COMPARE_ON_PRIMARY,
+        });
+    }
+    let mode = cli.mode.or(file.mode).unwrap_or(Mode::Remus);
+    if mode == Mode::Remus && compare_timeout_ms.is_some() {
+        return Err(ConfigError::ColoOnly {
+            flag: "--compare-timeout-ms",
+        });
+    }
     Ok(Some(ReplicationConfig {
         role: side,
         peer: cli.peer.clone().or_else(|| file.peer.clone()),
         listen: cli.listen.clone().or_else(|| file.listen.clone()),
-        mode: cli.mode.or(file.mode).unwrap_or(Mode::Remus),
+        mode,
         checkpoint_ms: cli
             .checkpoint_ms
             .or(file.checkpoint_ms)
-            .unwrap_or(DEFAULT_CHECKPOINT_MS),
+            .unwrap_or(match mode {
+                Mode::Remus => DEFAULT_CHECKPOINT_MS,
+                Mode::Colo => DEFAULT_COLO_CHECKPOINT_MS,
+            }),
+        compare_timeout_ms: compare_timeout_ms.unwrap_or(DEFAULT_COMPARE_TIMEOUT_MS),
         verify: cli.verify_checkpoints || file.verify_checkpoints.unwrap_or(false),
         failover_auto: cli.failover.or(file.failover).unwrap_or_default() == Failover::Auto,
         heartbeat_ms: cli
@@ -1172,6 +1212,7 @@ mod tests {
             (&["--listen", "h:1"], "--listen"),
             (&["--mode", "remus"], "--mode"),
             (&["--checkpoint-ms", "5"], "--checkpoint-ms"),
+            (&["--compare-timeout-ms", "5"], "--compare-timeout-ms"),
             (&["--verify-checkpoints"], "--verify-checkpoints"),
             (&["--failover", "auto"], "--failover"),
             (&["--heartbeat-ms", "5"], "--heartbeat-ms"),
@@ -1203,12 +1244,6 @@ mod tests {
             let args: Vec<&str> = SECONDARY.iter().chain(extra).copied().collect();
             VmConfig::from_cli(&cli(&args)).unwrap_err()
         };
-        let e = err(&["--mode", "colo"]);
-        assert!(matches!(e, ConfigError::ColoModeNotBuilt), "{e}");
-        assert_eq!(
-            e.to_string(),
-            "COLO mode is not built yet (issue 10); use --mode remus"
-        );
         assert!(matches!(
             err(&["--checkpoint-ms", "0"]),
             ConfigError::CheckpointMs(0)
@@ -1250,6 +1285,113 @@ mod tests {
         );
         assert!(Cli::try_parse_from(["vmm", "--mode", "fast"]).is_err());
         assert!(Cli::try_parse_from(["vmm", "--failover", "sometimes"]).is_err());
+    }
+
+    #[test]
+    fn colo_mode_takes_its_defaults_and_the_compare_timeout() {
+        let kernel = elf_file();
+        let k = kernel.path().to_str().unwrap();
+        let primary = |extra: &[&str]| {
+            let args: Vec<&str> = ["--kernel", k, "--role", "primary", "--peer", "h:1"]
+                .iter()
+                .chain(extra)
+                .copied()
+                .collect();
+            VmConfig::from_cli(&cli(&args))
+        };
+        let r = primary(&["--mode", "colo"]).unwrap().replication.unwrap();
+        assert_eq!(
+            (r.mode, r.checkpoint_ms, r.compare_timeout_ms),
+            (
+                Mode::Colo,
+                DEFAULT_COLO_CHECKPOINT_MS,
+                DEFAULT_COMPARE_TIMEOUT_MS
+            )
+        );
+        assert_eq!((r.checkpoint_ms, r.compare_timeout_ms), (2000, 20));
+        let r = primary(&[
+            "--mode",
+            "colo",
+            "--checkpoint-ms",
+            "500",
+            "--compare-timeout-ms",
+            "60000",
+        ])
+        .unwrap()
+        .replication
+        .unwrap();
+        assert_eq!((r.checkpoint_ms, r.compare_timeout_ms), (500, 60000));
+        // Remus keeps its own interval.
+        let r = primary(&[]).unwrap().replication.unwrap();
+        assert_eq!(
+            (r.mode, r.checkpoint_ms),
+            (Mode::Remus, DEFAULT_CHECKPOINT_MS)
+        );
+        for bad in ["0", "60001"] {
+            let e = primary(&["--mode", "colo", "--compare-timeout-ms", bad]).unwrap_err();
+            assert!(matches!(e, ConfigError::CompareTimeoutMs(_)), "{e}");
+            assert_eq!(
+                e.to_string(),
+                format!("--compare-timeout-ms {bad} is out of range: give 1..=60000")
+            );
+        }
+        let e = primary(&["--compare-timeout-ms", "5"]).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ConfigError::ColoOnly {
+                    flag: "--compare-timeout-ms"
+                }
+            ),
+            "{e}"
+        );
+        // A secondary in COLO mode, without a compare timeout of its own.
+        let args: Vec<&str> = SECONDARY
+            .iter()
+            .chain(&["--mode", "colo"])
+            .copied()
+            .collect();
+        let r = VmConfig::from_cli(&cli(&args))
+            .unwrap()
+            .replication
+            .unwrap();
+        assert_eq!((r.mode, r.checkpoint_ms), (Mode::Colo, 2000));
+        let args: Vec<&str> = SECONDARY
+            .iter()
+            .chain(&["--mode", "colo", "--compare-timeout-ms", "5"])
+            .copied()
+            .collect();
+        let e = VmConfig::from_cli(&cli(&args)).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ConfigError::NotForRole {
+                    flag: "--compare-timeout-ms",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        // From the file; the flag wins.
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(
+            f,
+            "kernel = {:?}\nrole = \"primary\"\npeer = \"h:1\"\nmode = \"colo\"\n\
+             compare-timeout-ms = 40",
+            kernel.path()
+        )
+        .unwrap();
+        let path = f.path().to_str().unwrap();
+        let r = VmConfig::from_cli(&cli(&["--config", path]))
+            .unwrap()
+            .replication
+            .unwrap();
+        assert_eq!((r.mode, r.compare_timeout_ms), (Mode::Colo, 40));
+        let r = VmConfig::from_cli(&cli(&["--config", path, "--compare-timeout-ms", "7"]))
+            .unwrap()
+            .replication
+            .unwrap();
+        assert_eq!(r.compare_timeout_ms, 7);
     }
 
     #[test]

@@ -15,12 +15,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, Once};
 use std::time::{Duration, Instant};
 
-use colo::control::{Control, State, Status};
+use colo::control::{Control, Mode, ProxyStats, State, Status};
 use colo::primary::{self, PrimaryConfig, PrimaryHandle};
 use colo::secondary::{self, Failover, SecondaryConfig, SecondaryHandle};
 use colo::vm::{
-    Capture, DiskWrite, DiskWriteSink, Identity, OutputControl, PageBatch, PrimaryDisks, PrimaryVm,
-    ReplicaDisks, ReplicaVm, StateDigest, VmOpError,
+    Capture, CheckpointAsk, DiskWrite, DiskWriteSink, FrameSink, Identity, OutputControl,
+    PageBatch, PeerFrame, PrimaryDisks, PrimaryVm, ReplicaDisks, ReplicaVm, StateDigest, VmOpError,
 };
 use colo::PAGE_SIZE;
 use net_proxy::output::{OutputBuffer, Push};
@@ -373,6 +373,52 @@ impl PrimaryDisks for FakeDisks {
     }
 }
 
+/// A call of the fakes that COLO cares about, in the order both sides
+/// made them (one log for the pair).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ev {
+    /// Secondary: checkpoint N loaded, its disk writes committed, the
+    /// SVM run from it.
+    Load(u64),
+    Commit(u64),
+    Run(u64),
+    /// Primary: epoch N's output released (after Ack(N)).
+    Release(u64),
+    /// Secondary: failover.
+    TakeOverDisks,
+    TakeOverVm,
+    /// Secondary: `colo_net`; primary: `output.mirror`.
+    ColoNet,
+    Mirror,
+}
+
+/// What the COLO methods of the fakes saw and were given.
+#[derive(Default)]
+pub struct Colo {
+    pub events: Vec<Ev>,
+    /// Primary: the sink `output.mirror` got (the test pushes client
+    /// frames into it as the PVM's NIC would).
+    pub mirror_sink: Option<FrameSink>,
+    /// Primary: what `output.secondary_frame` got.
+    pub from_secondary: Vec<PeerFrame>,
+    /// Secondary: what `colo_net` got (the test sends SVM frames and
+    /// asks with them).
+    pub out: Option<FrameSink>,
+    pub ask: Option<CheckpointAsk>,
+    /// Secondary: what the inbound sink `colo_net` returned got.
+    pub inbound: Vec<PeerFrame>,
+    /// Secondary: `run(N)` fails for this N.
+    pub fail_run: Option<u64>,
+    /// Secondary: what `proxy_stats` says.
+    pub svm_stats: ProxyStats,
+}
+
+pub type SharedColo = Arc<Mutex<Colo>>;
+
+fn record(colo: &SharedColo, ev: Ev) {
+    lock(colo).events.push(ev);
+}
+
 /// The replica: memory, state and disk, with the writes held per epoch.
 #[derive(Default)]
 pub struct Replica {
@@ -390,6 +436,8 @@ pub struct Replica {
     /// The next load says it started on the first, then waits for the
     /// second.
     pub hold_next_load: Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>,
+    /// The COLO log of the pair.
+    pub colo: SharedColo,
 }
 
 impl Replica {
@@ -411,7 +459,7 @@ pub fn replica() -> SharedReplica {
     }))
 }
 
-struct FakeReplica(SharedReplica, Identity);
+struct FakeReplica(SharedReplica, Identity, SharedColo);
 
 fn write_pages(mem: &mut [u8], pages: &PageBatch) {
     for (i, &a) in pages.addrs.iter().enumerate() {
@@ -442,6 +490,7 @@ impl ReplicaVm for FakeReplica {
         }
         r.state = state;
         r.loads += 1;
+        record(&self.2, Ev::Load(r.loads - 1));
         Ok(())
     }
 
@@ -452,7 +501,33 @@ impl ReplicaVm for FakeReplica {
 
     fn take_over(&mut self) -> Result<(), VmOpError> {
         lock(&self.0).take_overs += 1;
+        record(&self.2, Ev::TakeOverVm);
         Ok(())
+    }
+
+    fn colo_net(&mut self, out: FrameSink, ask: CheckpointAsk) -> Result<FrameSink, VmOpError> {
+        let mut c = lock(&self.2);
+        c.events.push(Ev::ColoNet);
+        c.out = Some(out);
+        c.ask = Some(ask);
+        let colo = self.2.clone();
+        Ok(Arc::new(move |f| {
+            lock(&colo).inbound.push(f);
+            Ok(())
+        }))
+    }
+
+    fn run(&mut self, epoch: u64) -> Result<(), VmOpError> {
+        let mut c = lock(&self.2);
+        c.events.push(Ev::Run(epoch));
+        if c.fail_run == Some(epoch) {
+            return Err(VmOpError("the SVM would not run".into()));
+        }
+        Ok(())
+    }
+
+    fn proxy_stats(&self) -> ProxyStats {
+        lock(&self.2).svm_stats
     }
 }
 
@@ -473,7 +548,9 @@ impl ReplicaDisks for FakeReplicaDisks {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        lock(&self.0).committed = Some(0);
+        let mut r = lock(&self.0);
+        r.committed = Some(0);
+        record(&r.colo, Ev::Commit(0));
         Ok(())
     }
 
@@ -493,6 +570,7 @@ impl ReplicaDisks for FakeReplicaDisks {
         }
         r.staged = later;
         r.committed = Some(epoch);
+        record(&r.colo, Ev::Commit(epoch));
         Ok(())
     }
 
@@ -500,6 +578,7 @@ impl ReplicaDisks for FakeReplicaDisks {
         let mut r = lock(&self.0);
         r.discarded += r.staged.len();
         r.staged.clear();
+        record(&r.colo, Ev::TakeOverDisks);
         Ok(())
     }
 }
@@ -528,6 +607,7 @@ struct FakeOutput {
     acked: Arc<Mutex<Vec<Acked>>>,
     /// Epochs released before the replica committed them.
     early: Arc<Mutex<Vec<u64>>>,
+    colo: SharedColo,
 }
 
 impl OutputControl for FakeOutput {
@@ -551,6 +631,7 @@ impl OutputControl for FakeOutput {
             sent,
         });
         lock(&self.log).push(Release::Epoch(epoch));
+        record(&self.colo, Ev::Release(epoch));
     }
 
     fn release_all(&mut self) {
@@ -566,6 +647,23 @@ impl OutputControl for FakeOutput {
         let g = lock(&self.guest);
         (g.output.held_frames(), g.output.held_bytes())
     }
+
+    fn mirror(&mut self, sink: FrameSink) {
+        let mut c = lock(&self.colo);
+        c.events.push(Ev::Mirror);
+        c.mirror_sink = Some(sink);
+    }
+
+    fn secondary_frame(&mut self, frame: PeerFrame) {
+        lock(&self.colo).from_secondary.push(frame);
+    }
+
+    fn proxy_stats(&self) -> ProxyStats {
+        ProxyStats {
+            compared_frames: 7,
+            ..ProxyStats::default()
+        }
+    }
 }
 
 /// A TCP relay between primary and secondary that can flip a byte of the
@@ -574,6 +672,10 @@ impl OutputControl for FakeOutput {
 /// from the primary, not yet passed on to the secondary.
 pub struct Relay {
     pub flip: AtomicBool,
+    /// Flip a byte of the mirror connection (the third), primary ->
+    /// secondary, or secondary -> primary.
+    pub flip_mirror: AtomicBool,
+    pub flip_mirror_back: AtomicBool,
     pub frozen: AtomicBool,
     pub hold_later: AtomicBool,
     /// The primary closed the data connection and the relay passed the
@@ -588,6 +690,8 @@ impl Relay {
     fn start(target: SocketAddr, hold_later: bool) -> (Arc<Relay>, SocketAddr) {
         let relay = Arc::new(Relay {
             flip: AtomicBool::new(false),
+            flip_mirror: AtomicBool::new(false),
+            flip_mirror_back: AtomicBool::new(false),
             frozen: AtomicBool::new(false),
             hold_later: AtomicBool::new(hold_later),
             data_closed: AtomicBool::new(false),
@@ -610,9 +714,8 @@ impl Relay {
                     s.set_nodelay(true).expect("nodelay");
                     lock(&r.conns).push(s.try_clone().expect("clone"));
                 }
-                // Only the first connection (data) flips, primary -> secondary.
-                pump(r.clone(), &from, &to, i == 0);
-                pump(r.clone(), &to, &from, false);
+                pump(r.clone(), &from, &to, i, true);
+                pump(r.clone(), &to, &from, i, false);
             }
         });
         (relay, addr)
@@ -629,7 +732,9 @@ impl Relay {
     }
 }
 
-fn pump(r: Arc<Relay>, from: &TcpStream, to: &TcpStream, flips: bool) {
+/// Pumps connection `conn` (0 data, 1 heartbeat, 2 mirror) from `from`
+/// to `to`, primary -> secondary when `forward`.
+fn pump(r: Arc<Relay>, from: &TcpStream, to: &TcpStream, conn: usize, forward: bool) {
     let mut from = from.try_clone().expect("clone");
     let mut to = to.try_clone().expect("clone");
     std::thread::spawn(move || {
@@ -645,7 +750,13 @@ fn pump(r: Arc<Relay>, from: &TcpStream, to: &TcpStream, flips: bool) {
             if r.cut.load(Ordering::SeqCst) {
                 break;
             }
-            if flips && r.flip.swap(false, Ordering::SeqCst) {
+            let flip = match (conn, forward) {
+                (0, true) => Some(&r.flip),
+                (2, true) => Some(&r.flip_mirror),
+                (2, false) => Some(&r.flip_mirror_back),
+                _ => None,
+            };
+            if flip.is_some_and(|f| f.swap(false, Ordering::SeqCst)) {
                 buf[n - 1] ^= 0x10;
             }
             if to.write_all(&buf[..n]).is_err() {
@@ -653,7 +764,7 @@ fn pump(r: Arc<Relay>, from: &TcpStream, to: &TcpStream, flips: bool) {
             }
         }
         let _ = to.shutdown(Shutdown::Write);
-        if flips {
+        if (conn, forward) == (0, true) {
             r.data_closed.store(true, Ordering::SeqCst);
         }
     });
@@ -669,11 +780,14 @@ pub struct Pair {
     pub acked: Arc<Mutex<Vec<Acked>>>,
     pub early: Arc<Mutex<Vec<u64>>>,
     pub fatal: Arc<Mutex<Vec<String>>>,
+    /// What the COLO methods saw, both sides.
+    pub colo: SharedColo,
     /// Between the two when asked for.
     pub relay: Option<Arc<Relay>>,
 }
 
 pub struct Options {
+    pub mode: Mode,
     pub failover: Failover,
     pub secondary_identity: Identity,
     pub checkpoint_ms: u64,
@@ -690,6 +804,7 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Self {
+            mode: Mode::Remus,
             failover: Failover::Manual,
             secondary_identity: identity(MEM, 2),
             checkpoint_ms: 5,
@@ -714,12 +829,18 @@ pub fn start_secondary(
     let fatal = Arc::new(Mutex::new(Vec::new()));
     let f = fatal.clone();
     let mut config = SecondaryConfig::new(Box::new(move |msg| lock(&f).push(msg)));
+    config.mode = o.mode;
     config.failover = o.failover;
     config.heartbeat_timeout_ms = o.heartbeat_timeout_ms;
+    let colo = lock(&replica).colo.clone();
     let handle = secondary::start(
         config,
         listener,
-        Box::new(FakeReplica(replica.clone(), o.secondary_identity.clone())),
+        Box::new(FakeReplica(
+            replica.clone(),
+            o.secondary_identity.clone(),
+            colo,
+        )),
         Box::new(FakeReplicaDisks(replica.clone())),
     )
     .expect("secondary starts");
@@ -736,6 +857,7 @@ pub fn start_primary(
     watch_panics();
     let logs = FakeOutputLogs::default();
     let mut config = PrimaryConfig::new(peer.to_string());
+    config.mode = o.mode;
     config.checkpoint_ms = o.checkpoint_ms;
     config.verify = true;
     config.heartbeat_ms = 20;
@@ -751,6 +873,7 @@ pub fn start_primary(
             log: logs.releases.clone(),
             acked: logs.acked.clone(),
             early: logs.early.clone(),
+            colo: lock(replica).colo.clone(),
         }),
     )
     .expect("primary starts");
@@ -785,7 +908,9 @@ pub fn pair(o: Options) -> Pair {
     };
     let guest = guest(o.held_bytes_max);
     let (primary, logs) = start_primary(peer, &o, &guest, &replica);
+    let colo = lock(&replica).colo.clone();
     Pair {
+        colo,
         guest,
         replica,
         primary,

@@ -124,7 +124,8 @@ fn render_colo(out: &mut String, m: &colo::control::Metrics) {
         "From a checkpoint's capture to the secondary's ack.",
         &m.transfer,
     );
-    let plain: [(&str, &str, &str, u64); 4] = [
+    let p = &m.proxy;
+    let plain: [(&str, &str, &str, u64); 12] = [
         (
             "colo_checkpoint_bytes_total",
             "counter",
@@ -148,6 +149,55 @@ fn render_colo(out: &mut String, m: &colo::control::Metrics) {
             "counter",
             "Failovers this vmm carried out.",
             m.failovers,
+        ),
+        (
+            "colo_compared_frames_total",
+            "counter",
+            "COLO: guest frames the compare proxy compared (primary).",
+            p.compared_frames,
+        ),
+        (
+            "colo_matched_frames_total",
+            "counter",
+            "COLO: guest frames released because the other VM sent the same (primary).",
+            p.matched_frames,
+        ),
+        (
+            "colo_proxy_held_frames",
+            "gauge",
+            "COLO: guest frames the compare proxy holds (primary).",
+            p.held_frames,
+        ),
+        (
+            "colo_proxy_queue_depth",
+            "gauge",
+            "COLO: secondary frames waiting for their twin (primary), client frames waiting \
+             for the secondary VM (secondary).",
+            p.queue_depth,
+        ),
+        (
+            "colo_tracked_connections",
+            "gauge",
+            "COLO: connections the compare proxy tracks (primary).",
+            p.connections,
+        ),
+        (
+            "colo_rewritten_connections",
+            "gauge",
+            "COLO: connections whose sequence numbers are rewritten (secondary).",
+            p.rewritten_connections,
+        ),
+        (
+            "colo_mirrored_frames_total",
+            "counter",
+            "COLO: frames sent to the peer on the mirror connection.",
+            p.mirrored_frames,
+        ),
+        (
+            "colo_mirror_dropped_frames_total",
+            "counter",
+            "COLO: frames dropped: the mirror connection behind, no such NIC, or a stale epoch.",
+            p.dropped_frames,
         ),
     ];
     for (name, kind, help, value) in plain {
@@ -278,7 +328,16 @@ pub(crate) mod tests {
                 held_bytes: 6000,
                 failovers: 1,
                 state: Some(State::Protected),
-                proxy: Default::default(),
+                proxy: colo::control::ProxyStats {
+                    compared_frames: 11,
+                    matched_frames: 12,
+                    held_frames: 13,
+                    queue_depth: 14,
+                    connections: 15,
+                    rewritten_connections: 16,
+                    mirrored_frames: 17,
+                    dropped_frames: 18,
+                },
             }),
             ..Default::default()
         };
@@ -299,6 +358,20 @@ pub(crate) mod tests {
         assert_eq!(get("colo_held_frames"), 4.0);
         assert_eq!(get("colo_held_bytes"), 6000.0);
         assert_eq!(get("colo_failovers_total"), 1.0);
+        for (name, value) in [
+            ("colo_compared_frames_total", 11.0),
+            ("colo_matched_frames_total", 12.0),
+            ("colo_proxy_held_frames", 13.0),
+            ("colo_proxy_queue_depth", 14.0),
+            ("colo_tracked_connections", 15.0),
+            ("colo_rewritten_connections", 16.0),
+            ("colo_mirrored_frames_total", 17.0),
+            ("colo_mirror_dropped_frames_total", 18.0),
+        ] {
+            assert_eq!(get(name), value, "{name}");
+        }
+        assert!(text.contains("# TYPE colo_proxy_queue_depth gauge\n"));
+        assert!(text.contains("# TYPE colo_mirrored_frames_total counter\n"));
         for state in State::ALL {
             let key = format!("colo_state{{state=\"{}\"}}", state.name());
             let expected = f64::from(u8::from(state == State::Protected));

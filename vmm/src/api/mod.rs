@@ -7,7 +7,7 @@
 //! | PUT | `/actions` | `{"action": "shutdown"}` | 202 |
 //! | PUT | `/actions` | `{"action": "failover"}` (replicated VM) | 204 |
 //! | PUT | `/actions` | `{"action": "checkpoint"}` (replicated VM) | 202 |
-//! | PATCH | `/colo` | `{"checkpoint_ms": N}` (replicated VM) | 204 |
+//! | PATCH | `/colo` | `{"checkpoint_ms": N, "compare_timeout_ms": N}` (replicated VM; either or both; the compare timeout only in COLO mode, else 409) | 204 |
 //! | GET | `/metrics` | | 200 Prometheus text |
 //! | PUT | `/snapshot` | `{"type": "full" \| "diff", "path": "..."}` (paused VM) | 200 `{"bytes": N}` |
 //! | GET | `/state-hash` | (paused VM) | 200 `{"hash": "<16 hex digits>", "parts": {...}}` |
@@ -182,4 +182,5 @@ enum Action {
 #[serde(deny_unknown_fields)]
 struct ColoRequest {
     checkpoint_ms: Option<u64>,
+    compare_timeout_ms: Option<u64>,
 }

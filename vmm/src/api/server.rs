@@ -30,7 +30,7 @@ use super::{
     metrics, Action, ActionRequest, ColoRequest, ControlError, RequestedState, SnapshotRequest,
     VmControl, VmRequest, MAX_BODY,
 };
-use crate::config::CHECKPOINT_MS_RANGE;
+use crate::config::{CHECKPOINT_MS_RANGE, COMPARE_TIMEOUT_MS_RANGE};
 
 /// Errors starting the server.
 #[derive(Debug, thiserror::Error)]
@@ -590,6 +590,54 @@ async fn colo_command(
     .map_or_else(control_error, |()| empty(done))
 }
 
+/// `PATCH /colo`: every value checked before anything changes.
+async fn patch_colo(control: &Arc<dyn VmControl>, body: ColoRequest) -> Reply {
+    let ColoRequest {
+        checkpoint_ms,
+        compare_timeout_ms,
+    } = body;
+    if checkpoint_ms.is_none() && compare_timeout_ms.is_none() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "nothing to change: give checkpoint_ms or compare_timeout_ms",
+        );
+    }
+    for (name, value, range) in [
+        ("checkpoint_ms", checkpoint_ms, CHECKPOINT_MS_RANGE),
+        (
+            "compare_timeout_ms",
+            compare_timeout_ms,
+            COMPARE_TIMEOUT_MS_RANGE,
+        ),
+    ] {
+        match value {
+            Some(v) if !range.contains(&v) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "{name} {v} is out of range: give {}..={}",
+                        range.start(),
+                        range.end()
+                    ),
+                )
+            }
+            _ => {}
+        }
+    }
+    colo_command(control, StatusCode::NO_CONTENT, move |c| {
+        // The setting a mode may refuse (409 outside COLO) goes first:
+        // a refused request changes nothing.
+        if let Some(ms) = compare_timeout_ms {
+            c.set_compare_timeout_ms(ms)?;
+        }
+        if let Some(ms) = checkpoint_ms {
+            c.set_checkpoint_ms(ms)?;
+        }
+        Ok(())
+    })
+    .await
+}
+
 /// Routes one request to `control` and builds its reply.
 pub(super) async fn handle<B>(req: Request<B>, control: Arc<dyn VmControl>) -> Reply
 where
@@ -641,30 +689,7 @@ where
         },
         ("/actions", _) => method_not_allowed(&method, &path, "PUT"),
         ("/colo", &Method::PATCH) => match json_body::<ColoRequest, _>(req).await {
-            Ok(ColoRequest {
-                checkpoint_ms: None,
-            }) => error(
-                StatusCode::BAD_REQUEST,
-                "nothing to change: give checkpoint_ms",
-            ),
-            Ok(ColoRequest {
-                checkpoint_ms: Some(ms),
-            }) if !CHECKPOINT_MS_RANGE.contains(&ms) => error(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "checkpoint_ms {ms} is out of range: give {}..={}",
-                    CHECKPOINT_MS_RANGE.start(),
-                    CHECKPOINT_MS_RANGE.end()
-                ),
-            ),
-            Ok(ColoRequest {
-                checkpoint_ms: Some(ms),
-            }) => {
-                colo_command(&control, StatusCode::NO_CONTENT, move |c| {
-                    c.set_checkpoint_ms(ms)
-                })
-                .await
-            }
+            Ok(body) => patch_colo(&control, body).await,
             Err(reply) => reply,
         },
         ("/colo", _) => method_not_allowed(&method, &path, "PATCH"),
@@ -714,6 +739,8 @@ mod tests {
         calls: Mutex<Vec<String>>,
         fail: Mutex<Option<ControlError>>,
         colo: Option<Arc<FakeColo>>,
+        /// The replication runs in COLO mode (else Remus).
+        colo_mode: bool,
     }
 
     impl Fake {
@@ -727,6 +754,7 @@ mod tests {
                 calls: Mutex::new(Vec::new()),
                 fail: Mutex::new(None),
                 colo: None,
+                colo_mode: false,
             }
         }
 
@@ -735,6 +763,17 @@ mod tests {
             let colo = Arc::new(FakeColo::default());
             let fake = Self {
                 colo: Some(colo.clone()),
+                ..Self::standalone()
+            };
+            (Arc::new(fake), colo)
+        }
+
+        /// A primary whose replication is `colo`, in COLO mode.
+        fn colo_mode() -> (Arc<Self>, Arc<FakeColo>) {
+            let colo = Arc::new(FakeColo::default());
+            let fake = Self {
+                colo: Some(colo.clone()),
+                colo_mode: true,
                 ..Self::standalone()
             };
             (Arc::new(fake), colo)
@@ -792,6 +831,36 @@ mod tests {
             sync_pages: 32768,
             sync_disk_bytes: 1 << 20,
             error: None,
+            compare_timeout_ms: None,
+            proxy: None,
+        }
+    }
+
+    /// [`FakeColo`] in COLO mode: it has a compare timeout.
+    struct ColoModeFake(Arc<FakeColo>);
+
+    impl Control for ColoModeFake {
+        fn status(&self) -> colo::control::Status {
+            colo::control::Status {
+                mode: colo::control::Mode::Colo,
+                compare_timeout_ms: Some(20),
+                ..self.0.status()
+            }
+        }
+        fn metrics(&self) -> colo::control::Metrics {
+            self.0.metrics()
+        }
+        fn failover(&self) -> Result<(), CommandError> {
+            self.0.failover()
+        }
+        fn checkpoint(&self) -> Result<(), CommandError> {
+            self.0.checkpoint()
+        }
+        fn set_checkpoint_ms(&self, ms: u64) -> Result<(), CommandError> {
+            self.0.set_checkpoint_ms(ms)
+        }
+        fn set_compare_timeout_ms(&self, ms: u64) -> Result<(), CommandError> {
+            self.0.call(format!("set_compare_timeout_ms {ms}"))
         }
     }
 
@@ -836,11 +905,15 @@ mod tests {
                 uptime_secs: 2.5,
                 vcpus: 2,
                 memory_mib: 128,
-                colo: self.colo.as_ref().map(|c| c.status()),
+                colo: self.colo().map(|c| c.status()),
             }
         }
         fn colo(&self) -> Option<Arc<dyn Control>> {
-            self.colo.clone().map(|c| c as Arc<dyn Control>)
+            let colo = self.colo.clone()?;
+            Some(match self.colo_mode {
+                true => Arc::new(ColoModeFake(colo)),
+                false => colo,
+            })
         }
         fn pause(&self) -> Result<(), ControlError> {
             self.call("pause")?;
@@ -1294,12 +1367,50 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_compare_timeout_is_set_in_colo_mode_only() {
+        let (fake, colo) = Fake::colo_mode();
+        let a = send(&fake, request("GET", "/status", &[], "")).await;
+        let status = &a.json()["colo"];
+        assert_eq!(status["mode"], "colo", "{}", a.body);
+        assert_eq!(status["compare_timeout_ms"], 20, "{}", a.body);
+        for body in [
+            r#"{"compare_timeout_ms": 1}"#,
+            r#"{"compare_timeout_ms": 60000, "checkpoint_ms": 500}"#,
+        ] {
+            let a = patch(&fake, "/colo", body).await;
+            assert_eq!((a.status, a.body.as_str()), (204, ""), "{body}");
+        }
+        assert_eq!(
+            colo.calls(),
+            [
+                "set_compare_timeout_ms 1",
+                "set_compare_timeout_ms 60000",
+                "set_checkpoint_ms 500"
+            ]
+        );
+        // Remus mode: 409, and the interval given with it is not changed.
+        let (fake, colo) = Fake::replicated();
+        let a = send(&fake, request("GET", "/status", &[], "")).await;
+        assert!(a.json()["colo"].get("compare_timeout_ms").is_none());
+        let a = patch(
+            &fake,
+            "/colo",
+            r#"{"compare_timeout_ms": 5, "checkpoint_ms": 50}"#,
+        )
+        .await;
+        assert_eq!(a.status, 409, "{}", a.body);
+        assert_eq!(a.error(), "not in COLO mode");
+        assert!(colo.calls().is_empty(), "{:?}", colo.calls());
+    }
+
+    #[tokio::test]
     async fn replication_commands_on_a_standalone_vm_are_409() {
         let fake = Fake::new();
         for (method, path, body) in [
             ("PUT", "/actions", r#"{"action":"failover"}"#),
             ("PUT", "/actions", r#"{"action":"checkpoint"}"#),
             ("PATCH", "/colo", r#"{"checkpoint_ms": 50}"#),
+            ("PATCH", "/colo", r#"{"compare_timeout_ms": 50}"#),
         ] {
             let a = send(&fake, request(method, path, JSON, body)).await;
             assert_eq!(a.status, 409, "{body}");
@@ -1332,7 +1443,7 @@ mod tests {
     #[tokio::test]
     async fn bad_colo_bodies_are_400_before_anything_runs() {
         let (fake, colo) = Fake::replicated();
-        for fake in [fake, Fake::new()] {
+        for fake in [fake, Fake::new(), Fake::colo_mode().0] {
             for (body, reason) in [
                 ("{}", "nothing to change"),
                 (r#"{"checkpoint_ms": 0}"#, "out of range: give 1..=60000"),
@@ -1341,6 +1452,19 @@ mod tests {
                 (r#"{"checkpoint_ms": 1.5}"#, "invalid type"),
                 (r#"{"checkpoint_ms": "20"}"#, "invalid type"),
                 (r#"{"checkpoint_ms": 20, "compare_ms": 5}"#, "unknown field"),
+                (
+                    r#"{"compare_timeout_ms": 0}"#,
+                    "compare_timeout_ms 0 is out of range: give 1..=60000",
+                ),
+                (
+                    r#"{"compare_timeout_ms": 60001, "checkpoint_ms": 20}"#,
+                    "out of range",
+                ),
+                (
+                    r#"{"compare_timeout_ms": 20, "checkpoint_ms": 0}"#,
+                    "checkpoint_ms 0 is out of range",
+                ),
+                (r#"{"compare_timeout_ms": "20"}"#, "invalid type"),
                 (r#"[20]"#, "expected an object"),
                 ("{", "EOF"),
             ] {

@@ -58,6 +58,12 @@ enum Command {
         /// The new interval.
         ms: u64,
     },
+    /// Replicated VM in COLO mode (primary): change how long a frame
+    /// waits for its twin from the other VM, in milliseconds (1..=60000).
+    SetCompareTimeoutMs {
+        /// The new timeout.
+        ms: u64,
+    },
     /// Send any request: METHOD URI [JSON-BODY].
     Raw {
         method: String,
@@ -96,6 +102,10 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         Command::ColoStatus => ("GET", "/status", None),
         Command::SetCheckpointMs { ms } => {
             patch_body = serde_json::json!({ "checkpoint_ms": ms }).to_string();
+            ("PATCH", "/colo", Some(patch_body.as_str()))
+        }
+        Command::SetCompareTimeoutMs { ms } => {
+            patch_body = serde_json::json!({ "compare_timeout_ms": ms }).to_string();
             ("PATCH", "/colo", Some(patch_body.as_str()))
         }
         Command::Raw { method, uri, body } => {

@@ -4,33 +4,40 @@
 //! secondary (Remus), and the `colo` primary engine drives checkpoints
 //! through [`Guest`] (the VM), [`Disks`] and [`Output`].
 //!
+//! In COLO mode the output is compared with the secondary VM's instead
+//! ([`colo`]).
+//!
 //! Epochs: the guest's work between checkpoint N-1 and checkpoint N
 //! belongs to epoch N. Both the output buffers and the disk forwarders are
 //! told where an epoch ends while the guest is paused for the checkpoint,
 //! so nothing the guest did can fall on the wrong side.
 
+mod colo;
+
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use ::colo::control::{Cause, CommandError, Control, Mode, Role};
+use ::colo::fault::{self, Point};
+use ::colo::primary::{PrimaryHandle, DEFAULT_HELD_BYTES_MAX};
+use ::colo::vm::{Capture, DiskWrite, DiskWriteSink, Identity, PageBatch, VmOpError};
 use block_replication::primary::Forwarder;
-use colo::control::{Cause, Role};
-use colo::fault::{self, Point};
-use colo::primary::DEFAULT_HELD_BYTES_MAX;
-use colo::vm::{Capture, DiskWrite, DiskWriteSink, Identity, PageBatch, VmOpError};
 use devices::lock;
 use devices::ratelimit::LogLimit;
 use devices::virtio::{Block, BlockBackend, FileBackend, NetBackend, Tap};
+use net_proxy::compare::CompareConfig;
 use net_proxy::output::{OutputBuffer, Push};
 use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion};
 
-use crate::config::VmConfig;
+use crate::config::{VmConfig, COMPARE_TIMEOUT_MS_RANGE};
 use crate::vm::checkpoint::{self, PAGE_SIZE};
 use crate::vm::memory::GuestMemory;
 use crate::vm::{Backends, RunState, RunningVm, VmError, VmHandle};
 
+use self::colo::{ColoNics, ColoOutput, FrameOut};
 use super::{op_err, open_console, open_disk, open_tap, virtio_block, virtio_net};
 
 /// Pages per batch the live pre-copy hands out.
@@ -62,11 +69,26 @@ impl NicOutput {
     }
 }
 
+/// The primary's NICs: held per epoch (Remus) or compared (COLO).
+#[derive(Clone)]
+enum Nics {
+    Remus(Vec<Arc<NicOutput>>),
+    Colo(Arc<ColoNics>),
+}
+
+/// Where one NIC's output goes.
+enum NicOut {
+    Remus(Arc<NicOutput>),
+    /// The NICs and this one's index.
+    Colo(Arc<ColoNics>, usize),
+}
+
 /// The guest's NIC backend on the primary: frames in from the tap at
-/// once; frames out through the output buffer.
+/// once (COLO: mirrored too); frames out through the output buffer or
+/// the compare.
 struct HeldNet {
     tap: Tap,
-    out: Arc<NicOutput>,
+    out: NicOut,
 }
 
 impl NetBackend for HeldNet {
@@ -75,15 +97,28 @@ impl NetBackend for HeldNet {
     }
 
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.tap.recv(buf)
+        let n = self.tap.recv(buf)?;
+        if let (NicOut::Colo(nics, i), Some(frame)) = (&self.out, buf.get(..n)) {
+            if n > 0 {
+                nics.mirror(*i, frame);
+            }
+        }
+        Ok(n)
     }
 
     fn send(&mut self, frame: &[u8]) -> io::Result<()> {
-        let mut buffer = lock(&self.out.buffer);
+        let out = match &self.out {
+            NicOut::Remus(out) => out,
+            NicOut::Colo(nics, i) => {
+                nics.primary(*i, frame);
+                return Ok(());
+            }
+        };
+        let mut buffer = lock(&out.buffer);
         match buffer.push(frame.to_vec()) {
-            Push::Pass(frame) => self.out.send(vec![frame]),
+            Push::Pass(frame) => out.send(vec![frame]),
             Push::Held { over_bound: true } => {
-                if let Some(trigger) = self.out.trigger.get() {
+                if let Some(trigger) = out.trigger.get() {
                     trigger(Cause::HeldBytes);
                 }
             }
@@ -158,7 +193,7 @@ impl BlockBackend for ReplicatedDisk {
 
 /// What the primary keeps of its backends for the engine.
 pub struct Parts {
-    nics: Vec<Arc<NicOutput>>,
+    nics: Nics,
     disks: Vec<Arc<DiskFwd>>,
     trigger: Trigger,
 }
@@ -184,18 +219,49 @@ pub fn backends(config: &VmConfig) -> Result<(Backends, Parts), VmError> {
         let disk = ReplicatedDisk { inner, fwd };
         virtio.push(virtio_block(i, Block::new(Box::new(disk))));
     }
-    let mut nics = Vec::new();
+    let mut taps = Vec::new();
     for (i, net) in config.nets.iter().enumerate() {
         let tap = open_tap(i, net)?;
-        let out = Arc::new(NicOutput {
-            buffer: Mutex::new(OutputBuffer::new(DEFAULT_HELD_BYTES_MAX)),
-            tap: Mutex::new(tap.try_clone().map_err(io_err("a tap descriptor"))?),
-            trigger: trigger.clone(),
-        });
-        nics.push(out.clone());
-        let backend = HeldNet { tap, out };
-        virtio.push(virtio_net(i, net.mac_or_default(i), Box::new(backend))?.0);
+        let out = tap.try_clone().map_err(io_err("a tap descriptor"))?;
+        taps.push((tap, out));
     }
+    let replication = config.replication.as_ref();
+    let nics = match replication.map(|r| r.mode) {
+        Some(Mode::Colo) => {
+            let timeout = replication.map_or(crate::config::DEFAULT_COMPARE_TIMEOUT_MS, |r| {
+                r.compare_timeout_ms
+            });
+            let compare = CompareConfig {
+                timeout: Duration::from_millis(timeout),
+                held_bytes_max: DEFAULT_HELD_BYTES_MAX,
+                ..CompareConfig::default()
+            };
+            let (taps, outs): (Vec<Tap>, Vec<Box<dyn FrameOut>>) = taps
+                .into_iter()
+                .map(|(tap, out)| (tap, Box::new(out) as Box<dyn FrameOut>))
+                .unzip();
+            let colo = ColoNics::new(outs, compare, trigger.clone());
+            for (i, tap) in taps.into_iter().enumerate() {
+                let out = NicOut::Colo(colo.clone(), i);
+                virtio.push(nic(config, i, HeldNet { tap, out })?);
+            }
+            Nics::Colo(colo)
+        }
+        _ => {
+            let mut nics = Vec::new();
+            for (i, (tap, out)) in taps.into_iter().enumerate() {
+                let out = Arc::new(NicOutput {
+                    buffer: Mutex::new(OutputBuffer::new(DEFAULT_HELD_BYTES_MAX)),
+                    tap: Mutex::new(out),
+                    trigger: trigger.clone(),
+                });
+                nics.push(out.clone());
+                let out = NicOut::Remus(out);
+                virtio.push(nic(config, i, HeldNet { tap, out })?);
+            }
+            Nics::Remus(nics)
+        }
+    };
     let backends = Backends {
         console: open_console(config)?,
         virtio,
@@ -210,12 +276,14 @@ pub fn backends(config: &VmConfig) -> Result<(Backends, Parts), VmError> {
     ))
 }
 
+/// NIC `i` of `config` over `backend`.
+fn nic(config: &VmConfig, i: usize, backend: HeldNet) -> Result<crate::vm::VirtioBackend, VmError> {
+    let mac = config.nets[i].mac_or_default(i);
+    Ok(virtio_net(i, mac, Box::new(backend))?.0)
+}
+
 /// Starts the primary engine on the running VM.
-pub fn start(
-    config: &VmConfig,
-    vm: &RunningVm,
-    parts: Parts,
-) -> anyhow::Result<Arc<dyn colo::control::Control>> {
+pub fn start(config: &VmConfig, vm: &RunningVm, parts: Parts) -> anyhow::Result<Arc<dyn Control>> {
     use anyhow::Context;
     let replication = config
         .replication
@@ -233,7 +301,7 @@ pub fn start(
         disks: parts.disks.clone(),
         staging: Arc::default(),
     };
-    let engine_config = colo::primary::PrimaryConfig {
+    let engine_config = ::colo::primary::PrimaryConfig {
         peer: replication
             .peer
             .clone()
@@ -246,11 +314,17 @@ pub fn start(
         heartbeat_timeout_ms: replication.heartbeat_timeout_ms,
         held_bytes_max: DEFAULT_HELD_BYTES_MAX,
     };
-    let handle = colo::primary::start(
+    let output: Box<dyn ::colo::vm::OutputControl> = match &parts.nics {
+        Nics::Remus(nics) => Box::new(Output(nics.clone())),
+        Nics::Colo(nics) => {
+            Box::new(ColoOutput::start(nics.clone()).context("cannot start the compare's timer")?)
+        }
+    };
+    let handle = ::colo::primary::start(
         engine_config,
         Box::new(guest),
         Box::new(Disks(parts.disks)),
-        Box::new(Output(parts.nics)),
+        output,
     )
     .context("cannot start replication")?;
     let early = handle.clone();
@@ -258,7 +332,53 @@ pub fn start(
     let _ = parts
         .trigger
         .set(Box::new(move |cause| early.request_checkpoint(cause)));
-    Ok(handle)
+    Ok(match parts.nics {
+        Nics::Remus(_) => handle,
+        Nics::Colo(nics) => Arc::new(ColoControl {
+            engine: handle,
+            nics,
+        }),
+    })
+}
+
+/// The engine's commands and reports, with the compare's timeout (COLO).
+struct ColoControl {
+    engine: Arc<PrimaryHandle>,
+    nics: Arc<ColoNics>,
+}
+
+impl Control for ColoControl {
+    fn status(&self) -> ::colo::control::Status {
+        let mut status = self.engine.status();
+        status.compare_timeout_ms = Some(self.nics.timeout().as_millis() as u64);
+        status
+    }
+
+    fn metrics(&self) -> ::colo::control::Metrics {
+        self.engine.metrics()
+    }
+
+    fn failover(&self) -> Result<(), CommandError> {
+        self.engine.failover()
+    }
+
+    fn checkpoint(&self) -> Result<(), CommandError> {
+        self.engine.checkpoint()
+    }
+
+    fn set_checkpoint_ms(&self, ms: u64) -> Result<(), CommandError> {
+        self.engine.set_checkpoint_ms(ms)
+    }
+
+    fn set_compare_timeout_ms(&self, ms: u64) -> Result<(), CommandError> {
+        if !COMPARE_TIMEOUT_MS_RANGE.contains(&ms) {
+            return Err(CommandError::Invalid(format!(
+                "compare_timeout_ms {ms} is outside 1..=60000"
+            )));
+        }
+        self.nics.set_timeout(Duration::from_millis(ms));
+        Ok(())
+    }
 }
 
 /// The primary's guest, as the engine drives it.
@@ -266,7 +386,7 @@ struct Guest {
     handle: VmHandle,
     mem: GuestMemory,
     identity: Identity,
-    nics: Vec<Arc<NicOutput>>,
+    nics: Nics,
     disks: Vec<Arc<DiskFwd>>,
     /// Where a checkpoint's pages are copied during the pause.
     staging: Arc<Mutex<Vec<u8>>>,
@@ -333,18 +453,19 @@ impl Guest {
 /// Where epoch `epoch` ends, told while the guest is paused: NICs that do
 /// not hold yet start holding (the first checkpoint), forwarders that
 /// forward close it.
-fn close_epoch(
-    nics: &[Arc<NicOutput>],
-    disks: &[Arc<DiskFwd>],
-    epoch: u64,
-) -> Result<(), VmOpError> {
-    for nic in nics {
-        let mut buffer = lock(&nic.buffer);
-        if buffer.holding() {
-            buffer.close_epoch(epoch).map_err(op_err)?;
-        } else {
-            buffer.hold_from(epoch + 1);
+fn close_epoch(nics: &Nics, disks: &[Arc<DiskFwd>], epoch: u64) -> Result<(), VmOpError> {
+    match nics {
+        Nics::Remus(nics) => {
+            for nic in nics {
+                let mut buffer = lock(&nic.buffer);
+                if buffer.holding() {
+                    buffer.close_epoch(epoch).map_err(op_err)?;
+                } else {
+                    buffer.hold_from(epoch + 1);
+                }
+            }
         }
+        Nics::Colo(nics) => nics.close_epoch(epoch),
     }
     for disk in disks {
         let mut forwarder = lock(&disk.forwarder);
@@ -358,7 +479,7 @@ fn close_epoch(
     Ok(())
 }
 
-impl colo::vm::PrimaryVm for Guest {
+impl ::colo::vm::PrimaryVm for Guest {
     fn identity(&self) -> Identity {
         self.identity.clone()
     }
@@ -423,7 +544,7 @@ impl colo::vm::PrimaryVm for Guest {
 /// The primary's held output.
 struct Output(Vec<Arc<NicOutput>>);
 
-impl colo::vm::OutputControl for Output {
+impl ::colo::vm::OutputControl for Output {
     fn release(&mut self, epoch: u64) {
         for nic in &self.0 {
             let mut buffer = lock(&nic.buffer);
@@ -457,7 +578,7 @@ impl Disks {
     }
 }
 
-impl colo::vm::PrimaryDisks for Disks {
+impl ::colo::vm::PrimaryDisks for Disks {
     fn capacities(&self) -> Vec<u64> {
         self.0.iter().map(|d| d.capacity).collect()
     }
