@@ -12,7 +12,7 @@
 //! overlay ([`disk`]), and each checkpoint brings it back to the PVM's
 //! state through a state cache ([`cache`]).
 
-mod cache;
+pub mod cache;
 mod disk;
 mod net;
 
