@@ -147,6 +147,26 @@ fn a_colo_load_brings_a_running_diverged_svm_to_the_checkpoint() {
             s.resume().unwrap();
             next_generation(&console_s);
         }
+        if i == 2 {
+            // A state that does not fit: refused before the cache or S
+            // is touched; S runs on.
+            let mut short = state.clone();
+            short.vcpus.clear();
+            let page = |addr: u64| {
+                let mut buf = vec![0; 4096];
+                cache.read_slice(&mut buf, GuestAddress(addr)).unwrap();
+                buf
+            };
+            // A page the checkpoint changes.
+            let (addr, _) = pages
+                .iter()
+                .find(|(addr, data)| page(*addr) != *data)
+                .expect("the checkpoint changes a page");
+            let before = page(addr);
+            assert!(cache::load(&mut s, &cache, p.layout(), &short, &pages).is_err());
+            assert_eq!(page(addr), before);
+            assert_eq!(s.handle().state(), vmm::vm::RunState::Running);
+        }
         // The COLO load, S running.
         assert_eq!(s.handle().state(), vmm::vm::RunState::Running);
         let copied = cache::load(&mut s, &cache, p.layout(), &state, &pages).unwrap();

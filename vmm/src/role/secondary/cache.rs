@@ -40,8 +40,9 @@ impl StateCache {
 /// cache; copies every page the PVM (`pages`) or the SVM (its dirty log)
 /// wrote since the previous load from the cache into the SVM and loads
 /// the state; clears the SVM's dirty log (the load's own writes are not
-/// the SVM's). The SVM stays paused. A refusal (before the cache is
-/// written) leaves the SVM as it was, paused.
+/// the SVM's). The SVM stays paused. Returns how many pages it copied.
+/// A refusal (the state or the pages do not fit) leaves the SVM and the
+/// cache as they were, the SVM running again if it ran.
 pub fn load(
     vm: &mut RunningVm,
     cache: &GuestMemory,
@@ -49,10 +50,18 @@ pub fn load(
     state: &MachineState,
     pages: &PageBuffer,
 ) -> Result<usize, ColoLoadError> {
-    if vm.handle().state() == RunState::Running {
+    let was_running = vm.handle().state() == RunState::Running;
+    if was_running {
         vm.pause().map_err(ColoLoadError::Pause)?;
     }
-    vm.check_load(layout, state, pages.addrs())?;
+    if let Err(e) = vm.check_load(layout, state, pages.addrs()) {
+        if was_running {
+            if let Err(r) = vm.resume() {
+                tracing::error!("cannot resume the SVM after a refused load: {r}");
+            }
+        }
+        return Err(e.into());
+    }
     checkpoint::write_pages(cache, pages.addrs(), pages.data())?;
     let svm_dirty = vm.take_dirty()?;
     let mut addrs = svm_dirty.pages();
