@@ -5,10 +5,12 @@
 //! the parser that classifies a guest's frames and keys their connections,
 //! and the compare proxy that releases a PVM frame once the SVM sent the
 //! same output. On the secondary: the rewriter that translates the SVM's
-//! TCP sequence numbers into the PVM's.
+//! TCP sequence numbers into the PVM's, and the queue that gives the SVM
+//! the mirrored client frames of its epoch.
 
 pub mod announce;
 pub mod compare;
+pub mod mirror;
 pub mod output;
 pub mod packet;
 pub mod rewrite;

@@ -92,6 +92,8 @@ pub enum CheckpointError {
     Fatal(#[source] Box<CheckpointError>),
     #[error("a load failed half-way earlier: the VM cannot run on")]
     Broken,
+    #[error("cannot map a copy of guest memory")]
+    Map(#[source] vm_memory::mmap::FromRangesError),
 }
 
 // ---------------------------------------------------------------------------
@@ -398,27 +400,36 @@ fn check_room(addrs: &[u64], bytes: usize) -> Result<(), CheckpointError> {
 pub fn read_pages(mem: &GuestMemory, addrs: &[u64], out: &mut [u8]) -> Result<(), CheckpointError> {
     check_pages(mem, addrs)?;
     check_room(addrs, out.len())?;
-    let mut i = 0;
-    while i < addrs.len() {
-        // A run of consecutive pages is one read (vm-memory crosses
-        // region boundaries itself; every page was checked above).
-        let start = addrs[i];
-        let mut n = 1;
-        while addrs
-            .get(i + n)
-            .is_some_and(|&a| a == start + n as u64 * PAGE_SIZE)
-        {
-            n += 1;
-        }
+    // A run of consecutive pages is one read (vm-memory crosses region
+    // boundaries itself; every page was checked above).
+    for (i, start, n) in page_runs(addrs, usize::MAX) {
         let bytes = &mut out[i * PAGE_SIZE as usize..(i + n) * PAGE_SIZE as usize];
         mem.read_slice(bytes, GuestAddress(start))
             .map_err(|source| CheckpointError::Memory {
                 addr: start,
                 source,
             })?;
-        i += n;
     }
     Ok(())
+}
+
+/// The runs of consecutive pages in `addrs`, at most `max` pages each:
+/// (index in `addrs`, first address, pages).
+fn page_runs(addrs: &[u64], max: usize) -> impl Iterator<Item = (usize, u64, usize)> + '_ {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        let start = *addrs.get(i)?;
+        let mut n = 1;
+        while n < max
+            && addrs
+                .get(i + n)
+                .is_some_and(|&a| a == start + n as u64 * PAGE_SIZE)
+        {
+            n += 1;
+        }
+        i += n;
+        Some((i - n, start, n))
+    })
 }
 
 /// Writes `data` (`addrs.len()` pages) at `addrs`, all checked first: for
@@ -509,11 +520,6 @@ impl Target<'_> {
                 .map_err(device_err(&dev.name))?;
         }
         Ok(())
-    }
-
-    /// Writes validated pages into guest memory.
-    pub(super) fn write_pages(&self, pages: &PageBuffer) -> Result<(), CheckpointError> {
-        write_checked_pages(self.mem, pages.addrs(), pages.data())
     }
 
     /// Applies a validated state: the VM-wide state, the vCPUs (through
@@ -681,21 +687,65 @@ impl RunningVm {
         state: &MachineState,
         pages: &PageBuffer,
     ) -> Result<(), CheckpointError> {
+        self.load_with(layout, state, pages.addrs(), |mem| {
+            write_checked_pages(mem, pages.addrs(), pages.data())
+        })
+    }
+
+    /// Like [`RunningVm::load`], the pages at `addrs` coming from `from`,
+    /// another mapping of this VM's layout (COLO's state cache).
+    pub fn load_from(
+        &mut self,
+        layout: &Layout,
+        state: &MachineState,
+        from: &GuestMemory,
+        addrs: &[u64],
+    ) -> Result<(), CheckpointError> {
+        check_pages(from, addrs)?;
+        self.load_with(layout, state, addrs, |mem| {
+            copy_checked_pages(from, mem, addrs)
+        })
+    }
+
+    /// Everything [`RunningVm::load`] checks before it touches the VM,
+    /// without loading.
+    pub fn check_load(
+        &self,
+        layout: &Layout,
+        state: &MachineState,
+        addrs: &[u64],
+    ) -> Result<(), CheckpointError> {
         self.require_paused("a load")?;
         if self.broken {
             return Err(CheckpointError::Broken);
         }
-        let target = Target {
+        self.target().validate(layout, state, "the checkpoint")?;
+        check_pages(&self.mem, addrs)
+    }
+
+    fn target(&self) -> Target<'_> {
+        Target {
             vm_fd: &self.vm_fd,
             mem: &self.mem,
             legacy: &self.legacy,
             virtio: &self.virtio,
             layout: &self.layout,
             ctx: &self.vcpu_ctx,
-        };
-        target.validate(layout, state, "the checkpoint")?;
-        check_pages(&self.mem, pages.addrs())?;
-        let applied = target.write_pages(pages).and_then(|()| {
+        }
+    }
+
+    /// The load: checks, then `write_pages` (the pages at `addrs`) and the
+    /// state.
+    fn load_with(
+        &mut self,
+        layout: &Layout,
+        state: &MachineState,
+        addrs: &[u64],
+        write_pages: impl FnOnce(&GuestMemory) -> Result<(), CheckpointError>,
+    ) -> Result<(), CheckpointError> {
+        self.check_load(layout, state, addrs)?;
+        let target = self.target();
+        let applied = write_pages(target.mem).and_then(|()| {
             target.apply(state, |vcpus| {
                 let vcpus = std::sync::Arc::new(vcpus.to_vec());
                 let ctx = self.vcpu_ctx.clone();
@@ -711,6 +761,36 @@ impl RunningVm {
         self.kick_on_resume = true;
         Ok(())
     }
+}
+
+/// Copies the pages at `addrs` (checked in both) from `from` into `to`,
+/// two mappings of one layout, a run of consecutive pages at a time.
+fn copy_checked_pages(
+    from: &GuestMemory,
+    to: &GuestMemory,
+    addrs: &[u64],
+) -> Result<(), CheckpointError> {
+    let mut buf = vec![0u8; CHUNK];
+    for (_, start, n) in page_runs(addrs, CHUNK / PAGE_SIZE as usize) {
+        let bytes = &mut buf[..n * PAGE_SIZE as usize];
+        let err = |source| CheckpointError::Memory {
+            addr: start,
+            source,
+        };
+        from.read_slice(bytes, GuestAddress(start)).map_err(err)?;
+        to.write_slice(bytes, GuestAddress(start)).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// A second mapping of `mem`'s layout, zero-filled (pages are allocated
+/// as they are written): COLO's state cache.
+pub fn same_layout(mem: &GuestMemory) -> Result<GuestMemory, CheckpointError> {
+    let ranges: Vec<_> = mem
+        .iter()
+        .map(|r| (r.start_addr(), r.len() as usize))
+        .collect();
+    GuestMemory::from_ranges(&ranges).map_err(CheckpointError::Map)
 }
 
 #[cfg(test)]

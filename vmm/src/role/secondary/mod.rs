@@ -6,6 +6,15 @@
 //! their checkpoint commits. The NICs stay off their taps (a replica that
 //! never runs sends nothing, and nothing reaches it) until failover
 //! attaches them and announces the guest's MACs.
+//!
+//! In COLO mode the replica is the SVM: it runs between checkpoints on the
+//! client frames the primary mirrors ([`net`]), its disk writes go to an
+//! overlay ([`disk`]), and each checkpoint brings it back to the PVM's
+//! state through a state cache ([`cache`]).
+
+pub mod cache;
+mod disk;
+mod net;
 
 use std::fs::File;
 use std::io;
@@ -13,18 +22,22 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
 use block_replication::secondary::{EpochBuffer, Image};
-use colo::control::Role;
+use colo::control::{Mode, ProxyStats, Role};
 use colo::fault::{self, Point};
-use colo::vm::{DiskWrite, Identity, PageBatch, StateDigest, VmOpError};
+use colo::vm::{CheckpointAsk, DiskWrite, FrameSink, Identity, PageBatch, StateDigest, VmOpError};
 use devices::virtio::{BackendSwap, Block, BlockBackend, NetBackend, Tap};
+use net_proxy::rewrite::Rewriter;
 
 use crate::config::VmConfig;
 use crate::vm::checkpoint::{self, PageBuffer};
 use crate::vm::machine::{Layout, MachineState};
 use crate::vm::memory::GuestMemory;
 use crate::vm::state::VcpuState;
-use crate::vm::{Backends, RunningVm, VmError, VmHandle};
+use crate::vm::{Backends, RunState, RunningVm, VmError, VmHandle};
 
 use super::{op_err, open_console, open_disk, open_tap, virtio_block, virtio_net};
 
@@ -61,22 +74,64 @@ struct Nic {
 pub struct Parts {
     nics: Vec<Nic>,
     files: Vec<(File, u64)>,
+    /// COLO mode: the disks the SVM and the engine share.
+    colo_disks: Option<Arc<disk::Shared>>,
+}
+
+fn image_fd(backend: &devices::virtio::FileBackend) -> Result<File, VmError> {
+    backend.try_clone_file().map_err(|source| VmError::Io {
+        what: "a disk image descriptor",
+        source,
+    })
 }
 
 /// Opens the secondary's backends: the disks (their images are written by
-/// the replication until failover), the taps (kept aside) and NICs that
-/// are detached until failover.
+/// the replication until failover; in COLO mode the SVM's writes go to an
+/// overlay over them), the taps (kept aside) and NICs that are detached
+/// until failover (COLO: until the engine connects them, [`Replica`]'s
+/// `colo_net`).
 pub fn backends(config: &VmConfig) -> Result<(Backends, Parts), VmError> {
+    let colo = config
+        .replication
+        .as_ref()
+        .is_some_and(|r| r.mode == Mode::Colo);
     let mut virtio = Vec::new();
     let mut files = Vec::new();
+    let mut opened = Vec::new();
     for (i, disk) in config.disks.iter().enumerate() {
         let backend = open_disk(i, disk)?;
-        let file = backend.try_clone_file().map_err(|source| VmError::Io {
-            what: "a disk image descriptor",
-            source,
-        })?;
-        files.push((file, backend.capacity()));
-        virtio.push(virtio_block(i, Block::new(Box::new(backend))));
+        files.push((image_fd(&backend)?, backend.capacity()));
+        opened.push(backend);
+    }
+    let colo_disks = match (colo, config.disks.first()) {
+        (true, Some(first)) => {
+            let bases = opened
+                .iter()
+                .map(|b| Ok((image_fd(b)?, b.capacity())))
+                .collect::<Result<_, VmError>>()?;
+            let journal = disk::journal_path(&first.path);
+            let shared = disk::Shared::open(bases, &journal, HELD_DISK_BYTES_MAX).map_err(|e| {
+                VmError::Disk {
+                    path: journal.display().to_string(),
+                    source: io::Error::other(e),
+                }
+            })?;
+            Some(Arc::new(shared))
+        }
+        _ => None,
+    };
+    for (i, backend) in opened.into_iter().enumerate() {
+        let device: Box<dyn BlockBackend> = match &colo_disks {
+            Some(shared) => Box::new(disk::SvmDisk {
+                shared: shared.clone(),
+                disk: i,
+                capacity: backend.capacity(),
+                read_only: backend.read_only(),
+                id: backend.id().to_vec(),
+            }),
+            None => Box::new(backend),
+        };
+        virtio.push(virtio_block(i, Block::new(device)));
     }
     let mut nics = Vec::new();
     for (i, net) in config.nets.iter().enumerate() {
@@ -94,7 +149,14 @@ pub fn backends(config: &VmConfig) -> Result<(Backends, Parts), VmError> {
         console: open_console(config)?,
         virtio,
     };
-    Ok((backends, Parts { nics, files }))
+    Ok((
+        backends,
+        Parts {
+            nics,
+            files,
+            colo_disks,
+        },
+    ))
 }
 
 /// Starts the secondary engine on the (paused, empty) VM, listening on
@@ -112,6 +174,21 @@ pub fn start(
         .as_ref()
         .context("a secondary without replication settings")?;
     let identity = super::identity(vm.layout(), parts.files.iter().map(|f| f.1).collect());
+    let colo = (replication.mode == Mode::Colo).then(|| ColoReplica {
+        cache: cache::StateCache::default(),
+        rewriters: parts
+            .nics
+            .iter()
+            .map(|_| {
+                Arc::new(Mutex::new(Rewriter::new(
+                    net_proxy::rewrite::DEFAULT_MAX_CONNECTIONS,
+                )))
+            })
+            .collect(),
+        mirror: None,
+        sent: Arc::default(),
+        disks: parts.colo_disks.clone(),
+    });
     let replica = Replica {
         handle: vm.handle(),
         mem: vm.memory().clone(),
@@ -119,11 +196,20 @@ pub fn start(
         identity,
         nics: parts.nics,
         loaded: Vec::new(),
+        colo,
     };
-    let capacities = parts.files.iter().map(|f| f.1).collect();
-    let disks = Disks {
-        files: parts.files,
-        held: EpochBuffer::with_capacities(HELD_DISK_BYTES_MAX, capacities),
+    let disks: Box<dyn colo::vm::ReplicaDisks> = match parts.colo_disks {
+        Some(shared) => Box::new(disk::ReplicaColoDisks {
+            shared,
+            files: parts.files,
+        }),
+        None => {
+            let capacities = parts.files.iter().map(|f| f.1).collect();
+            Box::new(Disks {
+                files: parts.files,
+                held: EpochBuffer::with_capacities(HELD_DISK_BYTES_MAX, capacities),
+            })
+        }
     };
     let engine_config = colo::secondary::SecondaryConfig {
         mode: replication.mode,
@@ -134,9 +220,8 @@ pub fn start(
         heartbeat_timeout_ms: replication.heartbeat_timeout_ms,
         fatal,
     };
-    let handle =
-        colo::secondary::start(engine_config, listener, Box::new(replica), Box::new(disks))
-            .context("cannot start replication")?;
+    let handle = colo::secondary::start(engine_config, listener, Box::new(replica), disks)
+        .context("cannot start replication")?;
     Ok(handle)
 }
 
@@ -150,6 +235,20 @@ struct Replica {
     /// The vCPU states of the last checkpoint loaded, to name what differs
     /// when its hash does not match.
     loaded: Vec<VcpuState>,
+    /// COLO mode: the SVM's parts.
+    colo: Option<ColoReplica>,
+}
+
+/// What the SVM has beyond a Remus replica.
+struct ColoReplica {
+    cache: cache::StateCache,
+    /// One per NIC, guest order.
+    rewriters: Vec<net::SharedRewriter>,
+    /// The mirrored client frames (once `colo_net` connected the NICs).
+    mirror: Option<Arc<net::Mirror>>,
+    /// Frames the SVM sent to the primary.
+    sent: Arc<AtomicU64>,
+    disks: Option<Arc<disk::Shared>>,
 }
 
 impl colo::vm::ReplicaVm for Replica {
@@ -158,6 +257,10 @@ impl colo::vm::ReplicaVm for Replica {
     }
 
     fn write_pages(&mut self, pages: &PageBatch) -> Result<(), VmOpError> {
+        if let Some(colo) = &mut self.colo {
+            let cache = colo.cache.get(&self.mem).map_err(op_err)?;
+            checkpoint::write_pages(&cache, &pages.addrs, &pages.data).map_err(op_err)?;
+        }
         checkpoint::write_pages(&self.mem, &pages.addrs, &pages.data).map_err(op_err)
     }
 
@@ -167,10 +270,26 @@ impl colo::vm::ReplicaVm for Replica {
         let pages = PageBuffer::from_parts(pages.addrs, pages.data).map_err(op_err)?;
         let layout = self.layout.clone();
         self.loaded = state.vcpus.clone();
-        self.handle
-            .run(move |vm: &mut RunningVm| vm.load(&layout, &state, &pages))
+        let Some(colo) = &mut self.colo else {
+            return self
+                .handle
+                .run(move |vm: &mut RunningVm| vm.load(&layout, &state, &pages))
+                .map_err(op_err)?
+                .map_err(op_err);
+        };
+        let cache = colo.cache.get(&self.mem).map_err(op_err)?;
+        let copied = self
+            .handle
+            .run(move |vm: &mut RunningVm| cache::load(vm, &cache, &layout, &state, &pages))
             .map_err(op_err)?
-            .map_err(op_err)
+            .map_err(op_err)?;
+        tracing::debug!(copied, "loaded a checkpoint into the SVM");
+        // The connections opened since the previous checkpoint are in
+        // the state now with the PVM's sequence numbers.
+        for r in &colo.rewriters {
+            devices::lock(r).reset();
+        }
+        Ok(())
     }
 
     fn digest(&mut self) -> Result<StateDigest, VmOpError> {
@@ -198,7 +317,7 @@ impl colo::vm::ReplicaVm for Replica {
 
     fn take_over(&mut self) -> Result<(), VmOpError> {
         let mut announce = Vec::new();
-        for nic in &mut self.nics {
+        for (i, nic) in self.nics.iter_mut().enumerate() {
             let Some(mut tap) = nic.tap.take() else {
                 continue; // attached by an earlier take-over
             };
@@ -208,10 +327,29 @@ impl colo::vm::ReplicaVm for Replica {
             let stale = tap.drain();
             tracing::info!(tap = tap.name(), stale, "attaching the NIC to its tap");
             announce.push((tap.try_clone().map_err(op_err)?, nic.mac));
-            nic.swap.swap(Box::new(tap)).map_err(op_err)?;
+            let backend: Box<dyn NetBackend> =
+                match self.colo.as_ref().and_then(|c| c.rewriters.get(i)) {
+                    // The SVM's connections keep their translation.
+                    Some(rewriter) => Box::new(net::RewrittenTap {
+                        tap,
+                        rewriter: rewriter.clone(),
+                    }),
+                    None => Box::new(tap),
+                };
+            nic.swap.swap(backend).map_err(op_err)?;
         }
+        if let Some(mirror) = self.colo.as_ref().and_then(|c| c.mirror.as_ref()) {
+            // Nothing queued was acknowledged to a client: TCP resends it.
+            mirror.clear();
+        }
+        // Remus: the replica resumes from the last checkpoint loaded.
+        // COLO: the SVM runs on from where it is (paused only when the
+        // primary was lost between a load and its run).
         self.handle
-            .run(|vm: &mut RunningVm| vm.resume())
+            .run(|vm: &mut RunningVm| match vm.handle().state() {
+                RunState::Paused => vm.resume(),
+                _ => Ok(()),
+            })
             .map_err(op_err)?
             .map_err(op_err)?;
         std::thread::Builder::new()
@@ -219,6 +357,77 @@ impl colo::vm::ReplicaVm for Replica {
             .spawn(move || announce_macs(announce))
             .map_err(op_err)?;
         Ok(())
+    }
+
+    fn colo_net(&mut self, out: FrameSink, ask: CheckpointAsk) -> Result<FrameSink, VmOpError> {
+        let colo = self
+            .colo
+            .as_mut()
+            .ok_or_else(|| VmOpError("this secondary is not in COLO mode".into()))?;
+        if colo.mirror.is_some() {
+            return Err(VmOpError("the SVM's NICs are connected already".into()));
+        }
+        if let Some(disks) = &colo.disks {
+            let _ = disks.ask.set(ask);
+        }
+        // The SVM's own writes from its first run on are what each load
+        // copies back from the cache.
+        self.handle
+            .run(|vm: &mut RunningVm| match vm.dirty_logging() {
+                true => Ok(()),
+                false => vm.set_dirty_logging(true),
+            })
+            .map_err(op_err)?
+            .map_err(op_err)?;
+        let mirror = Arc::new(
+            net::Mirror::new(self.nics.len(), net_proxy::mirror::DEFAULT_MIRROR_BYTES)
+                .map_err(op_err)?,
+        );
+        for (i, (nic, rewriter)) in self.nics.iter().zip(&colo.rewriters).enumerate() {
+            let backend = net::SvmNic {
+                nic: u16::try_from(i).map_err(op_err)?,
+                mirror: mirror.clone(),
+                rewriter: rewriter.clone(),
+                out: out.clone(),
+                sent: colo.sent.clone(),
+            };
+            nic.swap.swap(Box::new(backend)).map_err(op_err)?;
+        }
+        colo.mirror = Some(mirror.clone());
+        Ok(Arc::new(move |frame| mirror.push(frame)))
+    }
+
+    fn run(&mut self, epoch: u64) -> Result<(), VmOpError> {
+        let mirror = self
+            .colo
+            .as_ref()
+            .and_then(|c| c.mirror.clone())
+            .ok_or_else(|| VmOpError("the SVM's NICs are not connected".into()))?;
+        mirror.set_epoch(epoch + 1);
+        self.handle
+            .run(|vm: &mut RunningVm| vm.resume())
+            .map_err(op_err)?
+            .map_err(op_err)?;
+        mirror.wake_all();
+        Ok(())
+    }
+
+    fn proxy_stats(&self) -> ProxyStats {
+        let Some(colo) = &self.colo else {
+            return ProxyStats::default();
+        };
+        let (queue_depth, dropped_frames) = colo.mirror.as_ref().map_or((0, 0), |m| m.counts());
+        ProxyStats {
+            queue_depth,
+            dropped_frames,
+            rewritten_connections: colo
+                .rewriters
+                .iter()
+                .map(|r| devices::lock(r).stats().rewritten as u64)
+                .sum(),
+            mirrored_frames: colo.sent.load(Ordering::Relaxed),
+            ..ProxyStats::default()
+        }
     }
 }
 
@@ -236,6 +445,20 @@ fn announce_macs(mut nics: Vec<(Tap, [u8; 6])>) {
         }
     }
     tracing::info!("announced the guest's MACs");
+}
+
+/// Refuses an initial-sync block beyond its disk's end.
+fn check_range(disk: usize, offset: u64, len: usize, capacity: u64) -> io::Result<()> {
+    if offset
+        .checked_add(len as u64)
+        .is_none_or(|end| end > capacity)
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("a block at {offset} beyond disk {disk}'s {capacity} bytes"),
+        ));
+    }
+    Ok(())
 }
 
 /// An image file as the epoch buffer writes it.
@@ -275,15 +498,7 @@ impl colo::vm::ReplicaDisks for Disks {
 
     fn write_direct(&mut self, disk: usize, offset: u64, data: &[u8]) -> io::Result<()> {
         let (file, capacity) = self.file(disk)?;
-        if offset
-            .checked_add(data.len() as u64)
-            .is_none_or(|end| end > *capacity)
-        {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("a block at {offset} beyond disk {disk}'s {capacity} bytes"),
-            ));
-        }
+        check_range(disk, offset, data.len(), *capacity)?;
         file.write_all_at(data, offset)
     }
 
