@@ -92,6 +92,12 @@ pub enum CheckpointError {
     Fatal(#[source] Box<CheckpointError>),
     #[error("a load failed half-way earlier: the VM cannot run on")]
     Broken,
+    #[error("cannot re-register irqfd of IRQ {irq}")]
+    Irqfd {
+        irq: u32,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
     #[error("cannot map a copy of guest memory")]
     Map(#[source] vm_memory::mmap::FromRangesError),
 }
@@ -629,6 +635,27 @@ impl RunningVm {
     /// Whether KVM's dirty log is on.
     pub fn dirty_logging(&self) -> bool {
         self.dirty.is_logging()
+    }
+
+    /// Waits, with the VM paused, until every interrupt a device raised
+    /// before the pause has reached the irqchip.
+    ///
+    /// KVM injects an irqfd's interrupt from a kernel worker, so one
+    /// signalled just before the pause can reach the LAPIC's IRR later,
+    /// e.g. after a load set the LAPIC: the loaded VM then holds an
+    /// interrupt its checkpoint does not (a COLO SVM's devices run up to
+    /// the pause). Deassigning an irqfd waits for its worker; it is then
+    /// assigned again. No device signals meanwhile: the VM is paused.
+    pub fn settle_interrupts(&mut self) -> Result<(), CheckpointError> {
+        self.require_paused("settling interrupts")?;
+        let fds = std::iter::once((&self.legacy.serial_irq, devices::legacy::COM1_IRQ))
+            .chain(self.virtio.iter().map(|d| (&d.irq_evt, d.irq)));
+        for (evt, irq) in fds {
+            let failed = |source| CheckpointError::Irqfd { irq, source };
+            self.vm_fd.unregister_irqfd(evt, irq).map_err(failed)?;
+            self.vm_fd.register_irqfd(evt, irq).map_err(failed)?;
+        }
+        Ok(())
     }
 
     /// The pages dirtied since the last take (see the module doc).

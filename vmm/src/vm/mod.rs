@@ -165,6 +165,9 @@ pub struct Vm {
 struct Legacy {
     serial: Arc<Mutex<Serial>>,
     i8042: Arc<Mutex<I8042>>,
+    /// The serial port's irqfd (a second descriptor of the port's), for
+    /// [`RunningVm::settle_interrupts`].
+    serial_irq: EventFd,
 }
 
 /// What the VM's devices talk to, built by the caller (see `crate::role`):
@@ -393,6 +396,9 @@ fn legacy_devices(
     vm_fd
         .register_irqfd(&serial_irq, COM1_IRQ)
         .map_err(kvm_err("the serial irqfd"))?;
+    let irqfd = serial_irq
+        .try_clone()
+        .map_err(io_err("the serial irqfd"))?;
     let serial = Serial::new(serial_irq, Box::new(out)).map_err(io_err("the serial port"))?;
     let serial_tx_bytes = serial.tx_bytes();
     let i8042 = I8042::new(reset_evt.try_clone().map_err(io_err("the reset eventfd"))?);
@@ -400,6 +406,7 @@ fn legacy_devices(
     let legacy = Legacy {
         serial: Arc::new(Mutex::new(serial)),
         i8042: Arc::new(Mutex::new(i8042)),
+        serial_irq: irqfd,
     };
     let mut bus = Bus::new();
     bus.insert(legacy.serial.clone(), COM1_PORT, COM_PORT_LEN)?;

@@ -25,6 +25,9 @@ pub struct AttachedDevice {
     pub base: u64,
     /// Its IRQ line.
     pub irq: u32,
+    /// Its irqfd (a second descriptor of the transport's), for
+    /// [`super::RunningVm::settle_interrupts`].
+    pub irq_evt: EventFd,
     /// The transport, shared by the MMIO bus and the device thread.
     pub transport: Arc<Mutex<MmioTransport>>,
     /// Its counters.
@@ -60,6 +63,7 @@ pub fn attach(
             .register_irqfd(&irq_evt, irq)
             .map_err(kvm_err("a virtio irqfd"))?;
         let counters = device.counters();
+        let irqfd = irq_evt.try_clone().map_err(io_err("a virtio irqfd"))?;
         let transport =
             MmioTransport::new(device, mem.clone(), irq_evt).map_err(VmError::Virtio)?;
         for (queue, evt) in transport.queue_events().iter().enumerate() {
@@ -79,6 +83,7 @@ pub fn attach(
             kind,
             base,
             irq,
+            irq_evt: irqfd,
             transport,
             counters,
         });

@@ -63,6 +63,9 @@ pub fn load(
         return Err(e.into());
     }
     checkpoint::write_pages(cache, pages.addrs(), pages.data())?;
+    // The SVM's devices ran up to the pause: an interrupt they raised
+    // must land before the load sets the irqchips, not after.
+    vm.settle_interrupts()?;
     let svm_dirty = vm.take_dirty()?;
     let mut addrs = svm_dirty.pages();
     addrs.extend_from_slice(pages.addrs());
