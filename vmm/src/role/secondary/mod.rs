@@ -346,10 +346,7 @@ impl colo::vm::ReplicaVm for Replica {
         // COLO: the SVM runs on from where it is (paused only when the
         // primary was lost between a load and its run).
         self.handle
-            .run(|vm: &mut RunningVm| match vm.handle().state() {
-                RunState::Paused => vm.resume(),
-                _ => Ok(()),
-            })
+            .run(resume_if_paused)
             .map_err(op_err)?
             .map_err(op_err)?;
         std::thread::Builder::new()
@@ -405,7 +402,7 @@ impl colo::vm::ReplicaVm for Replica {
             .ok_or_else(|| VmOpError("the SVM's NICs are not connected".into()))?;
         mirror.set_epoch(epoch + 1);
         self.handle
-            .run(|vm: &mut RunningVm| vm.resume())
+            .run(resume_if_paused)
             .map_err(op_err)?
             .map_err(op_err)?;
         mirror.wake_all();
@@ -428,6 +425,14 @@ impl colo::vm::ReplicaVm for Replica {
             mirrored_frames: colo.sent.load(Ordering::Relaxed),
             ..ProxyStats::default()
         }
+    }
+}
+
+/// Resumes `vm` unless it runs already.
+fn resume_if_paused(vm: &mut RunningVm) -> Result<(), VmError> {
+    match vm.handle().state() {
+        RunState::Paused => vm.resume(),
+        _ => Ok(()),
     }
 }
 
