@@ -173,8 +173,33 @@ pub fn start(
         .replication
         .as_ref()
         .context("a secondary without replication settings")?;
+    let (replica, disks) = replica(replication.mode, vm, parts);
+    let engine_config = colo::secondary::SecondaryConfig {
+        mode: replication.mode,
+        failover: match replication.failover_auto {
+            true => colo::secondary::Failover::Auto,
+            false => colo::secondary::Failover::Manual,
+        },
+        heartbeat_timeout_ms: replication.heartbeat_timeout_ms,
+        fatal,
+    };
+    let handle = colo::secondary::start(engine_config, listener, replica, disks)
+        .context("cannot start replication")?;
+    Ok(handle)
+}
+
+/// The replica and its disks as the secondary engine drives them, in
+/// `mode`, over the (paused, empty) VM `vm` and the backends `parts`.
+pub fn replica(
+    mode: Mode,
+    vm: &RunningVm,
+    parts: Parts,
+) -> (
+    Box<dyn colo::vm::ReplicaVm>,
+    Box<dyn colo::vm::ReplicaDisks>,
+) {
     let identity = super::identity(vm.layout(), parts.files.iter().map(|f| f.1).collect());
-    let colo = (replication.mode == Mode::Colo).then(|| ColoReplica {
+    let colo = (mode == Mode::Colo).then(|| ColoReplica {
         cache: cache::StateCache::default(),
         rewriters: parts
             .nics
@@ -211,18 +236,7 @@ pub fn start(
             })
         }
     };
-    let engine_config = colo::secondary::SecondaryConfig {
-        mode: replication.mode,
-        failover: match replication.failover_auto {
-            true => colo::secondary::Failover::Auto,
-            false => colo::secondary::Failover::Manual,
-        },
-        heartbeat_timeout_ms: replication.heartbeat_timeout_ms,
-        fatal,
-    };
-    let handle = colo::secondary::start(engine_config, listener, Box::new(replica), disks)
-        .context("cannot start replication")?;
-    Ok(handle)
+    (Box::new(replica), disks)
 }
 
 /// The replica, as the secondary engine drives it.
