@@ -212,6 +212,7 @@ pub fn replica(
             .collect(),
         mirror: None,
         sent: Arc::default(),
+        ran: false,
         disks: parts.colo_disks.clone(),
     });
     let replica = Replica {
@@ -262,6 +263,8 @@ struct ColoReplica {
     mirror: Option<Arc<net::Mirror>>,
     /// Frames the SVM sent to the primary.
     sent: Arc<AtomicU64>,
+    /// The SVM has run (its first `run`).
+    ran: bool,
     disks: Option<Arc<disk::Shared>>,
 }
 
@@ -292,12 +295,25 @@ impl colo::vm::ReplicaVm for Replica {
                 .map_err(op_err);
         };
         let cache = colo.cache.get(&self.mem).map_err(op_err)?;
+        let started = Instant::now();
+        let ran = colo.ran;
         let copied = self
             .handle
-            .run(move |vm: &mut RunningVm| cache::load(vm, &cache, &layout, &state, &pages))
+            .run(move |vm: &mut RunningVm| {
+                if !ran {
+                    // The SVM never ran: its dirty pages are the initial
+                    // sync's, already equal to the cache's.
+                    drop(vm.take_dirty()?);
+                }
+                cache::load(vm, &cache, &layout, &state, &pages)
+            })
             .map_err(op_err)?
             .map_err(op_err)?;
-        tracing::debug!(copied, "loaded a checkpoint into the SVM");
+        tracing::debug!(
+            copied,
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "loaded a checkpoint into the SVM"
+        );
         // The connections opened since the previous checkpoint are in
         // the state now with the PVM's sequence numbers.
         for r in &colo.rewriters {
@@ -414,6 +430,9 @@ impl colo::vm::ReplicaVm for Replica {
             .as_ref()
             .and_then(|c| c.mirror.clone())
             .ok_or_else(|| VmOpError("the SVM's NICs are not connected".into()))?;
+        if let Some(colo) = &mut self.colo {
+            colo.ran = true;
+        }
         mirror.set_epoch(epoch + 1);
         self.handle
             .run(resume_if_paused)
