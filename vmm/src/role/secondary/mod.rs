@@ -173,8 +173,33 @@ pub fn start(
         .replication
         .as_ref()
         .context("a secondary without replication settings")?;
+    let (replica, disks) = replica(replication.mode, vm, parts);
+    let engine_config = colo::secondary::SecondaryConfig {
+        mode: replication.mode,
+        failover: match replication.failover_auto {
+            true => colo::secondary::Failover::Auto,
+            false => colo::secondary::Failover::Manual,
+        },
+        heartbeat_timeout_ms: replication.heartbeat_timeout_ms,
+        fatal,
+    };
+    let handle = colo::secondary::start(engine_config, listener, replica, disks)
+        .context("cannot start replication")?;
+    Ok(handle)
+}
+
+/// The replica and its disks as the secondary engine drives them, in
+/// `mode`, over the (paused, empty) VM `vm` and the backends `parts`.
+pub fn replica(
+    mode: Mode,
+    vm: &RunningVm,
+    parts: Parts,
+) -> (
+    Box<dyn colo::vm::ReplicaVm>,
+    Box<dyn colo::vm::ReplicaDisks>,
+) {
     let identity = super::identity(vm.layout(), parts.files.iter().map(|f| f.1).collect());
-    let colo = (replication.mode == Mode::Colo).then(|| ColoReplica {
+    let colo = (mode == Mode::Colo).then(|| ColoReplica {
         cache: cache::StateCache::default(),
         rewriters: parts
             .nics
@@ -187,6 +212,7 @@ pub fn start(
             .collect(),
         mirror: None,
         sent: Arc::default(),
+        ran: false,
         disks: parts.colo_disks.clone(),
     });
     let replica = Replica {
@@ -211,18 +237,7 @@ pub fn start(
             })
         }
     };
-    let engine_config = colo::secondary::SecondaryConfig {
-        mode: replication.mode,
-        failover: match replication.failover_auto {
-            true => colo::secondary::Failover::Auto,
-            false => colo::secondary::Failover::Manual,
-        },
-        heartbeat_timeout_ms: replication.heartbeat_timeout_ms,
-        fatal,
-    };
-    let handle = colo::secondary::start(engine_config, listener, Box::new(replica), disks)
-        .context("cannot start replication")?;
-    Ok(handle)
+    (Box::new(replica), disks)
 }
 
 /// The replica, as the secondary engine drives it.
@@ -248,6 +263,8 @@ struct ColoReplica {
     mirror: Option<Arc<net::Mirror>>,
     /// Frames the SVM sent to the primary.
     sent: Arc<AtomicU64>,
+    /// The SVM has run (its first `run`).
+    ran: bool,
     disks: Option<Arc<disk::Shared>>,
 }
 
@@ -278,12 +295,25 @@ impl colo::vm::ReplicaVm for Replica {
                 .map_err(op_err);
         };
         let cache = colo.cache.get(&self.mem).map_err(op_err)?;
+        let started = Instant::now();
+        let ran = colo.ran;
         let copied = self
             .handle
-            .run(move |vm: &mut RunningVm| cache::load(vm, &cache, &layout, &state, &pages))
+            .run(move |vm: &mut RunningVm| {
+                if !ran {
+                    // The SVM never ran: its dirty pages are the initial
+                    // sync's, already equal to the cache's.
+                    drop(vm.take_dirty()?);
+                }
+                cache::load(vm, &cache, &layout, &state, &pages)
+            })
             .map_err(op_err)?
             .map_err(op_err)?;
-        tracing::debug!(copied, "loaded a checkpoint into the SVM");
+        tracing::debug!(
+            copied,
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "loaded a checkpoint into the SVM"
+        );
         // The connections opened since the previous checkpoint are in
         // the state now with the PVM's sequence numbers.
         for r in &colo.rewriters {
@@ -346,10 +376,7 @@ impl colo::vm::ReplicaVm for Replica {
         // COLO: the SVM runs on from where it is (paused only when the
         // primary was lost between a load and its run).
         self.handle
-            .run(|vm: &mut RunningVm| match vm.handle().state() {
-                RunState::Paused => vm.resume(),
-                _ => Ok(()),
-            })
+            .run(resume_if_paused)
             .map_err(op_err)?
             .map_err(op_err)?;
         std::thread::Builder::new()
@@ -403,9 +430,12 @@ impl colo::vm::ReplicaVm for Replica {
             .as_ref()
             .and_then(|c| c.mirror.clone())
             .ok_or_else(|| VmOpError("the SVM's NICs are not connected".into()))?;
+        if let Some(colo) = &mut self.colo {
+            colo.ran = true;
+        }
         mirror.set_epoch(epoch + 1);
         self.handle
-            .run(|vm: &mut RunningVm| vm.resume())
+            .run(resume_if_paused)
             .map_err(op_err)?
             .map_err(op_err)?;
         mirror.wake_all();
@@ -428,6 +458,14 @@ impl colo::vm::ReplicaVm for Replica {
             mirrored_frames: colo.sent.load(Ordering::Relaxed),
             ..ProxyStats::default()
         }
+    }
+}
+
+/// Resumes `vm` unless it runs already.
+fn resume_if_paused(vm: &mut RunningVm) -> Result<(), VmError> {
+    match vm.handle().state() {
+        RunState::Paused => vm.resume(),
+        _ => Ok(()),
     }
 }
 
