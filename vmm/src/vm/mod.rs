@@ -396,9 +396,7 @@ fn legacy_devices(
     vm_fd
         .register_irqfd(&serial_irq, COM1_IRQ)
         .map_err(kvm_err("the serial irqfd"))?;
-    let irqfd = serial_irq
-        .try_clone()
-        .map_err(io_err("the serial irqfd"))?;
+    let irqfd = serial_irq.try_clone().map_err(io_err("the serial irqfd"))?;
     let serial = Serial::new(serial_irq, Box::new(out)).map_err(io_err("the serial port"))?;
     let serial_tx_bytes = serial.tx_bytes();
     let i8042 = I8042::new(reset_evt.try_clone().map_err(io_err("the reset eventfd"))?);
