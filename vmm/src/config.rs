@@ -168,9 +168,10 @@ pub struct Cli {
     /// Secondary: the address to wait on for the primary.
     #[arg(long, value_name = "HOST:PORT", help_heading = "Replication")]
     pub listen: Option<String>,
-    /// How the pair replicates [default: remus]: `remus` holds the guest's
-    /// output until its checkpoint; `colo` runs a secondary VM in parallel
-    /// and releases output the secondary produced too.
+    /// How the pair replicates [default: colo]: `colo` runs a secondary VM
+    /// in parallel and releases output the secondary produced too; `remus`
+    /// holds the guest's output until its checkpoint (for guests whose
+    /// output is never deterministic).
     #[arg(long, value_name = "remus|colo", value_parser = parse_mode, help_heading = "Replication")]
     pub mode: Option<Mode>,
     /// Milliseconds between checkpoints, 1..=60000 [default: 20 (remus),
@@ -365,8 +366,8 @@ impl ReplicationConfig {
             role,
             peer,
             listen,
-            mode: Mode::Remus,
-            checkpoint_ms: DEFAULT_CHECKPOINT_MS,
+            mode: Mode::Colo,
+            checkpoint_ms: DEFAULT_COLO_CHECKPOINT_MS,
             compare_timeout_ms: DEFAULT_COMPARE_TIMEOUT_MS,
             verify: false,
             failover_auto: false,
@@ -834,7 +835,7 @@ fn merge_replication(
             hint: COMPARE_ON_PRIMARY,
         });
     }
-    let mode = cli.mode.or(file.mode).unwrap_or(Mode::Remus);
+    let mode = cli.mode.or(file.mode).unwrap_or(Mode::Colo);
     if mode == Mode::Remus && compare_timeout_ms.is_some() {
         return Err(ConfigError::ColoOnly {
             flag: "--compare-timeout-ms",
@@ -1031,7 +1032,7 @@ mod tests {
         let r = c.replication.unwrap();
         assert_eq!(
             (r.mode, r.checkpoint_ms, r.verify),
-            (Mode::Remus, 20, false)
+            (Mode::Colo, 2000, false)
         );
         assert_eq!((r.heartbeat_ms, r.heartbeat_timeout_ms), (100, 1000));
         assert!(!r.failover_auto);
@@ -1322,7 +1323,7 @@ mod tests {
         .unwrap();
         assert_eq!((r.checkpoint_ms, r.compare_timeout_ms), (500, 60000));
         // Remus keeps its own interval.
-        let r = primary(&[]).unwrap().replication.unwrap();
+        let r = primary(&["--mode", "remus"]).unwrap().replication.unwrap();
         assert_eq!(
             (r.mode, r.checkpoint_ms),
             (Mode::Remus, DEFAULT_CHECKPOINT_MS)
@@ -1335,7 +1336,7 @@ mod tests {
                 format!("--compare-timeout-ms {bad} is out of range: give 1..=60000")
             );
         }
-        let e = primary(&["--compare-timeout-ms", "5"]).unwrap_err();
+        let e = primary(&["--mode", "remus", "--compare-timeout-ms", "5"]).unwrap_err();
         assert!(
             matches!(
                 e,
