@@ -171,6 +171,74 @@ impl MirrorQueue {
     }
 }
 
+/// Bytes of its own TCP output each SVM NIC keeps for a failover
+/// ([`Replay`]).
+pub const DEFAULT_REPLAY_BYTES: u64 = 1 << 20;
+
+/// The SVM's TCP frames of its current epoch, already in the PVM's
+/// sequence space, kept for a failover.
+///
+/// When the primary dies, the SVM's replies to what the client sent last
+/// went to the dead primary's compare: the client would wait for its own
+/// retransmission timeout (200 ms at least on Linux) to hear them. Sent
+/// again on the tap at takeover, they reach it at once. Only TCP: a
+/// receiver drops a segment it already has, so a duplicate of what the
+/// PVM's twin already delivered is harmless; a datagram sent twice is
+/// not. Frames of earlier epochs are in the checkpoint the SVM loaded
+/// since, and their PVM twins were released at its ack.
+#[derive(Debug)]
+pub struct Replay {
+    max_bytes: u64,
+    epoch: u64,
+    frames: VecDeque<Vec<u8>>,
+    bytes: u64,
+}
+
+impl Replay {
+    pub fn new(max_bytes: u64) -> Self {
+        Self {
+            max_bytes,
+            epoch: 0,
+            frames: VecDeque::new(),
+            bytes: 0,
+        }
+    }
+
+    /// Keeps `frame`, sent in `epoch`, if it is TCP; a new epoch forgets
+    /// the old one's; beyond the bound the oldest frames go.
+    pub fn record(&mut self, epoch: u64, frame: &[u8]) {
+        if epoch != self.epoch {
+            self.frames.clear();
+            self.bytes = 0;
+            self.epoch = epoch;
+        }
+        if !matches!(
+            crate::packet::parse(frame),
+            Ok(crate::packet::Packet::Tcp { .. })
+        ) {
+            return;
+        }
+        let len = frame.len() as u64;
+        if len > self.max_bytes {
+            return;
+        }
+        while self.bytes + len > self.max_bytes {
+            match self.frames.pop_front() {
+                Some(old) => self.bytes -= old.len() as u64,
+                None => break,
+            }
+        }
+        self.bytes += len;
+        self.frames.push_back(frame.to_vec());
+    }
+
+    /// The frames kept, oldest first; forgets them.
+    pub fn take(&mut self) -> Vec<Vec<u8>> {
+        self.bytes = 0;
+        self.frames.drain(..).collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -308,5 +376,39 @@ mod tests {
                 prop_assert_eq!(q.dropped(), dropped);
             }
         }
+    }
+
+    #[test]
+    fn replay_keeps_the_current_epochs_tcp_frames_within_its_bound() {
+        let tcp = |seq: u32| {
+            let mut f = Vec::new();
+            etherparse::PacketBuilder::ethernet2([2; 6], [4; 6])
+                .ipv4([10, 0, 0, 2], [10, 0, 0, 1], 64)
+                .tcp(80, 40000, seq, 1000)
+                .write(&mut f, &[7u8; 100])
+                .unwrap();
+            f
+        };
+        let mut udp = Vec::new();
+        etherparse::PacketBuilder::ethernet2([2; 6], [4; 6])
+            .ipv4([10, 0, 0, 2], [10, 0, 0, 1], 64)
+            .udp(7, 40000)
+            .write(&mut udp, &[1, 2, 3])
+            .unwrap();
+        let size = tcp(0).len() as u64;
+        let mut r = Replay::new(3 * size);
+        r.record(1, &tcp(1));
+        r.record(2, &tcp(2));
+        r.record(2, &udp);
+        r.record(2, &[0u8; 10]);
+        r.record(2, &tcp(3));
+        // Epoch 1's frame went with the new epoch; UDP and junk never came in.
+        assert_eq!(r.take(), [tcp(2), tcp(3)]);
+        assert!(r.take().is_empty());
+        for seq in 10..15 {
+            r.record(2, &tcp(seq));
+        }
+        // The bound keeps the newest three.
+        assert_eq!(r.take(), [tcp(12), tcp(13), tcp(14)]);
     }
 }

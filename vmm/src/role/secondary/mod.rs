@@ -212,6 +212,7 @@ pub fn replica(
             .collect(),
         mirror: None,
         sent: Arc::default(),
+        replays: Vec::new(),
         ran: false,
         disks: parts.colo_disks.clone(),
     });
@@ -263,6 +264,8 @@ struct ColoReplica {
     mirror: Option<Arc<net::Mirror>>,
     /// Frames the SVM sent to the primary.
     sent: Arc<AtomicU64>,
+    /// Each NIC's TCP output of the current epoch, for the takeover.
+    replays: Vec<Arc<Mutex<net_proxy::mirror::Replay>>>,
     /// The SVM has run (its first `run`).
     ran: bool,
     disks: Option<Arc<disk::Shared>>,
@@ -356,6 +359,24 @@ impl colo::vm::ReplicaVm for Replica {
             // answered.
             let stale = tap.drain();
             tracing::info!(tap = tap.name(), stale, "attaching the NIC to its tap");
+            // COLO: the SVM's last replies went to the dead primary's
+            // compare; sent again, the clients need not wait for their
+            // retransmission timeout (see net_proxy::mirror::Replay).
+            if let Some(replay) = self.colo.as_ref().and_then(|c| c.replays.get(i)) {
+                let frames = devices::lock(replay).take();
+                let count = frames.len();
+                for frame in frames {
+                    if let Err(e) = tap.send(&frame) {
+                        tracing::warn!(tap = tap.name(), "a replayed frame did not go out: {e}");
+                        break;
+                    }
+                }
+                tracing::info!(
+                    tap = tap.name(),
+                    count,
+                    "sent the SVM's TCP output of this epoch again"
+                );
+            }
             announce.push((tap.try_clone().map_err(op_err)?, nic.mac));
             let backend: Box<dyn NetBackend> =
                 match self.colo.as_ref().and_then(|c| c.rewriters.get(i)) {
@@ -411,12 +432,17 @@ impl colo::vm::ReplicaVm for Replica {
                 .map_err(op_err)?,
         );
         for (i, (nic, rewriter)) in self.nics.iter().zip(&colo.rewriters).enumerate() {
+            let replay = Arc::new(Mutex::new(net_proxy::mirror::Replay::new(
+                net_proxy::mirror::DEFAULT_REPLAY_BYTES,
+            )));
+            colo.replays.push(replay.clone());
             let backend = net::SvmNic {
                 nic: u16::try_from(i).map_err(op_err)?,
                 mirror: mirror.clone(),
                 rewriter: rewriter.clone(),
                 out: out.clone(),
                 sent: colo.sent.clone(),
+                replay,
             };
             nic.swap.swap(Box::new(backend)).map_err(op_err)?;
         }

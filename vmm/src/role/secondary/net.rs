@@ -96,6 +96,8 @@ pub struct SvmNic {
     pub out: FrameSink,
     /// Frames handed to `out` (counter, shared with the replica's stats).
     pub sent: Arc<std::sync::atomic::AtomicU64>,
+    /// Its TCP output of the current epoch, sent again at takeover.
+    pub replay: Arc<std::sync::Mutex<net_proxy::mirror::Replay>>,
 }
 
 impl SvmNic {
@@ -139,8 +141,10 @@ impl NetBackend for SvmNic {
     fn send(&mut self, frame: &[u8]) -> io::Result<()> {
         let mut data = frame.to_vec();
         devices::lock(&self.rewriter).outbound(&mut data);
+        let epoch = self.mirror.epoch();
+        devices::lock(&self.replay).record(epoch, &data);
         let frame = PeerFrame {
-            epoch: self.mirror.epoch(),
+            epoch,
             nic: self.nic,
             data,
         };
@@ -253,6 +257,7 @@ mod tests {
                 Ok(())
             }),
             sent: Arc::default(),
+            replay: Arc::new(Mutex::new(net_proxy::mirror::Replay::new(1 << 20))),
         };
         let fd = nic.fd().unwrap();
         let push = |epoch, frame: Vec<u8>| {
@@ -311,5 +316,9 @@ mod tests {
         );
         assert_eq!(mirror.counts(), (0, 1), "epoch 1's frame was stale");
         assert_eq!(nic.sent.load(std::sync::atomic::Ordering::Relaxed), 3);
+        // What a takeover now would send again: this epoch's frames, as
+        // they went to the primary (in the PVM's sequence space).
+        let replayed = nic.replay.lock().unwrap().take();
+        assert_eq!(replayed, [sent[2].data.clone()]);
     }
 }
