@@ -8,7 +8,6 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -16,8 +15,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use block_replication::journal::Journal;
 use block_replication::overlay::{ColoDiskError, ColoDisks, Limits};
 use block_replication::secondary::Image;
-use colo::control::{Cause, Role};
-use colo::fault::{self, Point};
+use colo::control::Cause;
 use colo::vm::{CheckpointAsk, DiskWrite};
 use devices::ratelimit::LogLimit;
 use devices::virtio::BlockBackend;
@@ -159,27 +157,24 @@ impl BlockBackend for SvmDisk {
 pub struct ReplicaColoDisks {
     pub shared: Arc<Shared>,
     /// The images for the initial sync (writes straight to them).
-    pub files: Vec<(File, u64)>,
+    pub images: super::Images,
 }
 
 impl colo::vm::ReplicaDisks for ReplicaColoDisks {
     fn capacities(&self) -> Vec<u64> {
-        self.files.iter().map(|f| f.1).collect()
+        self.images.capacities()
     }
 
     fn hashes(&mut self, disk: usize, block: u32) -> io::Result<Vec<u64>> {
-        let (file, capacity) = super::super::nth_disk(&self.files, disk)?;
-        block_replication::sync::block_hashes(file, *capacity, block)
+        self.images.hashes(disk, block)
     }
 
     fn write_direct(&mut self, disk: usize, offset: u64, data: &[u8]) -> io::Result<()> {
-        let (file, capacity) = super::super::nth_disk(&self.files, disk)?;
-        super::check_range(disk, offset, data.len(), *capacity)?;
-        file.write_all_at(data, offset)
+        self.images.write_direct(disk, offset, data)
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.files.iter().try_for_each(|(f, _)| f.sync_data())
+        self.images.flush()
     }
 
     fn stage(&mut self, write: DiskWrite) -> io::Result<()> {
@@ -195,11 +190,7 @@ impl colo::vm::ReplicaDisks for ReplicaColoDisks {
 
     fn commit(&mut self, epoch: u64) -> io::Result<()> {
         devices::lock(&self.shared.disks)
-            .commit(epoch, &mut |done, total| {
-                if total > 0 && done == total.div_ceil(2) {
-                    fault::point(Role::Secondary, Point::MidDiskApply);
-                }
-            })
+            .commit(epoch, &mut super::commit_progress)
             .map_err(io_err)?;
         self.shared.asked.store(false, Ordering::Relaxed);
         Ok(())
@@ -222,6 +213,7 @@ impl colo::vm::ReplicaDisks for ReplicaColoDisks {
 mod tests {
     use super::*;
     use colo::vm::ReplicaDisks;
+    use std::os::unix::fs::FileExt;
     use std::sync::atomic::AtomicUsize;
 
     const SIZE: u64 = 64 << 10;
@@ -272,7 +264,7 @@ mod tests {
         };
         let replica = ReplicaColoDisks {
             shared,
-            files: vec![(file, SIZE)],
+            images: super::super::Images(vec![(file, SIZE)]),
         };
         (svm, replica, asked)
     }

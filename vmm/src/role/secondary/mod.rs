@@ -225,15 +225,13 @@ pub fn replica(
         loaded: Vec::new(),
         colo,
     };
+    let images = Images(parts.files);
     let disks: Box<dyn colo::vm::ReplicaDisks> = match parts.colo_disks {
-        Some(shared) => Box::new(disk::ReplicaColoDisks {
-            shared,
-            files: parts.files,
-        }),
+        Some(shared) => Box::new(disk::ReplicaColoDisks { shared, images }),
         None => {
-            let capacities = parts.files.iter().map(|f| f.1).collect();
+            let capacities = images.capacities();
             Box::new(Disks {
-                files: parts.files,
+                images,
                 held: EpochBuffer::with_capacities(HELD_DISK_BYTES_MAX, capacities),
             })
         }
@@ -511,18 +509,51 @@ fn announce_macs(mut nics: Vec<(Tap, [u8; 6])>) {
     tracing::info!("announced the guest's MACs");
 }
 
-/// Refuses an initial-sync block beyond its disk's end.
-fn check_range(disk: usize, offset: u64, len: usize, capacity: u64) -> io::Result<()> {
-    if offset
-        .checked_add(len as u64)
-        .is_none_or(|end| end > capacity)
-    {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("a block at {offset} beyond disk {disk}'s {capacity} bytes"),
-        ));
+/// The secondary's images (file, capacity), guest order, as the initial
+/// sync hashes and writes them, in both modes.
+pub(crate) struct Images(pub(crate) Vec<(File, u64)>);
+
+impl Images {
+    fn file(&self, disk: usize) -> io::Result<&(File, u64)> {
+        super::nth_disk(&self.0, disk)
     }
-    Ok(())
+
+    pub(crate) fn capacities(&self) -> Vec<u64> {
+        self.0.iter().map(|f| f.1).collect()
+    }
+
+    pub(crate) fn hashes(&self, disk: usize, block: u32) -> io::Result<Vec<u64>> {
+        let (file, capacity) = self.file(disk)?;
+        block_replication::sync::block_hashes(file, *capacity, block)
+    }
+
+    /// Writes an initial-sync block straight to its image; refuses one
+    /// beyond the disk's end.
+    pub(crate) fn write_direct(&self, disk: usize, offset: u64, data: &[u8]) -> io::Result<()> {
+        let (file, capacity) = self.file(disk)?;
+        if offset
+            .checked_add(data.len() as u64)
+            .is_none_or(|end| end > *capacity)
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("a block at {offset} beyond disk {disk}'s {capacity} bytes"),
+            ));
+        }
+        file.write_all_at(data, offset)
+    }
+
+    pub(crate) fn flush(&self) -> io::Result<()> {
+        self.0.iter().try_for_each(|(f, _)| f.sync_data())
+    }
+}
+
+/// A commit's progress (`done` of `total` writes applied): the fault
+/// point `mid_disk_apply` fires half-way, in both modes.
+pub(crate) fn commit_progress(done: usize, total: usize) {
+    if total > 0 && done == total.div_ceil(2) {
+        fault::point(Role::Secondary, Point::MidDiskApply);
+    }
 }
 
 /// An image file as the epoch buffer writes it.
@@ -540,34 +571,25 @@ impl Image for ImageFile<'_> {
 
 /// The secondary's disks: the images and the held writes.
 struct Disks {
-    files: Vec<(File, u64)>,
+    images: Images,
     held: EpochBuffer,
-}
-
-impl Disks {
-    fn file(&self, disk: usize) -> io::Result<&(File, u64)> {
-        super::nth_disk(&self.files, disk)
-    }
 }
 
 impl colo::vm::ReplicaDisks for Disks {
     fn capacities(&self) -> Vec<u64> {
-        self.files.iter().map(|f| f.1).collect()
+        self.images.capacities()
     }
 
     fn hashes(&mut self, disk: usize, block: u32) -> io::Result<Vec<u64>> {
-        let (file, capacity) = self.file(disk)?;
-        block_replication::sync::block_hashes(file, *capacity, block)
+        self.images.hashes(disk, block)
     }
 
     fn write_direct(&mut self, disk: usize, offset: u64, data: &[u8]) -> io::Result<()> {
-        let (file, capacity) = self.file(disk)?;
-        check_range(disk, offset, data.len(), *capacity)?;
-        file.write_all_at(data, offset)
+        self.images.write_direct(disk, offset, data)
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.files.iter().try_for_each(|(f, _)| f.sync_data())
+        self.images.flush()
     }
 
     fn stage(&mut self, write: DiskWrite) -> io::Result<()> {
@@ -584,15 +606,11 @@ impl colo::vm::ReplicaDisks for Disks {
     }
 
     fn commit(&mut self, epoch: u64) -> io::Result<()> {
-        let mut images: Vec<ImageFile> = self.files.iter().map(|(f, _)| ImageFile(f)).collect();
+        let mut images: Vec<ImageFile> = self.images.0.iter().map(|(f, _)| ImageFile(f)).collect();
         let mut images: Vec<&mut dyn Image> =
             images.iter_mut().map(|i| i as &mut dyn Image).collect();
         self.held
-            .commit(epoch, &mut images, &mut |done, total| {
-                if total > 0 && done == total.div_ceil(2) {
-                    fault::point(Role::Secondary, Point::MidDiskApply);
-                }
-            })
+            .commit(epoch, &mut images, &mut commit_progress)
             .map(drop)
             .map_err(io::Error::other)
     }
