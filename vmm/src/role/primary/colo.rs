@@ -48,18 +48,24 @@ struct Nic {
     out: Box<dyn FrameOut>,
 }
 
+/// Sends released `frames` to `out` in order; one that fails is logged
+/// (rate-limited) and skipped. Remus and COLO release through it.
+pub(crate) fn put_all(out: &mut dyn FrameOut, frames: impl IntoIterator<Item = impl AsRef<[u8]>>) {
+    static LIMIT: LogLimit = LogLimit::every_ms(1000);
+    for frame in frames {
+        if let Err(e) = out.put(frame.as_ref()) {
+            if LIMIT.allow().is_some() {
+                tracing::warn!("a released frame did not go out: {e}");
+            }
+        }
+    }
+}
+
 impl Nic {
     /// Sends `frames` to the tap, in order (called with the NIC locked, so
     /// releases and passed-through frames keep the guest's order).
     fn send(&mut self, frames: impl IntoIterator<Item = impl AsRef<[u8]>>) {
-        static LIMIT: LogLimit = LogLimit::every_ms(1000);
-        for frame in frames {
-            if let Err(e) = self.out.put(frame.as_ref()) {
-                if LIMIT.allow().is_some() {
-                    tracing::warn!("a released frame did not go out: {e}");
-                }
-            }
-        }
+        put_all(self.out.as_mut(), frames);
     }
 
     /// The compare's gauges and the counters since the first compare.

@@ -57,15 +57,7 @@ struct NicOutput {
 
 impl NicOutput {
     fn send(&self, frames: Vec<Vec<u8>>) {
-        static LIMIT: LogLimit = LogLimit::every_ms(1000);
-        let mut tap = lock(&self.tap);
-        for frame in frames {
-            if let Err(e) = tap.send(&frame) {
-                if LIMIT.allow().is_some() {
-                    tracing::warn!("a released frame did not go out: {e}");
-                }
-            }
-        }
+        colo::put_all(&mut *lock(&self.tap), frames);
     }
 }
 
