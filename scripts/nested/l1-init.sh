@@ -175,7 +175,8 @@ boot_linux() {
 # failure reported as a note: QEMU 7.2's TCG sometimes delivers an
 # interrupt to the L2 guest while it has interrupts off (seen as an L2
 # deadlocked on a runqueue lock from inside its timer interrupt, or an L2
-# triple fault), in about one boot in 25. A wrong CPU count is not retried.
+# triple fault), in about one boot in 15 to 35. A wrong CPU count is not
+# retried.
 linux() {
     log=$W/$1.log
     attempt=1
