@@ -5,6 +5,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::{Shutdown, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -82,6 +83,11 @@ struct OutboxInner {
     frames: VecDeque<Vec<u8>>,
     /// Bytes queued or being written.
     bytes: usize,
+    /// The writer thread is writing a frame it took from the queue.
+    writing: bool,
+    /// A socket a push may write to itself, when nothing is queued or
+    /// being written (the mirror connection: one thread hop less).
+    direct: Option<TcpStream>,
     closed: Option<String>,
 }
 
@@ -120,10 +126,28 @@ impl Outbox {
                 format!("{} bytes already queued", inner.bytes),
             ));
         }
-        inner.bytes += len;
+        let mut frame = frame;
+        if inner.frames.is_empty() && !inner.writing {
+            if let Some(socket) = &inner.direct {
+                // A failed send is left to the writer, whose write fails
+                // the same way and reports it.
+                let sent = send_now(socket, &frame).unwrap_or(0);
+                if sent == len {
+                    return Ok(len);
+                }
+                frame.drain(..sent);
+            }
+        }
+        inner.bytes += frame.len();
         inner.frames.push_back(frame);
         self.cv.notify_all();
         Ok(len)
+    }
+
+    /// From now on a push writes to `socket` itself when nothing is queued
+    /// or being written, and queues what the socket does not take at once.
+    pub fn write_directly(&self, socket: TcpStream) {
+        lock(&self.inner).direct = Some(socket);
     }
 
     /// Waits until at most `limit` bytes are queued or being written.
@@ -147,6 +171,7 @@ impl Outbox {
             inner.closed = Some(why.to_string());
         }
         inner.frames.clear();
+        inner.direct = None;
         self.cv.notify_all();
     }
 
@@ -161,6 +186,7 @@ impl Outbox {
                         return Err(closed(why));
                     }
                     if let Some(f) = inner.frames.pop_front() {
+                        inner.writing = true;
                         break f;
                     }
                     inner = self.cv.wait(inner).unwrap_or_else(|e| e.into_inner());
@@ -168,8 +194,35 @@ impl Outbox {
             };
             to.write_all(&frame)?;
             let mut inner = lock(&self.inner);
+            inner.writing = false;
             inner.bytes = inner.bytes.saturating_sub(frame.len());
             self.cv.notify_all();
+        }
+    }
+}
+
+/// Writes as much of `buf` to `socket` as it takes without waiting.
+fn send_now(socket: &TcpStream, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: the descriptor is `socket`'s, open for this call; `buf` is
+    // valid for `buf.len()` bytes. MSG_DONTWAIT makes this one send
+    // non-blocking whatever the socket's mode; MSG_NOSIGNAL turns a closed
+    // connection into EPIPE instead of SIGPIPE.
+    let n = unsafe {
+        libc::send(
+            socket.as_raw_fd(),
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    match usize::try_from(n) {
+        Ok(n) => Ok(n),
+        Err(_) => {
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(0),
+                _ => Err(e),
+            }
         }
     }
 }
@@ -232,6 +285,15 @@ impl Mirror {
     /// queued from now on.
     pub fn open(&self) {
         self.connected.store(true, Ordering::SeqCst);
+    }
+
+    /// As [`Mirror::open`], and a frame is written to `socket` by the
+    /// thread that sends it when the queue is empty (the writer thread
+    /// only takes what the socket did not take at once).
+    pub fn open_direct(&self, socket: &TcpStream) -> io::Result<()> {
+        self.outbox.write_directly(socket.try_clone()?);
+        self.open();
+        Ok(())
     }
 
     /// Writes the queue to `to` until closed or a write fails.
@@ -317,6 +379,63 @@ mod tests {
         fn flush(&mut self) -> io::Result<()> {
             Ok(())
         }
+    }
+
+    /// A frame of `n`, large enough that a socket fills with few.
+    fn big(n: u32) -> PeerFrame {
+        PeerFrame {
+            epoch: u64::from(n),
+            nic: 1,
+            data: vec![n as u8; 8000],
+        }
+    }
+
+    #[test]
+    fn the_mirror_writes_directly_and_queues_in_order_what_the_socket_does_not_take() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binds");
+        let out = TcpStream::connect(listener.local_addr().expect("addr")).expect("connects");
+        let (mut peer, _) = listener.accept().expect("accepts");
+        // A stream cut or doubled shows as a read error, not a hang.
+        peer.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        let mirror = Mirror::new(256 << 20);
+        mirror.open_direct(&out).expect("opens");
+        // No writer thread: the frame reaches the peer all the same.
+        mirror.frame(big(1)).expect("sent");
+        assert_eq!(
+            wire::read_message(&mut peer).expect("a frame"),
+            Message::Frame(big(1))
+        );
+        // The peer reads nothing: once the socket is full, what it does
+        // not take (a frame cut anywhere) is queued, and so is every
+        // later frame, behind it.
+        let mut sent = 1;
+        while lock(&mirror.outbox.inner).bytes == 0 {
+            sent += 1;
+            assert!(sent < 100_000, "the socket never filled");
+            mirror.frame(big(sent)).expect("sent or queued");
+        }
+        for _ in 0..20 {
+            sent += 1;
+            mirror.frame(big(sent)).expect("queued");
+        }
+        // The writer sends the rest; the peer gets every frame once, in
+        // order, whole.
+        let mut writer = out.try_clone().expect("clone");
+        std::thread::scope(|s| {
+            let w = s.spawn(|| mirror.drain(&mut writer));
+            for n in 2..=sent {
+                assert_eq!(
+                    wire::read_message(&mut peer).expect("a frame"),
+                    Message::Frame(big(n)),
+                    "frame {n}"
+                );
+            }
+            mirror.outbox.wait_below(0).expect("drained");
+            mirror.close("done");
+            assert!(w.join().expect("writer").is_err(), "closed");
+        });
+        assert_eq!(mirror.counts(), (u64::from(sent), 0));
     }
 
     #[test]

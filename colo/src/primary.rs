@@ -600,7 +600,10 @@ impl Engine {
             .map_err(wire_lost("mirror connection"))?;
         let mut reader = stream.try_clone().map_err(lost("mirror connection"))?;
         let shared = self.shared.clone();
-        shared.mirror.open();
+        shared
+            .mirror
+            .open_direct(&stream)
+            .map_err(lost("mirror connection"))?;
         spawn("colo-mirror-tx", move || {
             if let Err(e) = shared.mirror.drain(&mut stream) {
                 if !shared.stop.is_set() {

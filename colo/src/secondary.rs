@@ -491,7 +491,7 @@ fn start_mirror(shared: &Arc<Shared>, stream: TcpStream) -> Result<(), String> {
     stream.set_read_timeout(None).map_err(failed)?;
     let mut writer = stream.try_clone().map_err(failed)?;
     shared.colo_net(&mut lock(&shared.replica))?;
-    shared.mirror.open();
+    shared.mirror.open_direct(&stream).map_err(failed)?;
     let s = shared.clone();
     std::thread::Builder::new()
         .name("colo-mirror-tx".into())
