@@ -271,7 +271,7 @@ proptest! {
             heartbeat_timeout_ms: SLOW_HEARTBEAT_MS,
             ..Options::default()
         });
-        p.protected();
+        p.linked();
         let Pair { guest, replica, primary, secondary, releases, acked, early, relay, .. } = p;
         let cut_at = cut_at.index(actions.len() + 1);
         let mut frames = 0;

@@ -681,6 +681,10 @@ pub struct Relay {
     /// The primary closed the data connection and the relay passed the
     /// close on to the secondary.
     pub data_closed: AtomicBool,
+    /// The secondary answered on the heartbeat connection (the second):
+    /// from then on a cut reaches its heartbeat thread as an end, not
+    /// only its watchdog as silence.
+    pub answered: AtomicBool,
     cut: AtomicBool,
     conns: Mutex<Vec<TcpStream>>,
 }
@@ -695,6 +699,7 @@ impl Relay {
             frozen: AtomicBool::new(false),
             hold_later: AtomicBool::new(hold_later),
             data_closed: AtomicBool::new(false),
+            answered: AtomicBool::new(false),
             cut: AtomicBool::new(false),
             conns: Mutex::new(Vec::new()),
         });
@@ -761,6 +766,9 @@ fn pump(r: Arc<Relay>, from: &TcpStream, to: &TcpStream, conn: usize, forward: b
             }
             if to.write_all(&buf[..n]).is_err() {
                 break;
+            }
+            if (conn, forward) == (1, false) {
+                r.answered.store(true, Ordering::SeqCst);
             }
         }
         let _ = to.shutdown(Shutdown::Write);
@@ -942,6 +950,19 @@ impl Pair {
         self.wait("protected", |p, s| {
             p.state == State::Protected && s.state == State::Protected
         });
+    }
+
+    /// Protected, and with a relay, the secondary's heartbeat answering
+    /// through it. A secondary is protected before its heartbeat
+    /// connection is up (that one may trail); a link cut before it is up
+    /// is noticed only by the watchdog, after the heartbeat timeout.
+    pub fn linked(&self) {
+        self.protected();
+        if let Some(relay) = &self.relay {
+            wait_for("the secondary's first pong", || {
+                relay.answered.load(Ordering::SeqCst)
+            });
+        }
     }
 
     /// Waits until `epoch` is committed on the secondary.
