@@ -83,8 +83,6 @@ struct OutboxInner {
     frames: VecDeque<Vec<u8>>,
     /// Bytes queued or being written.
     bytes: usize,
-    /// The writer thread is writing a frame it took from the queue.
-    writing: bool,
     /// A socket a push may write to itself, when nothing is queued or
     /// being written (the mirror connection: one thread hop less).
     direct: Option<TcpStream>,
@@ -127,7 +125,8 @@ impl Outbox {
             ));
         }
         let mut frame = frame;
-        if inner.frames.is_empty() && !inner.writing {
+        // Nothing queued or being written: this frame is next on the wire.
+        if inner.bytes == 0 {
             if let Some(socket) = &inner.direct {
                 // A failed send is left to the writer, whose write fails
                 // the same way and reports it.
@@ -186,7 +185,6 @@ impl Outbox {
                         return Err(closed(why));
                     }
                     if let Some(f) = inner.frames.pop_front() {
-                        inner.writing = true;
                         break f;
                     }
                     inner = self.cv.wait(inner).unwrap_or_else(|e| e.into_inner());
@@ -194,7 +192,6 @@ impl Outbox {
             };
             to.write_all(&frame)?;
             let mut inner = lock(&self.inner);
-            inner.writing = false;
             inner.bytes = inner.bytes.saturating_sub(frame.len());
             self.cv.notify_all();
         }
